@@ -1,0 +1,1198 @@
+#!/usr/bin/env python
+# Copyright 2026 The DTI diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Directional Textual Inversion (DTI) for Stable Diffusion XL.
+
+Learns a personal concept token on both SDXL text encoders (CLIP ViT-L and OpenCLIP bigG). The embedding norm is
+fixed to an in-distribution value m* (the mean norm of the vocabulary rows); only the direction is learned, on the
+unit hypersphere, by Riemannian SGD with a von Mises-Fisher prior toward the class word (arXiv 2512.13672).
+
+    accelerate launch train_dti_sdxl.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+      --train_data_dir assets/toy_robot --placeholder_token "<my-robot>" --initializer_token robot --output_dir out
+
+The outputs load with `pipe.load_textual_inversion(...)` in diffusers and in ComfyUI / A1111 (see README.md).
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from PIL import Image, ImageOps
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+__version__ = "0.1.0"
+
+logger = get_logger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Templates and constants
+# ----------------------------------------------------------------------------------------------------------------
+
+OBJECT_TEMPLATES = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+]
+
+STYLE_TEMPLATES = [
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a cropped painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3}
+DEFAULT_KAPPA = 1e-4
+DEFAULT_VALIDATION_PROMPT = "a {} with Japanese modern city street in the background"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+EMBEDDING_FILES = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}
+COMBINED_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+CHECKPOINT_STATE = "dti_state.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_token_scale(value):
+    """`--token_scale`: mean, min, max or a positive float."""
+    if value in ("mean", "min", "max"):
+        return value
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = float("nan")
+    if not (math.isfinite(scale) and scale > 0):
+        raise argparse.ArgumentTypeError(f"expected mean, min, max or a positive number, got {value!r}")
+    return scale
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Directional Textual Inversion (DTI) for Stable Diffusion XL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of an SDXL-architecture diffusers checkpoint.",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the model.")
+    model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", type=str, required=True, help="Folder with 3-6 images of the concept.")
+    data.add_argument(
+        "--learnable_property",
+        choices=["object", "style"],
+        default="object",
+        help="Prompt templates: 'a photo of a {}' for objects, 'a painting in the style of {}' for styles.",
+    )
+    data.add_argument("--repeats", type=int, default=100, help="How many times the images repeat in one epoch.")
+    data.add_argument(
+        "--resolution", type=int, default=768, help="Training resolution (square); a multiple of the VAE factor 8."
+    )
+    data.add_argument(
+        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
+    )
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading (0: main process)."
+    )
+
+    token = parser.add_argument_group("concept token")
+    token.add_argument(
+        "--placeholder_token", type=str, required=True, help="The new token, e.g. '<my-dog>'. No spaces."
+    )
+    token.add_argument(
+        "--initializer_token",
+        type=str,
+        required=True,
+        help="The class word (e.g. 'dog'): the prior direction and the initial direction of the token.",
+    )
+    token.add_argument(
+        "--num_vectors",
+        type=int,
+        default=None,
+        help="Vectors of the concept, named <tok>, <tok>_1, ... Default: one per token of the initializer.",
+    )
+
+    dti = parser.add_argument_group("DTI")
+    dti.add_argument(
+        "--method",
+        choices=["dti", "ti"],
+        default="dti",
+        help="dti: fixed norm, direction on the sphere. ti: plain Textual Inversion (AdamW on the raw rows).",
+    )
+    dti.add_argument(
+        "--optimizer",
+        choices=["rsgd", "adamw"],
+        default="rsgd",
+        help="dti only. rsgd: Riemannian SGD (the paper). adamw: AdamW on the direction, projected back to the sphere.",
+    )
+    dti.add_argument(
+        "--token_scale",
+        type=parse_token_scale,
+        default="mean",
+        help="dti only. The fixed norm m*: mean, min or max of the vocabulary norms, or a positive number.",
+    )
+    dti.add_argument(
+        "--kappa",
+        type=float,
+        default=None,
+        help=f"dti only. Concentration of the vMF prior toward the class word. Default: {DEFAULT_KAPPA}.",
+    )
+    dti.add_argument(
+        "--beta",
+        type=float,
+        default=0.0,
+        help="dti rsgd only. Running average of squared gradient norms; 0 is plain per-token normalisation.",
+    )
+    dti.add_argument(
+        "--init_method",
+        choices=["token", "random", "mean"],
+        default="token",
+        help="dti only. Initial direction: the class word, a seeded random direction, or the mean vocabulary row.",
+    )
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="dti-model", help="Where embeddings and checkpoints go.")
+    train.add_argument("--seed", type=int, default=None, help="Seed of every random draw. Default: a random seed.")
+    train.add_argument("--train_batch_size", type=int, default=4, help="Batch size per process.")
+    train.add_argument("--max_train_steps", type=int, default=400, help="Number of update steps.")
+    train.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per update step."
+    )
+    train.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations of the UNet and text encoders in the backward pass to save memory.",
+    )
+    train.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Step size (radians-ish for rsgd: one step turns by atan(lr)). Default: 1e-2 for dti, 5e-3 for ti.",
+    )
+    train.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by batch size, accumulation steps and processes (the authors' runs do).",
+    )
+    train.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule.",
+    )
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the schedule.")
+    train.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (adamw modes only).")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (adamw modes).")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (adamw modes).")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (adamw modes).")
+    train.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon (adamw modes).")
+    train.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode each image once with the VAE (exact with --center_crop or images already at the target aspect).",
+    )
+    train.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Precision of the frozen models; the learned directions stay fp32. Default: accelerate's config.",
+    )
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+
+    logs = parser.add_argument_group("logging, validation, saving")
+    logs.add_argument(
+        "--report_to",
+        type=str,
+        default="none",
+        help="Tracker: tensorboard, wandb, all or none (tensorboard and wandb need their packages).",
+    )
+    logs.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    logs.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=DEFAULT_VALIDATION_PROMPT,
+        help="Prompt of the validation images; '{}' stands for the placeholder token.",
+    )
+    logs.add_argument(
+        "--num_validation_images", type=int, default=4, help="Validation images per run; 0 turns validation off."
+    )
+    logs.add_argument(
+        "--validation_steps", type=int, default=50, help="Validate every N steps (and always at the end)."
+    )
+    logs.add_argument("--save_steps", type=int, default=500, help="Save the embeddings every N steps.")
+    logs.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a resumable checkpoint (kilobytes: learned state, scheduler, RNG) every N steps.",
+    )
+    logs.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    logs.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="'latest' or a checkpoint-N folder (in --output_dir, or a path) to continue from.",
+    )
+
+    args = parser.parse_args(input_args)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    return args
+
+
+def validate_args(args):
+    """Check the arguments that argparse cannot; fill in method-dependent defaults."""
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATE[args.method]
+    if args.kappa is None:
+        args.kappa = DEFAULT_KAPPA if args.method == "dti" else 0.0
+    checks = [
+        (args.learning_rate > 0 and math.isfinite(args.learning_rate), "--learning_rate must be a positive number"),
+        (args.kappa >= 0 and math.isfinite(args.kappa), "--kappa must be zero or positive"),
+        (0 <= args.beta < 1, "--beta must be in [0, 1)"),
+        (args.resolution > 0 and args.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
+        (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
+        (args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
+        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (args.repeats >= 1, "--repeats must be at least 1"),
+        (args.num_vectors is None or args.num_vectors >= 1, "--num_vectors must be at least 1"),
+        (args.num_validation_images >= 0, "--num_validation_images must be zero or positive"),
+        (args.validation_steps >= 1, "--validation_steps must be at least 1"),
+        (args.save_steps >= 1, "--save_steps must be at least 1"),
+        (args.checkpointing_steps >= 1, "--checkpointing_steps must be at least 1"),
+        (args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1, "--checkpoints_total_limit >= 1"),
+        (args.dataloader_num_workers >= 0, "--dataloader_num_workers must be zero or positive"),
+        (args.method == "dti" or args.kappa == 0, "--kappa applies to --method dti only (plain TI has no prior)"),
+        (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
+        (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),
+        (args.initializer_token.strip() != "", "--initializer_token must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}.")
+    if args.method == "ti" and args.optimizer != "rsgd":
+        logger.warning("--optimizer is ignored with --method ti (plain TI always uses AdamW).")
+    if args.use_8bit_adam and args.method == "dti" and args.optimizer == "rsgd":
+        raise ValueError("--use_8bit_adam needs an AdamW mode: --optimizer adamw or --method ti.")
+    if args.report_to not in ("none", "tensorboard", "wandb", "all"):
+        raise ValueError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stable_seed(*key):
+    """A 63-bit seed derived from a tuple of ints and strings, identical in every process and run."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def load_training_images(train_data_dir, resolution):
+    """Read every image of the folder: EXIF rotation applied, converted to RGB. Returns [(path, PIL.Image)]."""
+    folder = Path(train_data_dir)
+    if not folder.is_dir():
+        raise ValueError(f"--train_data_dir {folder} is not a folder; point it at a folder of images.")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.seek(0)  # first frame of animated images
+                image = ImageOps.exif_transpose(image)
+                if image.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on white
+                    rgba = image.convert("RGBA")
+                    image = Image.new("RGB", rgba.size, (255, 255, 255))
+                    image.paste(rgba, mask=rgba.getchannel("A"))
+                images.append((path, image.convert("RGB")))
+        except (OSError, ValueError) as error:
+            logger.warning(f"Skipping {path}: not a readable image ({error}).")
+    if not images:
+        raise ValueError(f"--train_data_dir {folder} holds no readable image ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    for path, image in images:
+        if min(image.size) < resolution:
+            logger.warning(f"{path.name} is {image.width}x{image.height}, smaller than --resolution; it is upscaled.")
+    return images
+
+
+class DTIDataset(Dataset):
+    """An endless, deterministic stream of training samples.
+
+    Item `position` is the position-th sample of the stream: epoch `position // len(self)` visits the images
+    `repeats` times in an order drawn from (seed, epoch); every random choice of the sample (template, crop, flip)
+    is drawn from (seed, position). So a resumed run, or a run split over several processes, sees exactly the
+    samples an uninterrupted single-process run sees.
+    """
+
+    def __init__(
+        self, images, prompt_token, tokenizers, resolution, center_crop, random_flip, templates, repeats, seed
+    ):
+        self.images = [self._resize(image, resolution) for _, image in images]
+        self.original_sizes = [(image.height, image.width) for _, image in images]
+        self.prompt_token = prompt_token
+        self.tokenizers = tokenizers
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.templates = templates
+        self.repeats = repeats
+        self.seed = seed
+        self._order = (None, None)
+
+    @staticmethod
+    def _resize(image, resolution):
+        scale = resolution / min(image.size)
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+    def __len__(self):
+        return len(self.images) * self.repeats
+
+    @property
+    def crops_are_fixed(self):
+        """True when every crop is the same each time an image is drawn, so its latents can be cached."""
+        return self.center_crop or all(image.size == (self.resolution,) * 2 for image in self.images)
+
+    def _image_index(self, position):
+        epoch, offset = divmod(position, len(self))
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(stable_seed(self.seed, "order", epoch))
+            self._order = (epoch, torch.randperm(len(self), generator=generator).tolist())
+        return self._order[1][offset] % len(self.images)
+
+    def _crop(self, image, rng):
+        height, width, size = image.height, image.width, self.resolution
+        if self.center_crop:
+            return (height - size) // 2, (width - size) // 2
+        return rng.randint(0, height - size), rng.randint(0, width - size)
+
+    def pixels(self, index, top, left, flip):
+        """The crop of image `index` as a [3, H, W] float tensor in [-1, 1]."""
+        image = self.images[index].crop((left, top, left + self.resolution, top + self.resolution))
+        if flip:
+            image = ImageOps.mirror(image)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, position):
+        rng = random.Random(stable_seed(self.seed, "sample", position))
+        index = self._image_index(position)
+        prompt = rng.choice(self.templates).format(self.prompt_token)
+        top, left = self._crop(self.images[index], rng)
+        flip = self.random_flip and rng.random() < 0.5
+        crop_left = self.images[index].width - left - self.resolution if flip else left
+        return {
+            "position": position,
+            "image_index": index,
+            "flip": flip,
+            "pixel_values": self.pixels(index, top, left, flip),
+            "original_size": torch.tensor(self.original_sizes[index]),
+            "crop_top_left": torch.tensor((top, crop_left)),
+            "input_ids": [
+                tokenizer(
+                    prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+                ).input_ids
+                for tokenizer in self.tokenizers
+            ],
+            "prompt": prompt,
+        }
+
+
+def collate(samples):
+    return {
+        "position": torch.tensor([s["position"] for s in samples]),
+        "image_index": torch.tensor([s["image_index"] for s in samples]),
+        "flip": torch.tensor([s["flip"] for s in samples], dtype=torch.long),
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "original_size": torch.stack([s["original_size"] for s in samples]),
+        "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
+        "input_ids": [torch.tensor([s["input_ids"][i] for s in samples]) for i in range(len(samples[0]["input_ids"]))],
+        "prompt": [s["prompt"] for s in samples],
+    }
+
+
+class StreamSampler(Sampler):
+    """Positions of the sample stream for one process, from `start` on, forever.
+
+    Global batch b holds positions [b * G, (b + 1) * G) with G = batch_size * num_processes; process r takes the
+    r-th slice of batch_size positions. One process with batch 2 and two processes with batch 1 see the same
+    samples in the same global batches.
+    """
+
+    def __init__(self, start, batch_size, process_index, num_processes):
+        self.start, self.batch_size = start, batch_size
+        self.process_index, self.num_processes = process_index, num_processes
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.num_processes
+        batch = self.start // global_batch
+        while True:
+            first = batch * global_batch + self.process_index * self.batch_size
+            yield from range(first, first + self.batch_size)
+            batch += 1
+
+    def __len__(self):  # endless; DataLoader only needs it for len(), which we never call
+        return sys.maxsize
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DTI core
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def vocabulary_norms(embedding_table):
+    """Norms of the pretrained rows W_i (fp32), zero rows dropped. embedding_table: [V, d]."""
+    norms = embedding_table.float().norm(dim=-1)
+    return norms[norms > 0]
+
+
+def resolve_norm_scale(norms, token_scale):
+    """m* = mean, min or max of the vocabulary norms, or a given positive float."""
+    if isinstance(token_scale, float):
+        return token_scale
+    return getattr(norms, token_scale)().item()
+
+
+class DirectionalTokens(torch.nn.Module):
+    """k new token embeddings e_j = norm_scale * v_j with each direction v_j on the unit sphere (fp32).
+
+    step(lr) is Riemannian SGD with normalised steps (the spec's five steps), for each token j independently:
+        g = dL/dv_j - kappa * mu_j                    (data gradient plus the vMF prior toward mu_j)
+        g = g - (v_j . g) v_j                         (tangent space at v_j)
+        s = beta s + (1 - beta) |g|^2;  g = g / (sqrt(s / (1 - beta^t)) + eps)   (beta = 0: g / (|g| + eps))
+        v_j = (v_j - lr g) / |v_j - lr g|             (retraction; turns v_j by atan(lr) when |g| >> eps)
+    """
+
+    def __init__(
+        self, prior_direction, initial_direction, norm_scale, kappa=0.0, beta=0.0, eps=1e-8, dtype=torch.float32
+    ):
+        super().__init__()
+        self.direction = torch.nn.Parameter(F.normalize(initial_direction.to(dtype), dim=-1))
+        self.register_buffer("prior_direction", F.normalize(prior_direction.to(dtype), dim=-1))
+        self.register_buffer("initial_direction", self.direction.detach().clone())
+        self.register_buffer("second_moment", torch.zeros(len(initial_direction), dtype=dtype))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self.norm_scale, self.kappa, self.beta, self.eps = float(norm_scale), kappa, beta, eps
+
+    def embeddings(self):
+        """The vectors the text encoder sees, [k, d] fp32: norm_scale * v."""
+        return self.norm_scale * self.direction
+
+    @torch.no_grad()
+    def step(self, lr):
+        v, g = self.direction, self.direction.grad
+        g = g - self.kappa * self.prior_direction
+        g = g - (v * g).sum(-1, keepdim=True) * v
+        self.num_steps += 1
+        self.second_moment.mul_(self.beta).add_((1 - self.beta) * g.square().sum(-1))
+        bias_correction = 1 - self.beta ** self.num_steps.to(g.dtype)
+        g = g / ((self.second_moment / bias_correction).sqrt() + self.eps).unsqueeze(-1)
+        v.copy_(F.normalize(v - lr * g, dim=-1))
+
+    @torch.no_grad()
+    def add_prior_gradient(self):
+        """For the AdamW ablation: the gradient of -kappa * mu . v, added before the optimizer step."""
+        self.direction.grad.sub_(self.kappa * self.prior_direction)
+
+    @torch.no_grad()
+    def retract(self):
+        """For the AdamW ablation: project the directions back onto the sphere after the optimizer step."""
+        self.direction.copy_(F.normalize(self.direction, dim=-1))
+
+    @torch.no_grad()
+    def stats(self):
+        """[norm, cosine to the prior, angle turned from the start in degrees], means over the k vectors."""
+        e = self.embeddings()
+        cos_start = F.cosine_similarity(self.direction, self.initial_direction, dim=-1).clamp(-1, 1)
+        return torch.stack(
+            [
+                e.norm(dim=-1).mean(),
+                F.cosine_similarity(e, self.prior_direction, dim=-1).mean(),
+                torch.rad2deg(torch.arccos(cos_start)).mean(),
+            ]
+        )
+
+
+class TextualInversionTokens(torch.nn.Module):
+    """Plain Textual Inversion (the paper's baseline): k free rows [k, d] in fp32, optimised by AdamW."""
+
+    def __init__(self, prior_direction, initial_rows):
+        super().__init__()
+        self.rows = torch.nn.Parameter(initial_rows.float().clone())
+        self.register_buffer("prior_direction", F.normalize(prior_direction.float(), dim=-1))
+        self.register_buffer("initial_rows", initial_rows.float().clone())
+
+    def embeddings(self):
+        return self.rows
+
+    @torch.no_grad()
+    def stats(self):
+        cos_start = F.cosine_similarity(self.rows, self.initial_rows, dim=-1).clamp(-1, 1)
+        return torch.stack(
+            [
+                self.rows.norm(dim=-1).mean(),
+                F.cosine_similarity(self.rows, self.prior_direction, dim=-1).mean(),
+                torch.rad2deg(torch.arccos(cos_start)).mean(),
+            ]
+        )
+
+
+class RiemannianSGD(torch.optim.Optimizer):
+    """Drives DirectionalTokens.step from an optimizer, so LR schedulers and the fp16 grad scaler work as usual."""
+
+    def __init__(self, tokens, lr):
+        self.tokens = list(tokens)
+        super().__init__([{"params": [t.direction]} for t in self.tokens], {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group, tokens in zip(self.param_groups, self.tokens, strict=True):
+            tokens.step(group["lr"])
+
+
+def inject_learned_tokens(text_encoder, first_token_id, tokens):
+    """Make the encoder's input embedding return tokens.embeddings() for ids first_token_id .. first_token_id+k-1.
+
+    Only the k learned rows take part in autograd; the embedding table itself is never written or differentiated.
+    """
+    num_vectors = len(tokens.embeddings())
+
+    def hook(module, inputs, output):
+        offset = inputs[0] - first_token_id
+        is_learned = (offset >= 0) & (offset < num_vectors)
+        learned = tokens.embeddings().to(output.dtype)[offset.clamp(0, num_vectors - 1)]
+        return torch.where(is_learned.unsqueeze(-1), learned, output)
+
+    return text_encoder.get_input_embeddings().register_forward_hook(hook)
+
+
+def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
+    """Add <tok>, <tok>_1, ... to the tokenizer; return their ids (consecutive, after the pretrained vocabulary)."""
+    names = [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+    vocabulary_size = len(tokenizer)
+    for name in names:
+        pieces = tokenizer.tokenize(name)
+        if name in tokenizer.get_vocab() or (
+            len(pieces) == 1 and tokenizer.convert_tokens_to_ids(pieces[0]) < vocabulary_size
+        ):
+            suggestion = f"<{name.strip('<>')}-1>"
+            raise ValueError(f"--placeholder_token {name!r} is already in the vocabulary; choose e.g. {suggestion!r}.")
+    tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if ids != list(range(vocabulary_size, vocabulary_size + num_vectors)):
+        raise ValueError(
+            f"--placeholder_token {placeholder_token!r} could not be added as new tokens; choose another string."
+        )
+    if tokenizer(" ".join(names), add_special_tokens=False).input_ids != ids:
+        raise ValueError(
+            f"--placeholder_token {placeholder_token!r} does not survive tokenization; use e.g. '<my-concept>'."
+        )
+    return ids
+
+
+def initializer_token_ids(tokenizer, initializer_token, num_vectors):
+    """The initializer's token ids, one per learned vector (spec: k = n by default, or n = 1 repeated k times)."""
+    ids = tokenizer(initializer_token, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(
+            f"--initializer_token {initializer_token!r} tokenizes to nothing; use a class word like 'dog'."
+        )
+    if num_vectors is None or num_vectors == len(ids):
+        return ids
+    if len(ids) == 1:
+        return ids * num_vectors
+    raise ValueError(
+        f"--initializer_token {initializer_token!r} is {len(ids)} tokens but --num_vectors is {num_vectors}; "
+        f"use a one-token initializer or --num_vectors {len(ids)}."
+    )
+
+
+def make_learned_tokens(args, text_encoder, init_ids, seed, name):
+    """Build DirectionalTokens (dti) or TextualInversionTokens (ti) for one text encoder from its pretrained table."""
+    table = text_encoder.get_input_embeddings().weight.detach().float()
+    prior = table[init_ids]
+    if args.method == "ti":
+        return TextualInversionTokens(prior, prior), None
+    norms = vocabulary_norms(table)
+    norm_scale = resolve_norm_scale(norms, args.token_scale)
+    if args.init_method == "token":
+        initial = prior
+    elif args.init_method == "mean":
+        initial = table.mean(0, keepdim=True).expand_as(prior)
+    else:
+        generator = torch.Generator().manual_seed(stable_seed(seed, "init", name))
+        initial = torch.randn(prior.shape, generator=generator)
+    beta = args.beta if args.optimizer == "rsgd" else 0.0
+    return DirectionalTokens(prior, initial, norm_scale, kappa=args.kappa, beta=beta), norms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SDXL conditioning and loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def encode_prompt(text_encoders, input_ids):
+    """SDXL text conditioning: penultimate hidden states of both encoders concatenated, CLIP-G's pooled output."""
+    hidden_states = []
+    for text_encoder, ids in zip(text_encoders, input_ids, strict=True):
+        output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1), output.text_embeds
+
+
+def keyed_generators(seed, positions, device):
+    """One torch.Generator per sample, seeded from (seed, stream position): the noise of a sample never depends
+    on which process draws it or whether the run was resumed."""
+    return [torch.Generator(device).manual_seed(stable_seed(seed, "noise", int(p))) for p in positions]
+
+
+def training_loss(batch, latent_mean, latent_std, unet, text_encoders, noise_scheduler, vae_scale, seed, resolution):
+    """The SDXL noise-prediction loss of one batch. latent_mean, latent_std: [B, 4, H/8, W/8] VAE posterior, fp32."""
+    device, dtype = latent_mean.device, unet.dtype
+    generators = keyed_generators(seed, batch["position"].tolist(), device)
+    shape = latent_mean.shape[1:]
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    sample_noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+    noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+    timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g, device=device) for g in generators])
+    latents = (latent_mean + latent_std * sample_noise) * vae_scale
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    encoder_hidden_states, pooled = encode_prompt(text_encoders, batch["input_ids"])
+    target_size = torch.tensor([resolution, resolution]).expand(len(latents), 2)
+    time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1).to(device, dtype)
+    model_pred = unet(
+        noisy_latents.to(dtype),
+        timesteps,
+        encoder_hidden_states.to(dtype),
+        added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids},
+    ).sample
+
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(model_pred.float(), target.float())
+
+
+def vae_posterior(vae, pixel_values):
+    """Mean and std of the VAE posterior, fp32. pixel_values: [B, 3, H, W] in [-1, 1]."""
+    with torch.no_grad():
+        dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+class LatentCache:
+    """VAE posteriors of every training image (and of its mirror image with --random_flip), encoded once.
+
+    Exact only when each image always gets the same crop (DTIDataset.crops_are_fixed); the flip is cached as a pair.
+    """
+
+    def __init__(self, dataset, vae):
+        means, stds = [], []
+        for index, image in enumerate(dataset.images):
+            top, left = (image.height - dataset.resolution) // 2, (image.width - dataset.resolution) // 2
+            flips = (False, True) if dataset.random_flip else (False,)
+            mean, std = vae_posterior(vae, torch.stack([dataset.pixels(index, top, left, f) for f in flips]))
+            means.append(mean)
+            stds.append(std)
+        self.mean, self.std = torch.stack(means), torch.stack(stds)  # [N, flips, 4, h, w]
+
+    def __call__(self, batch):
+        index, flip = batch["image_index"].to(self.mean.device), batch["flip"].to(self.mean.device)
+        return self.mean[index, flip], self.std[index, flip]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation and saving
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_atomically(path, write):
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def validation_prompt(args):
+    return args.validation_prompt.replace("{}", args.placeholder_token)
+
+
+def log_validation(components, noise_scheduler, args, accelerator, seed, step):
+    """Generate --num_validation_images with the current token (DPM-Solver, 25 steps); save a grid; log them."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+    from diffusers.utils import make_image_grid
+
+    prompt = validation_prompt(args)
+    logger.info(f"Validation at step {step}: {args.num_validation_images} images of {prompt!r}.")
+    pipeline = StableDiffusionXLPipeline(
+        **components, scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config), add_watermarker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    device = accelerator.device
+    images = [
+        pipeline(
+            prompt,
+            num_inference_steps=25,
+            height=args.resolution,
+            width=args.resolution,
+            generator=torch.Generator(device).manual_seed(seed + i),
+        ).images[0]
+        for i in range(args.num_validation_images)
+    ]
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = make_image_grid(images, rows=1, cols=len(images))
+    write_atomically(folder / f"step-{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
+            )
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=f"{i}: {prompt}") for i, im in enumerate(images)]})
+    return images
+
+
+def concept_name(placeholder_token):
+    """The placeholder without angle brackets, safe as a file name: '<my-dog>' -> 'my-dog'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", placeholder_token.strip("<>")) or "concept"
+
+
+def embedding_metadata(args, learned, vocabulary_mean_norms, step):
+    """safetensors metadata (str -> str): enough to tell how the vectors were learned."""
+    metadata = {
+        "format": "pt",
+        "method": args.method,
+        "optimizer": args.optimizer if args.method == "dti" else "adamw",
+        "base_model": args.pretrained_model_name_or_path,
+        "placeholder_token": args.placeholder_token,
+        "initializer_token": args.initializer_token,
+        "num_vectors": str(len(next(iter(learned.values())).embeddings())),
+        "token_scale": str(args.token_scale) if args.method == "dti" else "free",
+        "kappa": repr(args.kappa),
+        "beta": repr(args.beta),
+        "learning_rate": repr(args.learning_rate),
+        "steps": str(step),
+        "resolution": str(args.resolution),
+        "script": "train_dti_sdxl.py",
+        "script_version": __version__,
+    }
+    for name, tokens in learned.items():
+        metadata[f"norm_scale_{name}"] = repr(tokens.norm_scale) if args.method == "dti" else "free"
+        metadata[f"vocabulary_mean_norm_{name}"] = repr(vocabulary_mean_norms[name])
+    return metadata
+
+
+def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix=""):
+    """Write the spec's output files: one {"<tok>": [k, d]} file per encoder and the combined {clip_l, clip_g}."""
+    output_dir = Path(args.output_dir)
+    metadata = embedding_metadata(args, learned, vocabulary_mean_norms, step)
+    vectors = {name: tokens.embeddings().detach().float().cpu().contiguous() for name, tokens in learned.items()}
+    files = {f"{EMBEDDING_FILES[name]}{suffix}.safetensors": {args.placeholder_token: v} for name, v in vectors.items()}
+    files[f"{concept_name(args.placeholder_token)}{suffix}.safetensors"] = {
+        COMBINED_KEYS[name]: v for name, v in vectors.items()
+    }
+    for file_name, tensors in files.items():
+        write_atomically(output_dir / file_name, lambda tmp, t=tensors: save_file(t, tmp, metadata=metadata))
+    logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(files)}).")
+
+
+def checkpoint_identity(args, num_vectors):
+    """What a checkpoint must match to be resumed by this run."""
+    return {
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "placeholder_token": args.placeholder_token,
+        "method": args.method,
+        "num_vectors": num_vectors,
+    }
+
+
+def list_checkpoints(output_dir):
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, args, step, seed, identity):
+    """accelerate state (learned tokens, optimizer, scheduler, RNG) in output_dir/checkpoint-<step>: kilobytes."""
+    output_dir = Path(args.output_dir)
+    if args.checkpoints_total_limit is not None:
+        existing = [p for p in list_checkpoints(output_dir) if p.name != f"checkpoint-{step}"]
+        for folder in existing[: max(0, len(existing) + 1 - args.checkpoints_total_limit)]:
+            logger.info(f"Removing {folder.name} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
+            shutil.rmtree(folder)
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp))
+    (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "seed": seed, **identity}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    logger.info(f"Saved {final}.")
+
+
+def find_checkpoint(args):
+    """The folder --resume_from_checkpoint names, or None for 'latest' in a fresh output_dir."""
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
+        return checkpoints[-1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    path = path if path.is_dir() else Path(args.output_dir) / args.resume_from_checkpoint
+    if not (path / CHECKPOINT_STATE).is_file():
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint there; use 'latest'.")
+    return path
+
+
+def read_checkpoint_state(path, identity):
+    state = json.loads((Path(path) / CHECKPOINT_STATE).read_text())
+    for key, value in identity.items():
+        if state.get(key) != value:
+            raise ValueError(
+                f"--resume_from_checkpoint {path} was made with {key} {state.get(key)!r}, this run has {value!r}."
+            )
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_tokenizers(args):
+    from transformers import CLIPTokenizer
+
+    try:
+        return [
+            CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=sub, revision=args.revision)
+            for sub in ("tokenizer", "tokenizer_2")
+        ]
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is not an SDXL checkpoint "
+            f"that can be loaded ({reason})."
+        ) from error
+
+
+def load_models(args):
+    """The frozen SDXL components, fp32 (cast later, after the vocabulary statistics are taken)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "variant": args.variant}
+    try:
+        text_encoders = [
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **common),
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **common),
+        ]
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--pretrained_model_name_or_path {path!r}: a component failed to load ({error}).") from error
+    return text_encoders, vae, unet, noise_scheduler
+
+
+def resolve_seed(args, accelerator):
+    seed = [args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)]
+    broadcast_object_list(seed)
+    return seed[0]
+
+
+def check_trackers(report_to):
+    needed = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}.get(report_to, [])
+    for package in needed:
+        try:
+            __import__(package)
+        except ImportError as error:
+            raise ValueError(f"--report_to {report_to} needs {package}: pip install {package}.") from error
+
+
+def main(args):
+    validate_args(args)
+    check_trackers(args.report_to)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    seed = resolve_seed(args, accelerator)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Tokens and data first: their errors are cheap to find, the models are not.
+    tokenizers = load_tokenizers(args)
+    init_ids = [initializer_token_ids(tok, args.initializer_token, args.num_vectors) for tok in tokenizers]
+    num_vectors = len(init_ids[0])
+    if len(init_ids[1]) != num_vectors:
+        raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the two tokenizers.")
+    placeholder_ids = [add_placeholder_tokens(tok, args.placeholder_token, num_vectors) for tok in tokenizers]
+    prompt_token = " ".join([args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, num_vectors)])
+    images = load_training_images(args.train_data_dir, args.resolution)
+    if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
+        logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
+
+    text_encoders, vae, unet, noise_scheduler = load_models(args)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % vae_factor:
+        raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
+    if args.scale_lr:
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+
+    # The learned tokens: fp32 directions, everything else frozen in the mixed-precision dtype.
+    learned = torch.nn.ModuleDict()
+    vocabulary_mean_norms = {}
+    for name, text_encoder, tokenizer, ids in zip(TEXT_ENCODERS, text_encoders, tokenizers, init_ids, strict=True):
+        vocabulary_mean_norms[name] = vocabulary_norms(text_encoder.get_input_embeddings().weight).mean().item()
+        learned[name], _ = make_learned_tokens(args, text_encoder, ids, seed, name)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():  # the new rows only matter to code that reads the table; keep them meaningful
+            text_encoder.get_input_embeddings().weight[-num_vectors:] = learned[name].embeddings()
+    vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
+    for module, dtype in [(unet, weight_dtype), (vae, vae_dtype), *[(te, weight_dtype) for te in text_encoders]]:
+        module.requires_grad_(False)
+        module.to(accelerator.device, dtype=dtype)
+    learned.to(accelerator.device)
+    for text_encoder, ids, name in zip(text_encoders, placeholder_ids, TEXT_ENCODERS, strict=True):
+        inject_learned_tokens(text_encoder, ids[0], learned[name])
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for text_encoder in text_encoders:
+            text_encoder.gradient_checkpointing_enable()
+        unet.train()
+        for text_encoder in text_encoders:
+            text_encoder.train()
+
+    dataset = DTIDataset(
+        images,
+        prompt_token,
+        tokenizers,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES,
+        args.repeats,
+        seed,
+    )
+    latent_cache = None
+    if args.cache_latents:
+        if dataset.crops_are_fixed:
+            latent_cache = LatentCache(dataset, vae)
+            logger.info(f"Cached the VAE latents of {len(images)} images.")
+        else:
+            logger.warning("--cache_latents needs --center_crop or square images at --resolution: encoding each step.")
+
+    if args.method == "dti" and args.optimizer == "rsgd":
+        optimizer = RiemannianSGD(learned.values(), lr=args.learning_rate)
+    else:
+        if args.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as error:
+                raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from error
+            adamw = bnb.optim.AdamW8bit
+        else:
+            adamw = torch.optim.AdamW
+        optimizer = adamw(
+            learned.parameters(),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+    optimizer = accelerator.prepare(optimizer)
+    accelerator.register_for_checkpointing(learned, lr_scheduler)
+
+    identity = checkpoint_identity(args, num_vectors)
+    global_step = 0
+    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+    if checkpoint is not None:
+        state = read_checkpoint_state(checkpoint, identity)
+        if state["seed"] != seed:
+            logger.warning(f"Resuming with the checkpoint's seed {state['seed']} (the data stream depends on it).")
+            seed = dataset.seed = state["seed"]
+        accelerator.load_state(str(checkpoint))
+        global_step = state["step"]
+        logger.info(f"Resumed from {checkpoint} at step {global_step}.")
+
+    samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    dataloader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=StreamSampler(
+            global_step * samples_per_step, args.train_batch_size, accelerator.process_index, accelerator.num_processes
+        ),
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers(
+            "dti-sdxl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
+
+    logger.info(
+        f"***** DTI on SDXL *****  {len(images)} images x {args.repeats} repeats | {num_vectors} vector(s) "
+        f"{args.placeholder_token} from {args.initializer_token!r} | method {args.method} | "
+        f"m* {', '.join(f'{n}={t.norm_scale:.4g}' for n, t in learned.items() if hasattr(t, 'norm_scale'))} | "
+        f"kappa {args.kappa} | lr {args.learning_rate} | {samples_per_step} samples/step | {args.max_train_steps} steps"
+    )
+    components = {"vae": vae, "unet": unet}
+    components |= {"text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]}
+    components |= {"tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1]}
+    validate = args.num_validation_images > 0 and accelerator.is_main_process
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    batches = iter(dataloader)
+    vae_scale = vae.config.scaling_factor
+    while global_step < args.max_train_steps:
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(args.gradient_accumulation_steps):
+            batch = next(batches)
+            latent_mean, latent_std = latent_cache(batch) if latent_cache else vae_posterior(vae, batch["pixel_values"])
+            loss = training_loss(
+                batch, latent_mean, latent_std, unet, text_encoders, noise_scheduler, vae_scale, seed, args.resolution
+            )
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+            step_loss += loss.detach() / args.gradient_accumulation_steps
+        if accelerator.num_processes > 1:  # the gradient of the global batch, identical on every process
+            for parameter in learned.parameters():
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+            step_loss = accelerator.reduce(step_loss, reduction="mean")
+        adamw_on_sphere = args.method == "dti" and args.optimizer == "adamw"
+        if adamw_on_sphere:
+            for tokens in learned.values():
+                tokens.add_prior_gradient()
+        lr = lr_scheduler.get_last_lr()[0]
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if adamw_on_sphere:
+            for tokens in learned.values():
+                tokens.retract()
+        global_step += 1
+        progress.update(1)
+
+        values = torch.cat([step_loss.reshape(1)] + [tokens.stats() for tokens in learned.values()]).tolist()
+        logs = {"loss": values[0], "lr": lr}
+        for i, name in enumerate(learned):
+            norm, cos_prior, angle = values[1 + 3 * i : 4 + 3 * i]
+            logs |= {f"{name}/norm": norm, f"{name}/cos_prior": cos_prior, f"{name}/angle_deg": angle}
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.3g}", angle=f"{logs['text_encoder/angle_deg']:.1f}")
+        accelerator.log(logs, step=global_step)
+
+        if accelerator.is_main_process:
+            if global_step % args.save_steps == 0 and global_step < args.max_train_steps:
+                save_embeddings(learned, args, vocabulary_mean_norms, global_step, suffix=f"-steps-{global_step}")
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step, seed, identity)
+            if validate and global_step % args.validation_steps == 0:
+                log_validation(components, noise_scheduler, args, accelerator, seed, global_step)
+
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_embeddings(learned, args, vocabulary_mean_norms, global_step)
+        if validate and global_step % args.validation_steps != 0:
+            log_validation(components, noise_scheduler, args, accelerator, seed, global_step)
+    accelerator.end_training()
+    return learned
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ValueError as error:
+        sys.exit(f"error: {error}")

@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -123,10 +124,24 @@ def parse_token_scale(value):
     return scale
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show '(default: X)' only where there is a fixed default; None defaults are explained in the help text."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with usage errors printed as one line (the flag and what is wrong) instead of the full usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Directional Textual Inversion (DTI) for Stable Diffusion XL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -166,7 +181,7 @@ def parse_args(input_args=None):
         "--initializer_token",
         type=str,
         required=True,
-        help="The class word (e.g. 'dog'): the prior direction and the initial direction of the token.",
+        help="The class word (e.g. 'dog'): the prior direction, and the initial direction with --init_method token.",
     )
     token.add_argument(
         "--num_vectors",
@@ -230,7 +245,7 @@ def parse_args(input_args=None):
         "--learning_rate",
         type=float,
         default=None,
-        help="Step size (radians-ish for rsgd: one step turns by atan(lr)). Default: 1e-2 for dti, 5e-3 for ti.",
+        help="Step size; with rsgd one step turns each direction by atan(lr). Default: 1e-2 for dti, 5e-3 for ti.",
     )
     train.add_argument(
         "--scale_lr",
@@ -253,7 +268,7 @@ def parse_args(input_args=None):
     train.add_argument(
         "--cache_latents",
         action="store_true",
-        help="Encode each image once with the VAE (exact with --center_crop or images already at the target aspect).",
+        help="Encode each image once with the VAE; used when exact (--center_crop, or square images), else ignored.",
     )
     train.add_argument(
         "--mixed_precision",
@@ -278,12 +293,17 @@ def parse_args(input_args=None):
         help="Prompt of the validation images; '{}' stands for the placeholder token.",
     )
     logs.add_argument(
-        "--num_validation_images", type=int, default=4, help="Validation images per run; 0 turns validation off."
+        "--num_validation_images", type=int, default=4, help="Images per validation; 0 turns validation off."
     )
     logs.add_argument(
         "--validation_steps", type=int, default=50, help="Validate every N steps (and always at the end)."
     )
-    logs.add_argument("--save_steps", type=int, default=500, help="Save the embeddings every N steps.")
+    logs.add_argument(
+        "--save_steps",
+        type=int,
+        default=500,
+        help="Also save the embeddings every N steps (the final ones always are).",
+    )
     logs.add_argument(
         "--checkpointing_steps",
         type=int,
@@ -632,9 +652,19 @@ def inject_learned_tokens(text_encoder, first_token_id, tokens):
     return text_encoder.get_input_embeddings().register_forward_hook(hook)
 
 
+def placeholder_names(placeholder_token, num_vectors):
+    """diffusers' names of a k-vector token: <tok>, <tok>_1, ..., <tok>_{k-1}."""
+    return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+
+
+def placeholder_prompt_token(placeholder_token, num_vectors):
+    """What the token becomes in a prompt: the expansion diffusers' maybe_convert_prompt makes at inference."""
+    return " ".join(placeholder_names(placeholder_token, num_vectors))
+
+
 def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
     """Add <tok>, <tok>_1, ... to the tokenizer; return their ids (consecutive, after the pretrained vocabulary)."""
-    names = [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+    names = placeholder_names(placeholder_token, num_vectors)
     vocabulary_size = len(tokenizer)
     for name in names:
         pieces = tokenizer.tokenize(name)
@@ -847,7 +877,7 @@ def embedding_metadata(args, learned, vocabulary_mean_norms, step):
         "num_vectors": str(len(next(iter(learned.values())).embeddings())),
         "token_scale": str(args.token_scale) if args.method == "dti" else "free",
         "kappa": repr(args.kappa),
-        "beta": repr(args.beta),
+        "beta": repr(args.beta if args.method == "dti" and args.optimizer == "rsgd" else 0.0),
         "learning_rate": repr(args.learning_rate),
         "steps": str(step),
         "resolution": str(args.resolution),
@@ -879,7 +909,10 @@ def checkpoint_identity(args, num_vectors):
     return {
         "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
         "placeholder_token": args.placeholder_token,
+        "initializer_token": args.initializer_token,
         "method": args.method,
+        "optimizer": args.optimizer if args.method == "dti" else "adamw",
+        "token_scale": str(args.token_scale),
         "num_vectors": num_vectors,
     }
 
@@ -936,19 +969,24 @@ def read_checkpoint_state(path, identity):
 
 
 def load_tokenizers(args):
+    """Both CLIP tokenizers, after checking that the model is an SDXL-layout diffusers checkpoint."""
+    from diffusers import DiffusionPipeline
     from transformers import CLIPTokenizer
 
+    path = args.pretrained_model_name_or_path
     try:
-        return [
-            CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=sub, revision=args.revision)
-            for sub in ("tokenizer", "tokenizer_2")
+        model_index = DiffusionPipeline.load_config(path, revision=args.revision)
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(path, subfolder=subfolder, revision=args.revision)
+            for subfolder in ("tokenizer", "tokenizer_2")
         ]
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is not an SDXL checkpoint "
-            f"that can be loaded ({reason})."
-        ) from error
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} could not be loaded ({reason}).") from error
+    missing = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer_2") if c not in model_index]
+    if missing or min(len(t) for t in tokenizers) < 1000:
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} is not an SDXL checkpoint (missing {missing}).")
+    return tokenizers
 
 
 def load_models(args):
@@ -989,7 +1027,9 @@ def main(args):
     validate_args(args)
     check_trackers(args.report_to)
     output_dir = Path(args.output_dir)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = Accelerator(
+        cpu=world_size > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo, not N independent runs
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
@@ -998,6 +1038,8 @@ def main(args):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    if accelerator.num_processes != world_size:
+        raise ValueError(f"WORLD_SIZE is {world_size} but accelerate runs {accelerator.num_processes} process(es).")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     seed = resolve_seed(args, accelerator)
@@ -1010,12 +1052,14 @@ def main(args):
     if len(init_ids[1]) != num_vectors:
         raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the two tokenizers.")
     placeholder_ids = [add_placeholder_tokens(tok, args.placeholder_token, num_vectors) for tok in tokenizers]
-    prompt_token = " ".join([args.placeholder_token] + [f"{args.placeholder_token}_{i}" for i in range(1, num_vectors)])
+    prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
     images = load_training_images(args.train_data_dir, args.resolution)
     if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
         logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
 
     text_encoders, vae, unet, noise_scheduler = load_models(args)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % vae_factor:
         raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
@@ -1188,7 +1232,7 @@ def main(args):
         if validate and global_step % args.validation_steps != 0:
             log_validation(components, noise_scheduler, args, accelerator, seed, global_step)
     accelerator.end_training()
-    return learned
+    return SimpleNamespace(learned=learned, components=components, placeholder_ids=placeholder_ids, seed=seed)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random SDXL pipeline built once per session, offline, and a helper to train on it."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "assets" / "toy_robot"
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Folder of a tiny random-weight StableDiffusionXLPipeline (see tests/tiny_sdxl.py)."""
+    from tests.tiny_sdxl import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "pipeline")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each in-process training run starts from a clean state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def training_args(model, output_dir, *extra, data_dir=ASSETS):
+    """Fast defaults for the tiny pipeline: 64 px, batch 2, 3 steps, no validation, fixed seed."""
+    return [
+        "--pretrained_model_name_or_path", str(model),
+        "--train_data_dir", str(data_dir),
+        "--placeholder_token", "<toy-robot>",
+        "--initializer_token", "robot",
+        "--output_dir", str(output_dir),
+        "--resolution", "64",
+        "--train_batch_size", "2",
+        "--max_train_steps", "3",
+        "--num_validation_images", "0",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def train(tiny_sdxl, tmp_path):
+    """Run train_dti_sdxl.main in-process on the tiny pipeline; returns (result, output_dir)."""
+    import train_dti_sdxl
+
+    def run(*extra, output_dir=None, **kwargs):
+        output_dir = Path(output_dir or tmp_path / "out")
+        args = train_dti_sdxl.parse_args(training_args(tiny_sdxl, output_dir, *extra, **kwargs))
+        return train_dti_sdxl.main(args), output_dir
+
+    return run

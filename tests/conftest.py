@@ -23,6 +23,18 @@ def tiny_sdxl(tmp_path_factory):
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "pipeline")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_fp16_variant(tmp_path_factory):
+    """The same tiny pipeline stored as an fp16 variant (*.fp16.safetensors), like `--variant fp16` checkpoints."""
+    import torch
+
+    from tests.tiny_sdxl import build_tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl-fp16") / "pipeline"
+    build_tiny_sdxl().to(torch.float16).save_pretrained(folder, variant="fp16")
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; each in-process training run starts from a clean state."""

@@ -282,6 +282,46 @@ def test_validation_writes_a_grid_every_validation_steps_and_at_the_end(train):
     assert Image.open(out / "validation" / "step-3.png").size == (128, 64)
 
 
+def test_variant_fp16_checkpoints_load_and_the_norm_comes_from_their_table(tiny_sdxl_fp16_variant, tmp_path):
+    from transformers import CLIPTextModel
+
+    args = dti.parse_args([*training_args(tiny_sdxl_fp16_variant, tmp_path / "out"), "--variant", "fp16"])
+    assert list(Path(tiny_sdxl_fp16_variant, "unet").glob("*.fp16.safetensors"))
+    dti.main(args)
+    table = CLIPTextModel.from_pretrained(tiny_sdxl_fp16_variant, subfolder="text_encoder", variant="fp16")
+    table = table.get_input_embeddings().weight.detach().double()
+    vector = load_file(tmp_path / "out" / "learned_embeds.safetensors")[PLACEHOLDER].double()
+    assert vector.norm().item() == pytest.approx(table.norm(dim=1).mean().item(), rel=1e-6)
+
+
+def test_trackers_get_loss_lr_norm_cosine_and_angle_every_step(train, monkeypatch):
+    from accelerate import Accelerator
+
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append((step, values)))
+    train("--max_train_steps", "3")
+    assert [step for step, _ in logged] == [1, 2, 3]
+    keys = {"loss", "lr"} | {
+        f"{e}/{q}" for e in ("text_encoder", "text_encoder_2") for q in ("norm", "cos_prior", "angle_deg")
+    }
+    assert set(logged[-1][1]) == keys
+    assert logged[0][1]["lr"] == pytest.approx(0.01)
+    assert 0 < logged[0][1]["text_encoder/angle_deg"] < logged[-1][1]["text_encoder/angle_deg"] + 1e-6
+    assert logged[-1][1]["text_encoder/cos_prior"] == pytest.approx(
+        math.cos(math.radians(logged[-1][1]["text_encoder/angle_deg"])), abs=1e-5
+    )
+
+
+def test_style_templates_and_a_validation_prompt_without_the_token_warns(train, caplog):
+    with caplog.at_level("WARNING"):
+        train("--learnable_property", "style", "--max_train_steps", "1", "--num_validation_images", "1",
+              "--validation_prompt", "a city street")  # fmt: skip
+    assert "--validation_prompt 'a city street' has neither" in caplog.text
+    dataset = dti.DTIDataset([(Path("a.png"), Image.new("RGB", (64, 64)))], "<s>", [], 64, True, False,
+                             dti.STYLE_TEMPLATES, 1, seed=0)  # fmt: skip
+    assert "in the style of <s>" in dataset[0]["prompt"]
+
+
 def test_save_steps_writes_intermediate_embeddings(train):
     _, out = train("--save_steps", "2", "--max_train_steps", "3")
     assert (out / "learned_embeds-steps-2.safetensors").is_file()

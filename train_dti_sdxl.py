@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from diffusers.optimization import get_scheduler
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -539,6 +540,14 @@ def resolve_norm_scale(norms, token_scale):
     return getattr(norms, token_scale)().item()
 
 
+def token_stats(embeddings, prior_direction, initial):
+    """What the paper plots, as means over the k vectors [k, d]: norm, cosine to the prior, degrees turned."""
+    direction, start = F.normalize(embeddings, dim=-1), F.normalize(initial, dim=-1)
+    angle = 2 * torch.asin(((direction - start).norm(dim=-1) / 2).clamp(max=1))  # accurate for small angles
+    cos_prior = (direction * prior_direction).sum(-1)
+    return torch.stack([embeddings.norm(dim=-1).mean(), cos_prior.mean(), torch.rad2deg(angle).mean()])
+
+
 class DirectionalTokens(torch.nn.Module):
     """k new token embeddings e_j = norm_scale * v_j with each direction v_j on the unit sphere (fp32).
 
@@ -587,16 +596,7 @@ class DirectionalTokens(torch.nn.Module):
 
     @torch.no_grad()
     def stats(self):
-        """[norm, cosine to the prior, angle turned from the start in degrees], means over the k vectors."""
-        e = self.embeddings()
-        cos_start = F.cosine_similarity(self.direction, self.initial_direction, dim=-1).clamp(-1, 1)
-        return torch.stack(
-            [
-                e.norm(dim=-1).mean(),
-                F.cosine_similarity(e, self.prior_direction, dim=-1).mean(),
-                torch.rad2deg(torch.arccos(cos_start)).mean(),
-            ]
-        )
+        return token_stats(self.embeddings(), self.prior_direction, self.initial_direction)
 
 
 class TextualInversionTokens(torch.nn.Module):
@@ -613,14 +613,7 @@ class TextualInversionTokens(torch.nn.Module):
 
     @torch.no_grad()
     def stats(self):
-        cos_start = F.cosine_similarity(self.rows, self.initial_rows, dim=-1).clamp(-1, 1)
-        return torch.stack(
-            [
-                self.rows.norm(dim=-1).mean(),
-                F.cosine_similarity(self.rows, self.prior_direction, dim=-1).mean(),
-                torch.rad2deg(torch.arccos(cos_start)).mean(),
-            ]
-        )
+        return token_stats(self.rows, self.prior_direction, self.initial_rows)
 
 
 class RiemannianSGD(torch.optim.Optimizer):
@@ -708,7 +701,7 @@ def make_learned_tokens(args, text_encoder, init_ids, seed, name):
     table = text_encoder.get_input_embeddings().weight.detach().float()
     prior = table[init_ids]
     if args.method == "ti":
-        return TextualInversionTokens(prior, prior), None
+        return TextualInversionTokens(prior, prior)
     norms = vocabulary_norms(table)
     norm_scale = resolve_norm_scale(norms, args.token_scale)
     if args.init_method == "token":
@@ -719,7 +712,7 @@ def make_learned_tokens(args, text_encoder, init_ids, seed, name):
         generator = torch.Generator().manual_seed(stable_seed(seed, "init", name))
         initial = torch.randn(prior.shape, generator=generator)
     beta = args.beta if args.optimizer == "rsgd" else 0.0
-    return DirectionalTokens(prior, initial, norm_scale, kappa=args.kappa, beta=beta), norms
+    return DirectionalTokens(prior, initial, norm_scale, kappa=args.kappa, beta=beta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1023,11 +1016,9 @@ def check_trackers(report_to):
             raise ValueError(f"--report_to {report_to} needs {package}: pip install {package}.") from error
 
 
-def main(args):
-    validate_args(args)
-    check_trackers(args.report_to)
-    output_dir = Path(args.output_dir)
+def make_accelerator(args):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=world_size > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo, not N independent runs
         mixed_precision=args.mixed_precision,
@@ -1042,160 +1033,186 @@ def main(args):
         raise ValueError(f"WORLD_SIZE is {world_size} but accelerate runs {accelerator.num_processes} process(es).")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def add_concept_tokens(args, tokenizers):
+    """Add the placeholder to both tokenizers. Returns (initializer ids, placeholder ids) per tokenizer."""
+    init_ids = [initializer_token_ids(tokenizer, args.initializer_token, args.num_vectors) for tokenizer in tokenizers]
+    if len(init_ids[0]) != len(init_ids[1]):
+        raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the two tokenizers.")
+    placeholder_ids = [add_placeholder_tokens(t, args.placeholder_token, len(init_ids[0])) for t in tokenizers]
+    return init_ids, placeholder_ids
+
+
+def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed):
+    """Build the learned tokens of each encoder from its pretrained table, then give the encoder rows and a hook
+    that feeds it the learned vectors. Returns (learned tokens by encoder, vocabulary mean norm by encoder)."""
+    learned, vocabulary_mean_norms = torch.nn.ModuleDict(), {}
+    for name, text_encoder, ids, new_ids in zip(TEXT_ENCODERS, text_encoders, init_ids, placeholder_ids, strict=True):
+        vocabulary_mean_norms[name] = vocabulary_norms(text_encoder.get_input_embeddings().weight).mean().item()
+        learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name)
+        text_encoder.resize_token_embeddings(new_ids[-1] + 1, mean_resizing=False)
+        with torch.no_grad():  # the new rows matter only to code that reads the table; keep them meaningful
+            table = text_encoder.get_input_embeddings().weight
+            table[new_ids] = learned[name].embeddings().to(table.dtype)
+        inject_learned_tokens(text_encoder, new_ids[0], learned[name])
+    return learned, vocabulary_mean_norms
+
+
+def freeze(models, accelerator, weight_dtype, gradient_checkpointing):
+    """Frozen models on the device in the mixed-precision dtype (the VAE in fp32 under fp16, where it overflows)."""
+    for name, module in models.items():
+        module.requires_grad_(False)
+        dtype = torch.float32 if name == "vae" and weight_dtype == torch.float16 else weight_dtype
+        module.to(accelerator.device, dtype=dtype)
+        if gradient_checkpointing and name != "vae":
+            if name == "unet":
+                module.enable_gradient_checkpointing()
+            else:
+                module.gradient_checkpointing_enable()
+            module.train()  # checkpointing is active in train mode only; these models have no dropout
+
+
+def make_optimizer(args, learned):
+    if args.method == "dti" and args.optimizer == "rsgd":
+        return RiemannianSGD(learned.values(), lr=args.learning_rate)
+    adamw = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from error
+        adamw = bnb.optim.AdamW8bit
+    betas = (args.adam_beta1, args.adam_beta2)
+    return adamw(
+        learned.parameters(),
+        lr=args.learning_rate,
+        betas=betas,
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def resume(args, accelerator, identity, seed):
+    """Load --resume_from_checkpoint if any. Returns (global step, seed) to continue with."""
+    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+    if checkpoint is None:
+        return 0, seed
+    state = read_checkpoint_state(checkpoint, identity)
+    if state["seed"] != seed:
+        logger.warning(f"Resuming with the checkpoint's seed {state['seed']} (the data stream depends on it).")
+    accelerator.load_state(str(checkpoint))
+    logger.info(f"Resumed from {checkpoint} at step {state['step']}.")
+    return state["step"], state["seed"]
+
+
+def step_logs(step_loss, lr, learned):
+    """Loss, lr and, per encoder, the norm, cosine to the prior and degrees turned: one host sync per step."""
+    values = torch.cat([step_loss.reshape(1)] + [tokens.stats() for tokens in learned.values()]).tolist()
+    logs = {"loss": values[0], "lr": lr}
+    for i, name in enumerate(learned):
+        norm, cos_prior, angle = values[1 + 3 * i : 4 + 3 * i]
+        logs |= {f"{name}/norm": norm, f"{name}/cos_prior": cos_prior, f"{name}/angle_deg": angle}
+    return logs
+
+
+def main(args):
+    validate_args(args)
+    check_trackers(args.report_to)
+    accelerator = make_accelerator(args)
     seed = resolve_seed(args, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # Tokens and data first: their errors are cheap to find, the models are not.
     tokenizers = load_tokenizers(args)
-    init_ids = [initializer_token_ids(tok, args.initializer_token, args.num_vectors) for tok in tokenizers]
+    init_ids, placeholder_ids = add_concept_tokens(args, tokenizers)
     num_vectors = len(init_ids[0])
-    if len(init_ids[1]) != num_vectors:
-        raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the two tokenizers.")
-    placeholder_ids = [add_placeholder_tokens(tok, args.placeholder_token, num_vectors) for tok in tokenizers]
-    prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
     images = load_training_images(args.train_data_dir, args.resolution)
     if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
         logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
-
     text_encoders, vae, unet, noise_scheduler = load_models(args)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % vae_factor:
         raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
-    # The learned tokens: fp32 directions, everything else frozen in the mixed-precision dtype.
-    learned = torch.nn.ModuleDict()
-    vocabulary_mean_norms = {}
-    for name, text_encoder, tokenizer, ids in zip(TEXT_ENCODERS, text_encoders, tokenizers, init_ids, strict=True):
-        vocabulary_mean_norms[name] = vocabulary_norms(text_encoder.get_input_embeddings().weight).mean().item()
-        learned[name], _ = make_learned_tokens(args, text_encoder, ids, seed, name)
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():  # the new rows only matter to code that reads the table; keep them meaningful
-            text_encoder.get_input_embeddings().weight[-num_vectors:] = learned[name].embeddings()
-    vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
-    for module, dtype in [(unet, weight_dtype), (vae, vae_dtype), *[(te, weight_dtype) for te in text_encoders]]:
-        module.requires_grad_(False)
-        module.to(accelerator.device, dtype=dtype)
+    # The learned tokens in fp32; every other weight frozen in the mixed-precision dtype.
+    learned, vocabulary_mean_norms = attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed)
+    models = {"unet": unet, "vae": vae, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]}
+    freeze(models, accelerator, weight_dtype, args.gradient_checkpointing)
     learned.to(accelerator.device)
-    for text_encoder, ids, name in zip(text_encoders, placeholder_ids, TEXT_ENCODERS, strict=True):
-        inject_learned_tokens(text_encoder, ids[0], learned[name])
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for text_encoder in text_encoders:
-            text_encoder.gradient_checkpointing_enable()
-        unet.train()
-        for text_encoder in text_encoders:
-            text_encoder.train()
 
-    dataset = DTIDataset(
-        images,
-        prompt_token,
-        tokenizers,
-        args.resolution,
-        args.center_crop,
-        args.random_flip,
-        STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES,
-        args.repeats,
-        seed,
-    )
-    latent_cache = None
-    if args.cache_latents:
-        if dataset.crops_are_fixed:
-            latent_cache = LatentCache(dataset, vae)
-            logger.info(f"Cached the VAE latents of {len(images)} images.")
-        else:
-            logger.warning("--cache_latents needs --center_crop or square images at --resolution: encoding each step.")
-
-    if args.method == "dti" and args.optimizer == "rsgd":
-        optimizer = RiemannianSGD(learned.values(), lr=args.learning_rate)
-    else:
-        if args.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError as error:
-                raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from error
-            adamw = bnb.optim.AdamW8bit
-        else:
-            adamw = torch.optim.AdamW
-        optimizer = adamw(
-            learned.parameters(),
-            lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay,
-            eps=args.adam_epsilon,
-        )
-    from diffusers.optimization import get_scheduler
-
+    optimizer = make_optimizer(args, learned)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps,
         num_training_steps=args.max_train_steps,
     )
-    optimizer = accelerator.prepare(optimizer)
+    optimizer = accelerator.prepare(optimizer)  # the fp16 grad scaler, when there is one
     accelerator.register_for_checkpointing(learned, lr_scheduler)
-
     identity = checkpoint_identity(args, num_vectors)
-    global_step = 0
-    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
-    if checkpoint is not None:
-        state = read_checkpoint_state(checkpoint, identity)
-        if state["seed"] != seed:
-            logger.warning(f"Resuming with the checkpoint's seed {state['seed']} (the data stream depends on it).")
-            seed = dataset.seed = state["seed"]
-        accelerator.load_state(str(checkpoint))
-        global_step = state["step"]
-        logger.info(f"Resumed from {checkpoint} at step {global_step}.")
+    global_step, seed = resume(args, accelerator, identity, seed)
 
+    templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+    prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
+    dataset = DTIDataset(images, prompt_token, tokenizers, args.resolution, args.center_crop, args.random_flip,
+                         templates, args.repeats, seed)  # fmt: skip
+    latent_cache = None
+    if args.cache_latents and dataset.crops_are_fixed:
+        latent_cache = LatentCache(dataset, vae)
+        logger.info(f"Cached the VAE latents of {len(images)} images.")
+    elif args.cache_latents:
+        logger.warning("--cache_latents needs --center_crop or square images at --resolution: encoding each step.")
     samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    dataloader = DataLoader(
+    sampler = StreamSampler(
+        global_step * samples_per_step, args.train_batch_size, accelerator.process_index, accelerator.num_processes
+    )
+    loader = DataLoader(
         dataset,
         batch_size=args.train_batch_size,
-        sampler=StreamSampler(
-            global_step * samples_per_step, args.train_batch_size, accelerator.process_index, accelerator.num_processes
-        ),
+        sampler=sampler,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    if accelerator.is_main_process:
-        accelerator.init_trackers(
-            "dti-sdxl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
+    batches = iter(loader)
 
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("dti-sdxl", config=config)
+    norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in learned.items() if args.method == "dti")
     logger.info(
-        f"***** DTI on SDXL *****  {len(images)} images x {args.repeats} repeats | {num_vectors} vector(s) "
-        f"{args.placeholder_token} from {args.initializer_token!r} | method {args.method} | "
-        f"m* {', '.join(f'{n}={t.norm_scale:.4g}' for n, t in learned.items() if hasattr(t, 'norm_scale'))} | "
-        f"kappa {args.kappa} | lr {args.learning_rate} | {samples_per_step} samples/step | {args.max_train_steps} steps"
+        f"***** {args.method.upper()} on SDXL ***** {len(images)} images x {args.repeats} repeats | {num_vectors} "
+        f"vector(s) {args.placeholder_token} from {args.initializer_token!r} | m* {norms or 'free'} | kappa "
+        f"{args.kappa} | lr {args.learning_rate} | {samples_per_step} samples/step | {args.max_train_steps} steps"
     )
-    components = {"vae": vae, "unet": unet}
-    components |= {"text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]}
-    components |= {"tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1]}
+    components = {**models, "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1]}
     validate = args.num_validation_images > 0 and accelerator.is_main_process
+    adamw_on_sphere = args.method == "dti" and args.optimizer == "adamw"
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    batches = iter(dataloader)
-    vae_scale = vae.config.scaling_factor
     while global_step < args.max_train_steps:
+        # Gradient of the data loss over one global batch, accumulated, then averaged over processes.
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
             latent_mean, latent_std = latent_cache(batch) if latent_cache else vae_posterior(vae, batch["pixel_values"])
-            loss = training_loss(
-                batch, latent_mean, latent_std, unet, text_encoders, noise_scheduler, vae_scale, seed, args.resolution
-            )
+            loss = training_loss(batch, latent_mean, latent_std, unet, text_encoders, noise_scheduler,
+                                 vae.config.scaling_factor, seed, args.resolution)  # fmt: skip
             accelerator.backward(loss / args.gradient_accumulation_steps)
             step_loss += loss.detach() / args.gradient_accumulation_steps
-        if accelerator.num_processes > 1:  # the gradient of the global batch, identical on every process
+        if accelerator.num_processes > 1:
             for parameter in learned.parameters():
                 parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
             step_loss = accelerator.reduce(step_loss, reduction="mean")
-        adamw_on_sphere = args.method == "dti" and args.optimizer == "adamw"
+
+        # The update: RSGD on the sphere (DirectionalTokens.step), or AdamW (+ prior and retraction for the ablation).
         if adamw_on_sphere:
             for tokens in learned.values():
                 tokens.add_prior_gradient()
@@ -1207,16 +1224,11 @@ def main(args):
             for tokens in learned.values():
                 tokens.retract()
         global_step += 1
+
+        logs = step_logs(step_loss, lr, learned)
         progress.update(1)
-
-        values = torch.cat([step_loss.reshape(1)] + [tokens.stats() for tokens in learned.values()]).tolist()
-        logs = {"loss": values[0], "lr": lr}
-        for i, name in enumerate(learned):
-            norm, cos_prior, angle = values[1 + 3 * i : 4 + 3 * i]
-            logs |= {f"{name}/norm": norm, f"{name}/cos_prior": cos_prior, f"{name}/angle_deg": angle}
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.3g}", angle=f"{logs['text_encoder/angle_deg']:.1f}")
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}")
         accelerator.log(logs, step=global_step)
-
         if accelerator.is_main_process:
             if global_step % args.save_steps == 0 and global_step < args.max_train_steps:
                 save_embeddings(learned, args, vocabulary_mean_norms, global_step, suffix=f"-steps-{global_step}")

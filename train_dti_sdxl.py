@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -411,13 +412,11 @@ class DTIDataset(Dataset):
     samples an uninterrupted single-process run sees.
     """
 
-    def __init__(
-        self, images, prompt_token, tokenizers, resolution, center_crop, random_flip, templates, repeats, seed
-    ):
+    def __init__(self, images, prompt_token, tokenize, resolution, center_crop, random_flip, templates, repeats, seed):
         self.images = [self._resize(image, resolution) for _, image in images]
         self.original_sizes = [(image.height, image.width) for _, image in images]
         self.prompt_token = prompt_token
-        self.tokenizers = tokenizers
+        self.tokenize = tokenize  # prompt -> {name: list of ids}, as the pipeline tokenizes
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -475,12 +474,7 @@ class DTIDataset(Dataset):
             "pixel_values": self.pixels(index, top, left, flip),
             "original_size": torch.tensor(self.original_sizes[index]),
             "crop_top_left": torch.tensor((top, crop_left)),
-            "input_ids": [
-                tokenizer(
-                    prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
-                ).input_ids
-                for tokenizer in self.tokenizers
-            ],
+            "text": self.tokenize(prompt),
             "prompt": prompt,
         }
 
@@ -493,7 +487,7 @@ def collate(samples):
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "original_size": torch.stack([s["original_size"] for s in samples]),
         "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
-        "input_ids": [torch.tensor([s["input_ids"][i] for s in samples]) for i in range(len(samples[0]["input_ids"]))],
+        "text": {key: torch.tensor([s["text"][key] for s in samples]) for key in samples[0]["text"]},
         "prompt": [s["prompt"] for s in samples],
     }
 
@@ -639,7 +633,8 @@ def inject_learned_tokens(text_encoder, first_token_id, tokens):
     def hook(module, inputs, output):
         offset = inputs[0] - first_token_id
         is_learned = (offset >= 0) & (offset < num_vectors)
-        learned = tokens.embeddings().to(output.dtype)[offset.clamp(0, num_vectors - 1)]
+        scale = getattr(module, "embed_scale", 1.0)  # Gemma's embedding scales its rows by sqrt(d) in transformers 5
+        learned = (tokens.embeddings() * scale).to(output.dtype)[offset.clamp(0, num_vectors - 1)]
         return torch.where(is_learned.unsqueeze(-1), learned, output)
 
     return text_encoder.get_input_embeddings().register_forward_hook(hook)
@@ -720,10 +715,19 @@ def make_learned_tokens(args, text_encoder, init_ids, seed, name):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def encode_prompt(text_encoders, input_ids):
-    """SDXL text conditioning: penultimate hidden states of both encoders concatenated, CLIP-G's pooled output."""
+def tokenize_prompt(tokenizers, prompt):
+    """Token ids of both CLIP tokenizers, padded to 77 as StableDiffusionXLPipeline.encode_prompt pads them."""
+    return {
+        key: tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+        for key, tokenizer in zip(("input_ids", "input_ids_2"), tokenizers, strict=True)
+    }
+
+
+def encode_prompt(text_encoders, text):
+    """SDXL text conditioning: penultimate hidden states of both encoders concatenated, CLIP-G's pooled output.
+    text: {"input_ids": [B, 77], "input_ids_2": [B, 77]}."""
     hidden_states = []
-    for text_encoder, ids in zip(text_encoders, input_ids, strict=True):
+    for text_encoder, ids in zip(text_encoders, (text["input_ids"], text["input_ids_2"]), strict=True):
         output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
         hidden_states.append(output.hidden_states[-2])
     return torch.cat(hidden_states, dim=-1), output.text_embeds
@@ -747,7 +751,7 @@ def training_loss(batch, latent_mean, latent_std, unet, text_encoders, noise_sch
     latents = (latent_mean + latent_std * sample_noise) * vae_scale
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
-    encoder_hidden_states, pooled = encode_prompt(text_encoders, batch["input_ids"])
+    encoder_hidden_states, pooled = encode_prompt(text_encoders, batch["text"])
     target_size = torch.tensor([resolution, resolution]).expand(len(latents), 2)
     time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1).to(device, dtype)
     model_pred = unet(
@@ -1160,7 +1164,8 @@ def main(args):
 
     templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
     prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
-    dataset = DTIDataset(images, prompt_token, tokenizers, args.resolution, args.center_crop, args.random_flip,
+    tokenize = partial(tokenize_prompt, tokenizers)
+    dataset = DTIDataset(images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
                          templates, args.repeats, seed)  # fmt: skip
     latent_cache = None
     if args.cache_latents and dataset.crops_are_fixed:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -170,10 +171,10 @@ def test_output_files_load_with_diffusers_and_match_training_text_features(train
     prompt = f"a photo of a {PLACEHOLDER} on a table"
     embeds, _, pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
     tokenizers = [result.components["tokenizer"], result.components["tokenizer_2"]]
-    ids = [t(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids for t in tokenizers]
+    text = {key: torch.tensor([ids]) for key, ids in dti.tokenize_prompt(tokenizers, prompt).items()}
     with torch.no_grad():
         trained_embeds, trained_pooled = dti.encode_prompt(
-            [result.components["text_encoder"], result.components["text_encoder_2"]], ids
+            [result.components["text_encoder"], result.components["text_encoder_2"]], text
         )
     assert torch.allclose(embeds, trained_embeds, atol=1e-6) and torch.allclose(pooled, trained_pooled, atol=1e-6)
     after = pipe(f"a photo of a {PLACEHOLDER}", num_inference_steps=2, height=64, width=64, output_type="np",
@@ -317,7 +318,7 @@ def test_style_templates_and_a_validation_prompt_without_the_token_warns(train, 
         train("--learnable_property", "style", "--max_train_steps", "1", "--num_validation_images", "1",
               "--validation_prompt", "a city street")  # fmt: skip
     assert "--validation_prompt 'a city street' has neither" in caplog.text
-    dataset = dti.DTIDataset([(Path("a.png"), Image.new("RGB", (64, 64)))], "<s>", [], 64, True, False,
+    dataset = dti.DTIDataset([(Path("a.png"), Image.new("RGB", (64, 64)))], "<s>", no_text, 64, True, False,
                              dti.STYLE_TEMPLATES, 1, seed=0)  # fmt: skip
     assert "in the style of <s>" in dataset[0]["prompt"]
 
@@ -337,6 +338,10 @@ def test_save_steps_writes_intermediate_embeddings(train):
 # ------------------------------------------------------------------------------------------------ data
 
 
+def no_text(prompt):
+    return {}
+
+
 def load_components(model):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -352,7 +357,8 @@ def load_components(model):
 def test_cached_latents_give_the_same_loss_as_encoding_each_step(tiny_sdxl):
     tokenizers, encoders, vae, unet, scheduler = load_components(tiny_sdxl)
     images = dti.load_training_images(ASSETS, 64)
-    dataset = dti.DTIDataset(images, "robot", tokenizers, 64, True, True, dti.OBJECT_TEMPLATES, 2, seed=0)
+    tokenize = partial(dti.tokenize_prompt, tokenizers)
+    dataset = dti.DTIDataset(images, "robot", tokenize, 64, True, True, dti.OBJECT_TEMPLATES, 2, seed=0)
     assert dataset.crops_are_fixed
     samples = [dataset[p] for p in range(10)]
     batch = dti.collate([next(s for s in samples if s["flip"]), next(s for s in samples if not s["flip"])])
@@ -367,7 +373,7 @@ def test_cached_latents_give_the_same_loss_as_encoding_each_step(tiny_sdxl):
 
 def test_random_crops_of_non_square_images_cannot_be_cached():
     images = dti.load_training_images(ASSETS, 64)
-    dataset = dti.DTIDataset(images, "x", [], 64, False, False, dti.OBJECT_TEMPLATES, 1, seed=0)
+    dataset = dti.DTIDataset(images, "x", no_text, 64, False, False, dti.OBJECT_TEMPLATES, 1, seed=0)
     assert not dataset.crops_are_fixed
 
 
@@ -376,7 +382,8 @@ def test_time_ids_come_from_each_sample(tiny_sdxl):
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder="tokenizer")
     images = dti.load_training_images(ASSETS, 64)
-    dataset = dti.DTIDataset(images, "robot", [tokenizer], 64, False, True, dti.OBJECT_TEMPLATES, 4, seed=3)
+    tokenize = partial(dti.tokenize_prompt, [tokenizer, tokenizer])
+    dataset = dti.DTIDataset(images, "robot", tokenize, 64, False, True, dti.OBJECT_TEMPLATES, 4, seed=3)
     batch = dti.collate([dataset[p] for p in range(len(dataset))])
     wide = [i for i, (path, _) in enumerate(images) if path.name == "02_studio.jpg"][0]
     for index, size, crop in zip(batch["image_index"], batch["original_size"], batch["crop_top_left"], strict=True):
@@ -392,7 +399,7 @@ def test_time_ids_come_from_each_sample(tiny_sdxl):
 
 def test_each_epoch_visits_every_image_repeats_times_and_processes_split_global_batches():
     images = [(Path(f"{i}.png"), Image.new("RGB", (64, 64))) for i in range(5)]
-    dataset = dti.DTIDataset(images, "x", [], 64, True, False, dti.OBJECT_TEMPLATES, 2, seed=0)
+    dataset = dti.DTIDataset(images, "x", no_text, 64, True, False, dti.OBJECT_TEMPLATES, 2, seed=0)
     for epoch in range(3):
         visits = [dataset._image_index(p) for p in range(epoch * 10, (epoch + 1) * 10)]
         assert sorted(visits) == sorted(list(range(5)) * 2)

@@ -667,7 +667,8 @@ def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
         raise ValueError(
             f"--placeholder_token {placeholder_token!r} could not be added as new tokens; choose another string."
         )
-    if tokenizer(" ".join(names), add_special_tokens=False).input_ids != ids:
+    tokenized = tokenizer(" ".join(names), add_special_tokens=False).input_ids  # Gemma adds "▁" between them
+    if [i for i in tokenized if i in ids] != ids:
         raise ValueError(
             f"--placeholder_token {placeholder_token!r} does not survive tokenization; use e.g. '<my-concept>'."
         )
@@ -675,8 +676,10 @@ def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
 
 
 def initializer_token_ids(tokenizer, initializer_token, num_vectors):
-    """The initializer's token ids, one per learned vector (spec: k = n by default, or n = 1 repeated k times)."""
-    ids = tokenizer(initializer_token, add_special_tokens=False).input_ids
+    """The initializer's token ids as inside a prompt (after a space), one per learned vector: k = n by default,
+    or one token repeated k times."""
+    ids = tokenizer(" " + initializer_token, add_special_tokens=False).input_ids
+    ids = [i for i in ids if tokenizer.decode([i]).strip()]  # a lone word-boundary token carries no meaning
     if not ids:
         raise ValueError(
             f"--initializer_token {initializer_token!r} tokenizes to nothing; use a class word like 'dog'."
@@ -878,7 +881,7 @@ def embedding_metadata(args, learned, vocabulary_mean_norms, step):
         "learning_rate": repr(args.learning_rate),
         "steps": str(step),
         "resolution": str(args.resolution),
-        "script": "train_dti_sdxl.py",
+        "script": Path(__file__).name,
         "script_version": __version__,
     }
     for name, tokens in learned.items():
@@ -1041,10 +1044,10 @@ def make_accelerator(args):
 
 
 def add_concept_tokens(args, tokenizers):
-    """Add the placeholder to both tokenizers. Returns (initializer ids, placeholder ids) per tokenizer."""
+    """Add the placeholder to every tokenizer. Returns (initializer ids, placeholder ids) per tokenizer."""
     init_ids = [initializer_token_ids(tokenizer, args.initializer_token, args.num_vectors) for tokenizer in tokenizers]
-    if len(init_ids[0]) != len(init_ids[1]):
-        raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the two tokenizers.")
+    if len({len(ids) for ids in init_ids}) > 1:
+        raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the tokenizers.")
     placeholder_ids = [add_placeholder_tokens(t, args.placeholder_token, len(init_ids[0])) for t in tokenizers]
     return init_ids, placeholder_ids
 
@@ -1071,9 +1074,9 @@ def freeze(models, accelerator, weight_dtype, gradient_checkpointing):
         dtype = torch.float32 if name == "vae" and weight_dtype == torch.float16 else weight_dtype
         module.to(accelerator.device, dtype=dtype)
         if gradient_checkpointing and name != "vae":
-            if name == "unet":
+            if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
                 module.enable_gradient_checkpointing()
-            else:
+            else:  # transformers models
                 module.gradient_checkpointing_enable()
             module.train()  # checkpointing is active in train mode only; these models have no dropout
 

@@ -85,7 +85,7 @@ def _train_vocab():
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     alphabet = [chr(c) for c in range(33, 127)] + ["▁", "\n"]
     trainer = trainers.BpeTrainer(
-        vocab_size=2000,  # an upper bound: training stops when every corpus word is one token (~550 tokens)
+        vocab_size=2000,  # an upper bound: training stops when every corpus word is one token (601 tokens)
         special_tokens=SPECIAL_TOKENS + BYTE_TOKENS,
         initial_alphabet=alphabet,
         limit_alphabet=len(alphabet),

@@ -1,0 +1,1361 @@
+#!/usr/bin/env python
+# Copyright 2026 The DTI diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Directional Textual Inversion (DTI) for SANA and SANA 1.5.
+
+Learns a personal concept token as new rows of the Gemma-2 input embedding table. The embedding norm is fixed to an
+in-distribution value m* (the mean norm of the raw vocabulary rows; Gemma scales every input embedding by sqrt(d)
+inside the model, so the raw table is the right space); only the direction is learned, on the unit hypersphere, by
+Riemannian SGD with a von Mises-Fisher prior toward the class word (arXiv 2512.13672). The loss is SANA's rectified
+flow: x_t = (1 - sigma) x_0 + sigma eps, and the transformer predicts eps - x_0.
+
+    accelerate launch train_dti_sana.py \
+      --pretrained_model_name_or_path Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers \
+      --train_data_dir assets/toy_robot --placeholder_token "<my-robot>" --initializer_token robot --output_dir out
+
+SanaPipeline has no load_textual_inversion: see README.md for the loader.
+"""
+
+import argparse
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from diffusers.optimization import get_scheduler
+from PIL import Image, ImageOps
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+__version__ = "0.1.0"
+
+logger = get_logger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Templates and constants
+# ----------------------------------------------------------------------------------------------------------------
+
+OBJECT_TEMPLATES = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+]
+
+STYLE_TEMPLATES = [
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a cropped painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3}
+DEFAULT_KAPPA = 5e-5
+DEFAULT_VALIDATION_PROMPT = "a {} with Japanese modern city street in the background"
+TEXT_ENCODERS = ("text_encoder",)
+CHECKPOINT_STATE = "dti_state.json"
+VALIDATION_INFERENCE_STEPS = 20  # SanaPipeline's default
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dti_sdxl.parse_token_scale
+def parse_token_scale(value):
+    """`--token_scale`: mean, min, max or a positive float."""
+    if value in ("mean", "min", "max"):
+        return value
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = float("nan")
+    if not (math.isfinite(scale) and scale > 0):
+        raise argparse.ArgumentTypeError(f"expected mean, min, max or a positive number, got {value!r}")
+    return scale
+
+
+# Copied from train_dti_sdxl.HelpFormatter
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show '(default: X)' only where there is a fixed default; None defaults are explained in the help text."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+# Copied from train_dti_sdxl.OneLineErrorParser
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with usage errors printed as one line (the flag and what is wrong) instead of the full usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(input_args=None):
+    parser = OneLineErrorParser(
+        description="Directional Textual Inversion (DTI) for SANA.",
+        formatter_class=HelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of a SanaPipeline diffusers checkpoint (SANA, SANA 1.5).",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the model.")
+    model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", type=str, required=True, help="Folder with 3-6 images of the concept.")
+    data.add_argument(
+        "--learnable_property",
+        choices=["object", "style"],
+        default="object",
+        help="Prompt templates: 'a photo of a {}' for objects, 'a painting in the style of {}' for styles.",
+    )
+    data.add_argument("--repeats", type=int, default=100, help="How many times the images repeat in one epoch.")
+    data.add_argument(
+        "--resolution", type=int, default=1024, help="Training resolution (square); a multiple of the DC-AE factor 32."
+    )
+    data.add_argument(
+        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
+    )
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading (0: main process)."
+    )
+
+    token = parser.add_argument_group("concept token")
+    token.add_argument(
+        "--placeholder_token",
+        type=str,
+        required=True,
+        help="The new token, e.g. '<my-dog>'. Lowercase (SanaPipeline lowercases prompts), no spaces.",
+    )
+    token.add_argument(
+        "--initializer_token",
+        type=str,
+        required=True,
+        help="The class word (e.g. 'dog'): the prior direction, and the initial direction with --init_method token.",
+    )
+    token.add_argument(
+        "--num_vectors",
+        type=int,
+        default=None,
+        help="Vectors of the concept, named <tok>, <tok>_1, ... Default: one per token of the initializer.",
+    )
+
+    dti = parser.add_argument_group("DTI")
+    dti.add_argument(
+        "--method",
+        choices=["dti", "ti"],
+        default="dti",
+        help="dti: fixed norm, direction on the sphere. ti: plain Textual Inversion (AdamW on the raw rows).",
+    )
+    dti.add_argument(
+        "--optimizer",
+        choices=["rsgd", "adamw"],
+        default="rsgd",
+        help="dti only. rsgd: Riemannian SGD (the paper). adamw: AdamW on the direction, projected back to the sphere.",
+    )
+    dti.add_argument(
+        "--token_scale",
+        type=parse_token_scale,
+        default="mean",
+        help="dti only. The fixed norm m*: mean, min or max of the vocabulary norms, or a positive number.",
+    )
+    dti.add_argument(
+        "--kappa",
+        type=float,
+        default=None,
+        help=f"dti only. Concentration of the vMF prior toward the class word. Default: {DEFAULT_KAPPA}.",
+    )
+    dti.add_argument(
+        "--beta",
+        type=float,
+        default=0.0,
+        help="dti rsgd only. Running average of squared gradient norms; 0 is plain per-token normalisation.",
+    )
+    dti.add_argument(
+        "--init_method",
+        choices=["token", "random", "mean"],
+        default="token",
+        help="dti only. Initial direction: the class word, a seeded random direction, or the mean vocabulary row.",
+    )
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="dti-model", help="Where embeddings and checkpoints go.")
+    train.add_argument("--seed", type=int, default=None, help="Seed of every random draw. Default: a random seed.")
+    train.add_argument("--train_batch_size", type=int, default=2, help="Batch size per process.")
+    train.add_argument("--max_train_steps", type=int, default=500, help="Number of update steps.")
+    train.add_argument(
+        "--gradient_accumulation_steps", type=int, default=2, help="Batches accumulated per update step."
+    )
+    train.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations of the transformer and the text encoder in the backward pass to save memory.",
+    )
+    train.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Step size; with rsgd one step turns each direction by atan(lr). Default: 1e-2 for dti, 5e-3 for ti.",
+    )
+    train.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by batch size, accumulation steps and processes (the authors' runs do).",
+    )
+    train.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule.",
+    )
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the schedule.")
+    train.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (adamw modes only).")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (adamw modes).")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (adamw modes).")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (adamw modes).")
+    train.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon (adamw modes).")
+    train.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode each image once with the VAE; used when exact (--center_crop, or square images), else ignored.",
+    )
+    train.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Precision of the frozen models; the learned directions stay fp32. Default: accelerate's config.",
+    )
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+
+    logs = parser.add_argument_group("logging, validation, saving")
+    logs.add_argument(
+        "--report_to",
+        type=str,
+        default="none",
+        help="Tracker: tensorboard, wandb, all or none (tensorboard and wandb need their packages).",
+    )
+    logs.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    logs.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=DEFAULT_VALIDATION_PROMPT,
+        help="Prompt of the validation images; '{}' stands for the placeholder token.",
+    )
+    logs.add_argument(
+        "--num_validation_images", type=int, default=4, help="Images per validation; 0 turns validation off."
+    )
+    logs.add_argument(
+        "--validation_steps", type=int, default=50, help="Validate every N steps (and always at the end)."
+    )
+    logs.add_argument(
+        "--save_steps",
+        type=int,
+        default=500,
+        help="Also save the embeddings every N steps (the final ones always are).",
+    )
+    logs.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a resumable checkpoint (kilobytes: learned state, scheduler, RNG) every N steps.",
+    )
+    logs.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    logs.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="'latest' or a checkpoint-N folder (in --output_dir, or a path) to continue from.",
+    )
+
+    sana = parser.add_argument_group("SANA")
+    sana.add_argument(
+        "--max_sequence_length", type=int, default=300, help="Text tokens the transformer sees, as in SanaPipeline."
+    )
+    sana.add_argument(
+        "--complex_human_instruction",
+        action="store_true",
+        help="Prepend SanaPipeline's complex human instruction to training prompts (recorded in the metadata).",
+    )
+    sana.add_argument(
+        "--weighting_scheme",
+        choices=["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"],
+        default="none",
+        help="Timestep sampling / loss weighting of the flow-matching loss, as in diffusers' SANA examples.",
+    )
+    sana.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal timestep density.")
+    sana.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit_normal timestep density.")
+    sana.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode timestep density.")
+
+    args = parser.parse_args(input_args)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    return args
+
+
+# Copied from train_dti_sdxl.validate_args
+def validate_args(args):
+    """Check the arguments that argparse cannot; fill in method-dependent defaults."""
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATE[args.method]
+    if args.kappa is None:
+        args.kappa = DEFAULT_KAPPA if args.method == "dti" else 0.0
+    checks = [
+        (args.learning_rate > 0 and math.isfinite(args.learning_rate), "--learning_rate must be a positive number"),
+        (args.kappa >= 0 and math.isfinite(args.kappa), "--kappa must be zero or positive"),
+        (0 <= args.beta < 1, "--beta must be in [0, 1)"),
+        (args.resolution > 0 and args.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
+        (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
+        (args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
+        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (args.repeats >= 1, "--repeats must be at least 1"),
+        (args.num_vectors is None or args.num_vectors >= 1, "--num_vectors must be at least 1"),
+        (args.num_validation_images >= 0, "--num_validation_images must be zero or positive"),
+        (args.validation_steps >= 1, "--validation_steps must be at least 1"),
+        (args.save_steps >= 1, "--save_steps must be at least 1"),
+        (args.checkpointing_steps >= 1, "--checkpointing_steps must be at least 1"),
+        (args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1, "--checkpoints_total_limit >= 1"),
+        (args.dataloader_num_workers >= 0, "--dataloader_num_workers must be zero or positive"),
+        (args.method == "dti" or args.kappa == 0, "--kappa applies to --method dti only (plain TI has no prior)"),
+        (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
+        (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),
+        (args.initializer_token.strip() != "", "--initializer_token must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}.")
+    if args.method == "ti" and args.optimizer != "rsgd":
+        logger.warning("--optimizer is ignored with --method ti (plain TI always uses AdamW).")
+    if args.use_8bit_adam and args.method == "dti" and args.optimizer == "rsgd":
+        raise ValueError("--use_8bit_adam needs an AdamW mode: --optimizer adamw or --method ti.")
+    if args.report_to not in ("none", "tensorboard", "wandb", "all"):
+        raise ValueError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}.")
+    return args
+
+
+def validate_sana_args(args):
+    """The SANA-specific checks."""
+    if args.placeholder_token != args.placeholder_token.lower():
+        suggestion = args.placeholder_token.lower()
+        raise ValueError(
+            f"--placeholder_token must be lowercase (SanaPipeline lowercases prompts): use {suggestion!r}."
+        )
+    if args.max_sequence_length < 2:
+        raise ValueError("--max_sequence_length must be at least 2.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dti_sdxl.stable_seed
+def stable_seed(*key):
+    """A 63-bit seed derived from a tuple of ints and strings, identical in every process and run."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
+
+
+# Copied from train_dti_sdxl.load_training_images
+def load_training_images(train_data_dir, resolution):
+    """Read every image of the folder: EXIF rotation applied, converted to RGB. Returns [(path, PIL.Image)]."""
+    folder = Path(train_data_dir)
+    if not folder.is_dir():
+        raise ValueError(f"--train_data_dir {folder} is not a folder; point it at a folder of images.")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.seek(0)  # first frame of animated images
+                image = ImageOps.exif_transpose(image)
+                if image.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on white
+                    rgba = image.convert("RGBA")
+                    image = Image.new("RGB", rgba.size, (255, 255, 255))
+                    image.paste(rgba, mask=rgba.getchannel("A"))
+                images.append((path, image.convert("RGB")))
+        except (OSError, ValueError) as error:
+            logger.warning(f"Skipping {path}: not a readable image ({error}).")
+    if not images:
+        raise ValueError(f"--train_data_dir {folder} holds no readable image ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    for path, image in images:
+        if min(image.size) < resolution:
+            logger.warning(f"{path.name} is {image.width}x{image.height}, smaller than --resolution; it is upscaled.")
+    return images
+
+
+# Copied from train_dti_sdxl.DTIDataset
+class DTIDataset(Dataset):
+    """An endless, deterministic stream of training samples.
+
+    Item `position` is the position-th sample of the stream: epoch `position // len(self)` visits the images
+    `repeats` times in an order drawn from (seed, epoch); every random choice of the sample (template, crop, flip)
+    is drawn from (seed, position). So a resumed run, or a run split over several processes, sees exactly the
+    samples an uninterrupted single-process run sees.
+    """
+
+    def __init__(self, images, prompt_token, tokenize, resolution, center_crop, random_flip, templates, repeats, seed):
+        self.images = [self._resize(image, resolution) for _, image in images]
+        self.original_sizes = [(image.height, image.width) for _, image in images]
+        self.prompt_token = prompt_token
+        self.tokenize = tokenize  # prompt -> {name: list of ids}, as the pipeline tokenizes
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.templates = templates
+        self.repeats = repeats
+        self.seed = seed
+        self._order = (None, None)
+
+    @staticmethod
+    def _resize(image, resolution):
+        scale = resolution / min(image.size)
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+    def __len__(self):
+        return len(self.images) * self.repeats
+
+    @property
+    def crops_are_fixed(self):
+        """True when every crop is the same each time an image is drawn, so its latents can be cached."""
+        return self.center_crop or all(image.size == (self.resolution,) * 2 for image in self.images)
+
+    def _image_index(self, position):
+        epoch, offset = divmod(position, len(self))
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(stable_seed(self.seed, "order", epoch))
+            self._order = (epoch, torch.randperm(len(self), generator=generator).tolist())
+        return self._order[1][offset] % len(self.images)
+
+    def _crop(self, image, rng):
+        height, width, size = image.height, image.width, self.resolution
+        if self.center_crop:
+            return (height - size) // 2, (width - size) // 2
+        return rng.randint(0, height - size), rng.randint(0, width - size)
+
+    def pixels(self, index, top, left, flip):
+        """The crop of image `index` as a [3, H, W] float tensor in [-1, 1]."""
+        image = self.images[index].crop((left, top, left + self.resolution, top + self.resolution))
+        if flip:
+            image = ImageOps.mirror(image)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, position):
+        rng = random.Random(stable_seed(self.seed, "sample", position))
+        index = self._image_index(position)
+        prompt = rng.choice(self.templates).format(self.prompt_token)
+        top, left = self._crop(self.images[index], rng)
+        flip = self.random_flip and rng.random() < 0.5
+        crop_left = self.images[index].width - left - self.resolution if flip else left
+        return {
+            "position": position,
+            "image_index": index,
+            "flip": flip,
+            "pixel_values": self.pixels(index, top, left, flip),
+            "original_size": torch.tensor(self.original_sizes[index]),
+            "crop_top_left": torch.tensor((top, crop_left)),
+            "text": self.tokenize(prompt),
+            "prompt": prompt,
+        }
+
+
+# Copied from train_dti_sdxl.collate
+def collate(samples):
+    return {
+        "position": torch.tensor([s["position"] for s in samples]),
+        "image_index": torch.tensor([s["image_index"] for s in samples]),
+        "flip": torch.tensor([s["flip"] for s in samples], dtype=torch.long),
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "original_size": torch.stack([s["original_size"] for s in samples]),
+        "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
+        "text": {key: torch.tensor([s["text"][key] for s in samples]) for key in samples[0]["text"]},
+        "prompt": [s["prompt"] for s in samples],
+    }
+
+
+# Copied from train_dti_sdxl.StreamSampler
+class StreamSampler(Sampler):
+    """Positions of the sample stream for one process, from `start` on, forever.
+
+    Global batch b holds positions [b * G, (b + 1) * G) with G = batch_size * num_processes; process r takes the
+    r-th slice of batch_size positions. One process with batch 2 and two processes with batch 1 see the same
+    samples in the same global batches.
+    """
+
+    def __init__(self, start, batch_size, process_index, num_processes):
+        self.start, self.batch_size = start, batch_size
+        self.process_index, self.num_processes = process_index, num_processes
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.num_processes
+        batch = self.start // global_batch
+        while True:
+            first = batch * global_batch + self.process_index * self.batch_size
+            yield from range(first, first + self.batch_size)
+            batch += 1
+
+    def __len__(self):  # endless; DataLoader only needs it for len(), which we never call
+        return sys.maxsize
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DTI core
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dti_sdxl.vocabulary_norms
+def vocabulary_norms(embedding_table):
+    """Norms of the pretrained rows W_i (fp32), zero rows dropped. embedding_table: [V, d]."""
+    norms = embedding_table.float().norm(dim=-1)
+    return norms[norms > 0]
+
+
+# Copied from train_dti_sdxl.resolve_norm_scale
+def resolve_norm_scale(norms, token_scale):
+    """m* = mean, min or max of the vocabulary norms, or a given positive float."""
+    if isinstance(token_scale, float):
+        return token_scale
+    return getattr(norms, token_scale)().item()
+
+
+# Copied from train_dti_sdxl.token_stats
+def token_stats(embeddings, prior_direction, initial):
+    """What the paper plots, as means over the k vectors [k, d]: norm, cosine to the prior, degrees turned."""
+    direction, start = F.normalize(embeddings, dim=-1), F.normalize(initial, dim=-1)
+    angle = 2 * torch.asin(((direction - start).norm(dim=-1) / 2).clamp(max=1))  # accurate for small angles
+    cos_prior = (direction * prior_direction).sum(-1)
+    return torch.stack([embeddings.norm(dim=-1).mean(), cos_prior.mean(), torch.rad2deg(angle).mean()])
+
+
+# Copied from train_dti_sdxl.DirectionalTokens
+class DirectionalTokens(torch.nn.Module):
+    """k new token embeddings e_j = norm_scale * v_j with each direction v_j on the unit sphere (fp32).
+
+    step(lr) is Riemannian SGD with normalised steps (the spec's five steps), for each token j independently:
+        g = dL/dv_j - kappa * mu_j                    (data gradient plus the vMF prior toward mu_j)
+        g = g - (v_j . g) v_j                         (tangent space at v_j)
+        s = beta s + (1 - beta) |g|^2;  g = g / (sqrt(s / (1 - beta^t)) + eps)   (beta = 0: g / (|g| + eps))
+        v_j = (v_j - lr g) / |v_j - lr g|             (retraction; turns v_j by atan(lr) when |g| >> eps)
+    """
+
+    def __init__(
+        self, prior_direction, initial_direction, norm_scale, kappa=0.0, beta=0.0, eps=1e-8, dtype=torch.float32
+    ):
+        super().__init__()
+        self.direction = torch.nn.Parameter(F.normalize(initial_direction.to(dtype), dim=-1))
+        self.register_buffer("prior_direction", F.normalize(prior_direction.to(dtype), dim=-1))
+        self.register_buffer("initial_direction", self.direction.detach().clone())
+        self.register_buffer("second_moment", torch.zeros(len(initial_direction), dtype=dtype))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self.norm_scale, self.kappa, self.beta, self.eps = float(norm_scale), kappa, beta, eps
+
+    def embeddings(self):
+        """The vectors the text encoder sees, [k, d] fp32: norm_scale * v."""
+        return self.norm_scale * self.direction
+
+    @torch.no_grad()
+    def step(self, lr):
+        v, g = self.direction, self.direction.grad
+        g = g - self.kappa * self.prior_direction
+        g = g - (v * g).sum(-1, keepdim=True) * v
+        self.num_steps += 1
+        self.second_moment.mul_(self.beta).add_((1 - self.beta) * g.square().sum(-1))
+        bias_correction = 1 - self.beta ** self.num_steps.to(g.dtype)
+        g = g / ((self.second_moment / bias_correction).sqrt() + self.eps).unsqueeze(-1)
+        v.copy_(F.normalize(v - lr * g, dim=-1))
+
+    @torch.no_grad()
+    def add_prior_gradient(self):
+        """For the AdamW ablation: the gradient of -kappa * mu . v, added before the optimizer step."""
+        self.direction.grad.sub_(self.kappa * self.prior_direction)
+
+    @torch.no_grad()
+    def retract(self):
+        """For the AdamW ablation: project the directions back onto the sphere after the optimizer step."""
+        self.direction.copy_(F.normalize(self.direction, dim=-1))
+
+    @torch.no_grad()
+    def stats(self):
+        return token_stats(self.embeddings(), self.prior_direction, self.initial_direction)
+
+
+# Copied from train_dti_sdxl.TextualInversionTokens
+class TextualInversionTokens(torch.nn.Module):
+    """Plain Textual Inversion (the paper's baseline): k free rows [k, d] in fp32, optimised by AdamW."""
+
+    def __init__(self, prior_direction, initial_rows):
+        super().__init__()
+        self.rows = torch.nn.Parameter(initial_rows.float().clone())
+        self.register_buffer("prior_direction", F.normalize(prior_direction.float(), dim=-1))
+        self.register_buffer("initial_rows", initial_rows.float().clone())
+
+    def embeddings(self):
+        return self.rows
+
+    @torch.no_grad()
+    def stats(self):
+        return token_stats(self.rows, self.prior_direction, self.initial_rows)
+
+
+# Copied from train_dti_sdxl.RiemannianSGD
+class RiemannianSGD(torch.optim.Optimizer):
+    """Drives DirectionalTokens.step from an optimizer, so LR schedulers and the fp16 grad scaler work as usual."""
+
+    def __init__(self, tokens, lr):
+        self.tokens = list(tokens)
+        super().__init__([{"params": [t.direction]} for t in self.tokens], {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group, tokens in zip(self.param_groups, self.tokens, strict=True):
+            tokens.step(group["lr"])
+
+
+# Copied from train_dti_sdxl.inject_learned_tokens
+def inject_learned_tokens(text_encoder, first_token_id, tokens):
+    """Make the encoder's input embedding return tokens.embeddings() for ids first_token_id .. first_token_id+k-1.
+
+    Only the k learned rows take part in autograd; the embedding table itself is never written or differentiated.
+    """
+    num_vectors = len(tokens.embeddings())
+
+    def hook(module, inputs, output):
+        offset = inputs[0] - first_token_id
+        is_learned = (offset >= 0) & (offset < num_vectors)
+        scale = getattr(module, "embed_scale", 1.0)  # Gemma's embedding scales its rows by sqrt(d) in transformers 5
+        learned = (tokens.embeddings() * scale).to(output.dtype)[offset.clamp(0, num_vectors - 1)]
+        return torch.where(is_learned.unsqueeze(-1), learned, output)
+
+    return text_encoder.get_input_embeddings().register_forward_hook(hook)
+
+
+# Copied from train_dti_sdxl.placeholder_names
+def placeholder_names(placeholder_token, num_vectors):
+    """diffusers' names of a k-vector token: <tok>, <tok>_1, ..., <tok>_{k-1}."""
+    return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+
+
+# Copied from train_dti_sdxl.placeholder_prompt_token
+def placeholder_prompt_token(placeholder_token, num_vectors):
+    """What the token becomes in a prompt: the expansion diffusers' maybe_convert_prompt makes at inference."""
+    return " ".join(placeholder_names(placeholder_token, num_vectors))
+
+
+# Copied from train_dti_sdxl.add_placeholder_tokens
+def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
+    """Add <tok>, <tok>_1, ... to the tokenizer; return their ids (consecutive, after the pretrained vocabulary)."""
+    names = placeholder_names(placeholder_token, num_vectors)
+    vocabulary_size = len(tokenizer)
+    for name in names:
+        pieces = tokenizer.tokenize(name)
+        if name in tokenizer.get_vocab() or (
+            len(pieces) == 1 and tokenizer.convert_tokens_to_ids(pieces[0]) < vocabulary_size
+        ):
+            suggestion = f"<{name.strip('<>')}-1>"
+            raise ValueError(f"--placeholder_token {name!r} is already in the vocabulary; choose e.g. {suggestion!r}.")
+    tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if ids != list(range(vocabulary_size, vocabulary_size + num_vectors)):
+        raise ValueError(
+            f"--placeholder_token {placeholder_token!r} could not be added as new tokens; choose another string."
+        )
+    tokenized = tokenizer(" ".join(names), add_special_tokens=False).input_ids  # Gemma adds "▁" between them
+    if [i for i in tokenized if i in ids] != ids:
+        raise ValueError(
+            f"--placeholder_token {placeholder_token!r} does not survive tokenization; use e.g. '<my-concept>'."
+        )
+    return ids
+
+
+# Copied from train_dti_sdxl.initializer_token_ids
+def initializer_token_ids(tokenizer, initializer_token, num_vectors):
+    """The initializer's token ids as inside a prompt (after a space), one per learned vector: k = n by default,
+    or one token repeated k times."""
+    ids = tokenizer(" " + initializer_token, add_special_tokens=False).input_ids
+    ids = [i for i in ids if tokenizer.decode([i]).strip()]  # a lone word-boundary token carries no meaning
+    if not ids:
+        raise ValueError(
+            f"--initializer_token {initializer_token!r} tokenizes to nothing; use a class word like 'dog'."
+        )
+    if num_vectors is None or num_vectors == len(ids):
+        return ids
+    if len(ids) == 1:
+        return ids * num_vectors
+    raise ValueError(
+        f"--initializer_token {initializer_token!r} is {len(ids)} tokens but --num_vectors is {num_vectors}; "
+        f"use a one-token initializer or --num_vectors {len(ids)}."
+    )
+
+
+# Copied from train_dti_sdxl.make_learned_tokens
+def make_learned_tokens(args, text_encoder, init_ids, seed, name):
+    """Build DirectionalTokens (dti) or TextualInversionTokens (ti) for one text encoder from its pretrained table."""
+    table = text_encoder.get_input_embeddings().weight.detach().float()
+    prior = table[init_ids]
+    if args.method == "ti":
+        return TextualInversionTokens(prior, prior)
+    norms = vocabulary_norms(table)
+    norm_scale = resolve_norm_scale(norms, args.token_scale)
+    if args.init_method == "token":
+        initial = prior
+    elif args.init_method == "mean":
+        initial = table.mean(0, keepdim=True).expand_as(prior)
+    else:
+        generator = torch.Generator().manual_seed(stable_seed(seed, "init", name))
+        initial = torch.randn(prior.shape, generator=generator)
+    beta = args.beta if args.optimizer == "rsgd" else 0.0
+    return DirectionalTokens(prior, initial, norm_scale, kappa=args.kappa, beta=beta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SANA conditioning and loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def complex_human_instruction(args):
+    """SanaPipeline's default complex human instruction (a list of lines) if --complex_human_instruction, else None."""
+    if not args.complex_human_instruction:
+        return None
+    from diffusers import SanaPipeline
+
+    return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
+
+
+def tokenize_prompt(tokenizer, max_sequence_length, instruction, prompt):
+    """Token ids and mask exactly as SanaPipeline._get_gemma_prompt_embeds makes them: lowercased, the optional
+    instruction first, BOS, padded on the right to max_sequence_length (plus the instruction's length)."""
+    prompt, max_length = prompt.lower().strip(), max_sequence_length
+    if instruction:
+        instruction_text = "\n".join(instruction)
+        prompt = instruction_text + prompt
+        max_length = len(tokenizer.encode(instruction_text)) + max_sequence_length - 2
+    tokens = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True)
+    return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+
+
+def encode_prompt(text_encoder, text, max_sequence_length):
+    """SANA text conditioning: Gemma-2's last hidden state, then the first token plus the last
+    max_sequence_length - 1 (SanaPipeline.encode_prompt). Returns embeds [B, L, d] and mask [B, L]."""
+    device = text_encoder.device
+    ids, mask = text["input_ids"].to(device), text["attention_mask"].to(device)
+    hidden_states = text_encoder(ids, attention_mask=mask)[0]
+    select = [0] + list(range(-max_sequence_length + 1, 0))
+    return hidden_states[:, select], mask[:, select]
+
+
+# Copied from train_dti_sdxl.keyed_generators
+def keyed_generators(seed, positions, device):
+    """One torch.Generator per sample, seeded from (seed, stream position): the noise of a sample never depends
+    on which process draws it or whether the run was resumed."""
+    return [torch.Generator(device).manual_seed(stable_seed(seed, "noise", int(p))) for p in positions]
+
+
+def training_loss(batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler, vae_scale, seed, args):
+    """SANA's rectified-flow loss of one batch, as diffusers' SANA training examples compute it.
+    latent_mean: [B, C, H/32, W/32] DC-AE latents (deterministic: latent_std is zero)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    device, dtype = latent_mean.device, transformer.dtype
+    generators = keyed_generators(seed, batch["position"].tolist(), device)
+    latents = latent_mean * vae_scale
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g, device=device) for g in generators])
+    density = partial(compute_density_for_timestep_sampling, args.weighting_scheme, 1, args.logit_mean,
+                      args.logit_std, args.mode_scale)  # fmt: skip
+    u = torch.cat([density(device=device, generator=g).to(device) for g in generators])
+    indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(noise_scheduler.timesteps) - 1)
+    timesteps = noise_scheduler.timesteps.to(device)[indices]
+    sigmas = noise_scheduler.sigmas.to(device)[indices].reshape(-1, 1, 1, 1)
+    noisy_latents = (1.0 - sigmas) * latents + sigmas * noise
+
+    prompt_embeds, prompt_mask = encode_prompt(text_encoders[0], batch["text"], args.max_sequence_length)
+    model_pred = transformer(
+        hidden_states=noisy_latents.to(dtype),
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        encoder_attention_mask=prompt_mask,
+        timestep=timesteps,
+        return_dict=False,
+    )[0]
+    weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
+    target = noise - latents
+    return (weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(len(latents), -1).mean(1).mean()
+
+
+def vae_posterior(vae, pixel_values):
+    """DC-AE latents (fp32) and a zero std: the DC-AE encoder is deterministic. pixel_values: [B, 3, H, W]."""
+    with torch.no_grad():
+        latent = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent.float()
+    return latent, torch.zeros_like(latent)
+
+
+# Copied from train_dti_sdxl.LatentCache
+class LatentCache:
+    """VAE posteriors of every training image (and of its mirror image with --random_flip), encoded once.
+
+    Exact only when each image always gets the same crop (DTIDataset.crops_are_fixed); the flip is cached as a pair.
+    """
+
+    def __init__(self, dataset, vae):
+        means, stds = [], []
+        for index, image in enumerate(dataset.images):
+            top, left = (image.height - dataset.resolution) // 2, (image.width - dataset.resolution) // 2
+            flips = (False, True) if dataset.random_flip else (False,)
+            mean, std = vae_posterior(vae, torch.stack([dataset.pixels(index, top, left, f) for f in flips]))
+            means.append(mean)
+            stds.append(std)
+        self.mean, self.std = torch.stack(means), torch.stack(stds)  # [N, flips, 4, h, w]
+
+    def __call__(self, batch):
+        index, flip = batch["image_index"].to(self.mean.device), batch["flip"].to(self.mean.device)
+        return self.mean[index, flip], self.std[index, flip]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation and saving
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_dti_sdxl.write_atomically
+def write_atomically(path, write):
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# Copied from train_dti_sdxl.validation_prompt
+def validation_prompt(args):
+    return args.validation_prompt.replace("{}", args.placeholder_token)
+
+
+def log_validation(components, scheduler, args, accelerator, seed, step, prompt_token):
+    """Generate --num_validation_images with the current token (SanaPipeline, its own sampler, seeded); save a grid.
+    SanaPipeline cannot expand a multi-vector token, so the prompt gets the expansion training used."""
+    from diffusers import SanaPipeline
+    from diffusers.utils import make_image_grid
+
+    prompt = validation_prompt(args).replace(args.placeholder_token, prompt_token)
+    logger.info(f"Validation at step {step}: {args.num_validation_images} images of {prompt!r}.")
+    pipeline = SanaPipeline(**components, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    images = [
+        pipeline(
+            prompt,
+            num_inference_steps=VALIDATION_INFERENCE_STEPS,
+            height=args.resolution,
+            width=args.resolution,
+            complex_human_instruction=complex_human_instruction(args),
+            max_sequence_length=args.max_sequence_length,
+            use_resolution_binning=False,  # generate at the training resolution
+            generator=torch.Generator(accelerator.device).manual_seed(seed + i),
+        ).images[0]
+        for i in range(args.num_validation_images)
+    ]
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = make_image_grid(images, rows=1, cols=len(images))
+    write_atomically(folder / f"step-{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
+            )
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=f"{i}: {prompt}") for i, im in enumerate(images)]})
+    return images
+
+
+# Copied from train_dti_sdxl.concept_name
+def concept_name(placeholder_token):
+    """The placeholder without angle brackets, safe as a file name: '<my-dog>' -> 'my-dog'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", placeholder_token.strip("<>")) or "concept"
+
+
+# Copied from train_dti_sdxl.embedding_metadata
+def embedding_metadata(args, learned, vocabulary_mean_norms, step):
+    """safetensors metadata (str -> str): enough to tell how the vectors were learned."""
+    metadata = {
+        "format": "pt",
+        "method": args.method,
+        "optimizer": args.optimizer if args.method == "dti" else "adamw",
+        "base_model": args.pretrained_model_name_or_path,
+        "placeholder_token": args.placeholder_token,
+        "initializer_token": args.initializer_token,
+        "num_vectors": str(len(next(iter(learned.values())).embeddings())),
+        "token_scale": str(args.token_scale) if args.method == "dti" else "free",
+        "kappa": repr(args.kappa),
+        "beta": repr(args.beta if args.method == "dti" and args.optimizer == "rsgd" else 0.0),
+        "learning_rate": repr(args.learning_rate),
+        "steps": str(step),
+        "resolution": str(args.resolution),
+        "script": Path(__file__).name,
+        "script_version": __version__,
+    }
+    for name, tokens in learned.items():
+        metadata[f"norm_scale_{name}"] = repr(tokens.norm_scale) if args.method == "dti" else "free"
+        metadata[f"vocabulary_mean_norm_{name}"] = repr(vocabulary_mean_norms[name])
+    return metadata
+
+
+def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix=""):
+    """Write learned_embeds.safetensors = {"<tok>": [k, d]}, rows of the raw Gemma-2 input table, with metadata."""
+    output_dir = Path(args.output_dir)
+    metadata = embedding_metadata(args, learned, vocabulary_mean_norms, step)
+    metadata |= {
+        "max_sequence_length": str(args.max_sequence_length),
+        "complex_human_instruction": json.dumps(complex_human_instruction(args)),
+    }
+    vectors = learned["text_encoder"].embeddings().detach().float().cpu().contiguous()
+    file_name = f"learned_embeds{suffix}.safetensors"
+    write_atomically(
+        output_dir / file_name, lambda tmp: save_file({args.placeholder_token: vectors}, tmp, metadata=metadata)
+    )
+    logger.info(f"Saved the embeddings of step {step} to {output_dir / file_name}.")
+
+
+# Copied from train_dti_sdxl.checkpoint_identity
+def checkpoint_identity(args, num_vectors):
+    """What a checkpoint must match to be resumed by this run."""
+    return {
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "placeholder_token": args.placeholder_token,
+        "initializer_token": args.initializer_token,
+        "method": args.method,
+        "optimizer": args.optimizer if args.method == "dti" else "adamw",
+        "token_scale": str(args.token_scale),
+        "num_vectors": num_vectors,
+    }
+
+
+# Copied from train_dti_sdxl.list_checkpoints
+def list_checkpoints(output_dir):
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
+
+
+# Copied from train_dti_sdxl.save_checkpoint
+def save_checkpoint(accelerator, args, step, seed, identity):
+    """accelerate state (learned tokens, optimizer, scheduler, RNG) in output_dir/checkpoint-<step>: kilobytes."""
+    output_dir = Path(args.output_dir)
+    if args.checkpoints_total_limit is not None:
+        existing = [p for p in list_checkpoints(output_dir) if p.name != f"checkpoint-{step}"]
+        for folder in existing[: max(0, len(existing) + 1 - args.checkpoints_total_limit)]:
+            logger.info(f"Removing {folder.name} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
+            shutil.rmtree(folder)
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp))
+    (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "seed": seed, **identity}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    logger.info(f"Saved {final}.")
+
+
+# Copied from train_dti_sdxl.find_checkpoint
+def find_checkpoint(args):
+    """The folder --resume_from_checkpoint names, or None for 'latest' in a fresh output_dir."""
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
+        return checkpoints[-1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    path = path if path.is_dir() else Path(args.output_dir) / args.resume_from_checkpoint
+    if not (path / CHECKPOINT_STATE).is_file():
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint there; use 'latest'.")
+    return path
+
+
+# Copied from train_dti_sdxl.read_checkpoint_state
+def read_checkpoint_state(path, identity):
+    state = json.loads((Path(path) / CHECKPOINT_STATE).read_text())
+    for key, value in identity.items():
+        if state.get(key) != value:
+            raise ValueError(
+                f"--resume_from_checkpoint {path} was made with {key} {state.get(key)!r}, this run has {value!r}."
+            )
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_tokenizers(args):
+    """[the Gemma tokenizer] and the pipeline's model_index, after checking that the model is a SanaPipeline."""
+    from diffusers import DiffusionPipeline
+    from transformers import AutoTokenizer
+
+    path = args.pretrained_model_name_or_path
+    try:
+        model_index = DiffusionPipeline.load_config(path, revision=args.revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} could not be loaded ({reason}).") from error
+    missing = [c for c in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if c not in model_index]
+    if missing or "Sana" not in model_index.get("_class_name", ""):
+        raise ValueError(
+            f"--pretrained_model_name_or_path {path!r} is not a SanaPipeline checkpoint (missing {missing})."
+        )
+    tokenizer.padding_side = "right"  # as SanaPipeline sets it
+    return [tokenizer], model_index
+
+
+def load_models(args, model_index):
+    """The frozen SANA components, fp32 (cast later, after the vocabulary statistics are taken): the Gemma-2 text
+    encoder, the DC-AE, the transformer, the flow-matching training scheduler and the checkpoint's own sampler."""
+    import diffusers
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+    from transformers import AutoModel
+
+    path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "variant": args.variant}
+    try:
+        text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", **common)
+        vae = AutoencoderDC.from_pretrained(path, subfolder="vae", **common)
+        transformer = SanaTransformer2DModel.from_pretrained(path, subfolder="transformer", **common)
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            path, subfolder="scheduler", revision=args.revision
+        )
+        sampler_class = getattr(diffusers, model_index["scheduler"][1])
+        sampler = sampler_class.from_pretrained(path, subfolder="scheduler", revision=args.revision)
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"--pretrained_model_name_or_path {path!r}: a component failed to load ({error}).") from error
+    return [text_encoder], vae, transformer, noise_scheduler, sampler
+
+
+# Copied from train_dti_sdxl.resolve_seed
+def resolve_seed(args, accelerator):
+    seed = [args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)]
+    broadcast_object_list(seed)
+    return seed[0]
+
+
+# Copied from train_dti_sdxl.check_trackers
+def check_trackers(report_to):
+    needed = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}.get(report_to, [])
+    for package in needed:
+        try:
+            __import__(package)
+        except ImportError as error:
+            raise ValueError(f"--report_to {report_to} needs {package}: pip install {package}.") from error
+
+
+# Copied from train_dti_sdxl.make_accelerator
+def make_accelerator(args):
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=world_size > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo, not N independent runs
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.num_processes != world_size:
+        raise ValueError(f"WORLD_SIZE is {world_size} but accelerate runs {accelerator.num_processes} process(es).")
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+# Copied from train_dti_sdxl.add_concept_tokens
+def add_concept_tokens(args, tokenizers):
+    """Add the placeholder to every tokenizer. Returns (initializer ids, placeholder ids) per tokenizer."""
+    init_ids = [initializer_token_ids(tokenizer, args.initializer_token, args.num_vectors) for tokenizer in tokenizers]
+    if len({len(ids) for ids in init_ids}) > 1:
+        raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the tokenizers.")
+    placeholder_ids = [add_placeholder_tokens(t, args.placeholder_token, len(init_ids[0])) for t in tokenizers]
+    return init_ids, placeholder_ids
+
+
+# Copied from train_dti_sdxl.attach_learned_tokens
+def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed):
+    """Build the learned tokens of each encoder from its pretrained table, then give the encoder rows and a hook
+    that feeds it the learned vectors. Returns (learned tokens by encoder, vocabulary mean norm by encoder)."""
+    learned, vocabulary_mean_norms = torch.nn.ModuleDict(), {}
+    for name, text_encoder, ids, new_ids in zip(TEXT_ENCODERS, text_encoders, init_ids, placeholder_ids, strict=True):
+        vocabulary_mean_norms[name] = vocabulary_norms(text_encoder.get_input_embeddings().weight).mean().item()
+        learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name)
+        text_encoder.resize_token_embeddings(new_ids[-1] + 1, mean_resizing=False)
+        with torch.no_grad():  # the new rows matter only to code that reads the table; keep them meaningful
+            table = text_encoder.get_input_embeddings().weight
+            table[new_ids] = learned[name].embeddings().to(table.dtype)
+        inject_learned_tokens(text_encoder, new_ids[0], learned[name])
+    return learned, vocabulary_mean_norms
+
+
+# Copied from train_dti_sdxl.freeze
+def freeze(models, accelerator, weight_dtype, gradient_checkpointing):
+    """Frozen models on the device in the mixed-precision dtype (the VAE in fp32 under fp16, where it overflows)."""
+    for name, module in models.items():
+        module.requires_grad_(False)
+        dtype = torch.float32 if name == "vae" and weight_dtype == torch.float16 else weight_dtype
+        module.to(accelerator.device, dtype=dtype)
+        if gradient_checkpointing and name != "vae":
+            if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+                module.enable_gradient_checkpointing()
+            else:  # transformers models
+                module.gradient_checkpointing_enable()
+            module.train()  # checkpointing is active in train mode only; these models have no dropout
+
+
+# Copied from train_dti_sdxl.make_optimizer
+def make_optimizer(args, learned):
+    if args.method == "dti" and args.optimizer == "rsgd":
+        return RiemannianSGD(learned.values(), lr=args.learning_rate)
+    adamw = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from error
+        adamw = bnb.optim.AdamW8bit
+    betas = (args.adam_beta1, args.adam_beta2)
+    return adamw(
+        learned.parameters(),
+        lr=args.learning_rate,
+        betas=betas,
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# Copied from train_dti_sdxl.resume
+def resume(args, accelerator, identity, seed):
+    """Load --resume_from_checkpoint if any. Returns (global step, seed) to continue with."""
+    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+    if checkpoint is None:
+        return 0, seed
+    state = read_checkpoint_state(checkpoint, identity)
+    if state["seed"] != seed:
+        logger.warning(f"Resuming with the checkpoint's seed {state['seed']} (the data stream depends on it).")
+    accelerator.load_state(str(checkpoint))
+    logger.info(f"Resumed from {checkpoint} at step {state['step']}.")
+    return state["step"], state["seed"]
+
+
+# Copied from train_dti_sdxl.step_logs
+def step_logs(step_loss, lr, learned):
+    """Loss, lr and, per encoder, the norm, cosine to the prior and degrees turned: one host sync per step."""
+    values = torch.cat([step_loss.reshape(1)] + [tokens.stats() for tokens in learned.values()]).tolist()
+    logs = {"loss": values[0], "lr": lr}
+    for i, name in enumerate(learned):
+        norm, cos_prior, angle = values[1 + 3 * i : 4 + 3 * i]
+        logs |= {f"{name}/norm": norm, f"{name}/cos_prior": cos_prior, f"{name}/angle_deg": angle}
+    return logs
+
+
+def main(args):
+    validate_sana_args(validate_args(args))
+    check_trackers(args.report_to)
+    accelerator = make_accelerator(args)
+    seed = resolve_seed(args, accelerator)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Tokens and data first: their errors are cheap to find, the models are not.
+    tokenizers, model_index = load_tokenizers(args)
+    init_ids, placeholder_ids = add_concept_tokens(args, tokenizers)
+    num_vectors = len(init_ids[0])
+    images = load_training_images(args.train_data_dir, args.resolution)
+    if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
+        logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
+    text_encoders, vae, transformer, noise_scheduler, sampler = load_models(args, model_index)
+    vae_factor = 2 ** (len(vae.config.encoder_block_out_channels) - 1)
+    if args.resolution % vae_factor:
+        raise ValueError(f"--resolution {args.resolution} is not a multiple of the DC-AE factor {vae_factor}.")
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.scale_lr:
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+
+    # The learned tokens in fp32; every other weight frozen in the mixed-precision dtype.
+    learned, vocabulary_mean_norms = attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed)
+    models = {"transformer": transformer, "vae": vae, "text_encoder": text_encoders[0]}
+    freeze(models, accelerator, weight_dtype, args.gradient_checkpointing)
+    learned.to(accelerator.device)
+
+    optimizer = make_optimizer(args, learned)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+    optimizer = accelerator.prepare(optimizer)  # the fp16 grad scaler, when there is one
+    accelerator.register_for_checkpointing(learned, lr_scheduler)
+    instruction = complex_human_instruction(args)
+    identity = checkpoint_identity(args, num_vectors) | {"complex_human_instruction": instruction}
+    global_step, seed = resume(args, accelerator, identity, seed)
+
+    templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+    prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
+    tokenize = partial(tokenize_prompt, tokenizers[0], args.max_sequence_length, instruction)
+    dataset = DTIDataset(images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
+                         templates, args.repeats, seed)  # fmt: skip
+    latent_cache = None
+    if args.cache_latents and dataset.crops_are_fixed:
+        latent_cache = LatentCache(dataset, vae)
+        logger.info(f"Cached the DC-AE latents of {len(images)} images.")
+    elif args.cache_latents:
+        logger.warning("--cache_latents needs --center_crop or square images at --resolution: encoding each step.")
+    samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    sampler_ = StreamSampler(
+        global_step * samples_per_step, args.train_batch_size, accelerator.process_index, accelerator.num_processes
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler_,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    batches = iter(loader)
+
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("dti-sana", config=config)
+    norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in learned.items() if args.method == "dti")
+    logger.info(
+        f"***** {args.method.upper()} on SANA ***** {len(images)} images x {args.repeats} repeats | {num_vectors} "
+        f"vector(s) {args.placeholder_token} from {args.initializer_token!r} | m* {norms or 'free'} | kappa "
+        f"{args.kappa} | lr {args.learning_rate} | {samples_per_step} samples/step | {args.max_train_steps} steps"
+    )
+    components = {**models, "tokenizer": tokenizers[0]}
+    validate = args.num_validation_images > 0 and accelerator.is_main_process
+    adamw_on_sphere = args.method == "dti" and args.optimizer == "adamw"
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    while global_step < args.max_train_steps:
+        # Gradient of the data loss over one global batch, accumulated, then averaged over processes.
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(args.gradient_accumulation_steps):
+            batch = next(batches)
+            latent_mean, latent_std = latent_cache(batch) if latent_cache else vae_posterior(vae, batch["pixel_values"])
+            loss = training_loss(batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler,
+                                 vae.config.scaling_factor, seed, args)  # fmt: skip
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+            step_loss += loss.detach() / args.gradient_accumulation_steps
+        if accelerator.num_processes > 1:
+            for parameter in learned.parameters():
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+            step_loss = accelerator.reduce(step_loss, reduction="mean")
+
+        # The update: RSGD on the sphere (DirectionalTokens.step), or AdamW (+ prior and retraction for the ablation).
+        if adamw_on_sphere:
+            for tokens in learned.values():
+                tokens.add_prior_gradient()
+        lr = lr_scheduler.get_last_lr()[0]
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if adamw_on_sphere:
+            for tokens in learned.values():
+                tokens.retract()
+        global_step += 1
+
+        logs = step_logs(step_loss, lr, learned)
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}")
+        accelerator.log(logs, step=global_step)
+        if accelerator.is_main_process:
+            if global_step % args.save_steps == 0 and global_step < args.max_train_steps:
+                save_embeddings(learned, args, vocabulary_mean_norms, global_step, suffix=f"-steps-{global_step}")
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step, seed, identity)
+            if validate and global_step % args.validation_steps == 0:
+                log_validation(components, sampler, args, accelerator, seed, global_step, prompt_token)
+
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_embeddings(learned, args, vocabulary_mean_norms, global_step)
+        if validate and global_step % args.validation_steps != 0:
+            log_validation(components, sampler, args, accelerator, seed, global_step, prompt_token)
+    accelerator.end_training()
+    return SimpleNamespace(learned=learned, components=components, placeholder_ids=placeholder_ids, seed=seed)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ValueError as error:
+        sys.exit(f"error: {error}")

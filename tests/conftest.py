@@ -24,6 +24,14 @@ def tiny_sdxl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory):
+    """Folder of a tiny random-weight SanaPipeline (see tests/tiny_sana.py)."""
+    from tests.tiny_sana import save_tiny_sana
+
+    return save_tiny_sana(tmp_path_factory.mktemp("tiny-sana") / "pipeline")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_fp16_variant(tmp_path_factory):
     """The same tiny pipeline stored as an fp16 variant (*.fp16.safetensors), like `--variant fp16` checkpoints."""
     import torch
@@ -62,6 +70,19 @@ def training_args(model, output_dir, *extra, data_dir=ASSETS):
         "--seed", "0",
         *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture
+def train_sana(tiny_sana, tmp_path):
+    """Run train_dti_sana.main in-process on the tiny SANA pipeline (64 px, batch 2, 3 steps); (result, output_dir)."""
+    import train_dti_sana
+
+    def run(*extra, output_dir=None, **kwargs):
+        output_dir = Path(output_dir or tmp_path / "out")
+        argv = training_args(tiny_sana, output_dir, "--gradient_accumulation_steps", "1", *extra, **kwargs)
+        return train_dti_sana.main(train_dti_sana.parse_args(argv)), output_dir
+
+    return run
 
 
 @pytest.fixture

@@ -514,7 +514,7 @@ def test_two_processes_end_identical_and_equal_a_single_process_run(train, tiny_
     argv = training_args(tiny_sdxl, tmp_path / "ddp", "--train_batch_size", "1", "--max_train_steps", "3")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(REPO / "tests" / "dist_worker.py"), str(dump), *argv]  # fmt: skip
+               str(REPO / "tests" / "dist_worker.py"), "train_dti_sdxl", str(dump), *argv]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(dump / f"rank{r}.pt") for r in (0, 1)]

@@ -1,0 +1,57 @@
+"""The DTI core of train_dti_sana.py is a marked copy of train_dti_sdxl.py's, like diffusers' `# Copied from` check.
+
+A definition preceded by `# Copied from train_dti_sdxl.<name>` must equal that definition of train_dti_sdxl.py
+to the character. Change the SDXL script first, then copy the block over.
+"""
+
+import ast
+import re
+
+from tests.conftest import REPO
+
+MARKER = re.compile(r"^# Copied from train_dti_sdxl\.(\w+)$")
+CORE = {"DirectionalTokens", "TextualInversionTokens", "RiemannianSGD", "inject_learned_tokens", "token_stats",
+        "vocabulary_norms", "resolve_norm_scale", "make_learned_tokens", "add_placeholder_tokens",
+        "initializer_token_ids", "placeholder_names", "placeholder_prompt_token"}  # fmt: skip
+
+
+def definitions(source):
+    """{name: (first line index, source text)} of the top-level functions and classes, decorators included."""
+    lines = source.splitlines()
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            found[node.name] = (start, "\n".join(lines[start : node.end_lineno]))
+    return found
+
+
+def copy_mismatches(original_source, copy_source):
+    """Names marked as copies whose text differs from the original (or that the original lacks)."""
+    originals, lines, copied, mismatches = definitions(original_source), copy_source.splitlines(), [], []
+    for name, (start, text) in definitions(copy_source).items():
+        match = MARKER.match(lines[start - 1]) if start else None
+        if match:
+            copied.append(name)
+            source_name = match.group(1)
+            if source_name != name or originals.get(source_name, (None, None))[1] != text:
+                mismatches.append(name)
+    return copied, mismatches
+
+
+def test_sana_copies_equal_their_sdxl_originals():
+    sdxl, sana = (REPO / "train_dti_sdxl.py").read_text(), (REPO / "train_dti_sana.py").read_text()
+    copied, mismatches = copy_mismatches(sdxl, sana)
+    assert not mismatches, f"marked copies differ from train_dti_sdxl.py: {mismatches}"
+    assert set(copied) >= CORE, f"the DTI core must be marked copies: {CORE - set(copied)}"
+
+
+def test_the_check_catches_an_edited_copy():
+    sdxl, sana = (REPO / "train_dti_sdxl.py").read_text(), (REPO / "train_dti_sana.py").read_text()
+    edited = sana.replace(
+        "g = g - (v * g).sum(-1, keepdim=True) * v", "g = g - 0.5 * (v * g).sum(-1, keepdim=True) * v"
+    )
+    assert edited != sana
+    assert copy_mismatches(sdxl, edited)[1] == ["DirectionalTokens"]
+    renamed = sana.replace("# Copied from train_dti_sdxl.token_stats", "# Copied from train_dti_sdxl.step_logs")
+    assert copy_mismatches(sdxl, renamed)[1] == ["token_stats"]

@@ -694,9 +694,10 @@ def initializer_token_ids(tokenizer, initializer_token, num_vectors):
     )
 
 
-def make_learned_tokens(args, text_encoder, init_ids, seed, name):
-    """Build DirectionalTokens (dti) or TextualInversionTokens (ti) for one text encoder from its pretrained table."""
-    table = text_encoder.get_input_embeddings().weight.detach().float()
+def make_learned_tokens(args, text_encoder, init_ids, seed, name, vocabulary_size):
+    """Build DirectionalTokens (dti) or TextualInversionTokens (ti) for one text encoder from its pretrained table
+    (the first vocabulary_size rows: the tokenizer's vocabulary before the new tokens)."""
+    table = text_encoder.get_input_embeddings().weight.detach()[:vocabulary_size].float()
     prior = table[init_ids]
     if args.method == "ti":
         return TextualInversionTokens(prior, prior)
@@ -1057,9 +1058,11 @@ def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed):
     that feeds it the learned vectors. Returns (learned tokens by encoder, vocabulary mean norm by encoder)."""
     learned, vocabulary_mean_norms = torch.nn.ModuleDict(), {}
     for name, text_encoder, ids, new_ids in zip(TEXT_ENCODERS, text_encoders, init_ids, placeholder_ids, strict=True):
-        vocabulary_mean_norms[name] = vocabulary_norms(text_encoder.get_input_embeddings().weight).mean().item()
-        learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name)
-        text_encoder.resize_token_embeddings(new_ids[-1] + 1, mean_resizing=False)
+        table = text_encoder.get_input_embeddings().weight
+        vocabulary_mean_norms[name] = vocabulary_norms(table[: new_ids[0]]).mean().item()
+        learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name, new_ids[0])
+        if len(table) <= new_ids[-1]:  # a table padded beyond the tokenizer already has rows for the new ids
+            text_encoder.resize_token_embeddings(new_ids[-1] + 1, mean_resizing=False)
         with torch.no_grad():  # the new rows matter only to code that reads the table; keep them meaningful
             table = text_encoder.get_input_embeddings().weight
             table[new_ids] = learned[name].embeddings().to(table.dtype)

@@ -1,11 +1,14 @@
 """The DTI core of train_dti_sana.py is a marked copy of train_dti_sdxl.py's, like diffusers' `# Copied from` check.
 
 A definition preceded by `# Copied from train_dti_sdxl.<name>` must equal that definition of train_dti_sdxl.py
-to the character. Change the SDXL script first, then copy the block over.
+to the character. Change the SDXL script, then bring every marked copy up to date with
+
+    python -m tests.test_copies --fix
 """
 
 import ast
 import re
+import sys
 
 from tests.conftest import REPO
 
@@ -46,6 +49,13 @@ def test_sana_copies_equal_their_sdxl_originals():
     assert set(copied) >= CORE, f"the DTI core must be marked copies: {CORE - set(copied)}"
 
 
+def test_fix_copies_restores_an_edited_copy():
+    sdxl, sana = (REPO / "train_dti_sdxl.py").read_text(), (REPO / "train_dti_sana.py").read_text()
+    edited = sana.replace("v.copy_(F.normalize(v - lr * g, dim=-1))", "v.copy_(v - lr * g)")
+    assert edited != sana and fix_copies(sdxl, edited) == fix_copies(sdxl, sana)
+    assert not copy_mismatches(sdxl, fix_copies(sdxl, edited))[1]
+
+
 def test_the_check_catches_an_edited_copy():
     sdxl, sana = (REPO / "train_dti_sdxl.py").read_text(), (REPO / "train_dti_sana.py").read_text()
     edited = sana.replace(
@@ -55,3 +65,21 @@ def test_the_check_catches_an_edited_copy():
     assert copy_mismatches(sdxl, edited)[1] == ["DirectionalTokens"]
     renamed = sana.replace("# Copied from train_dti_sdxl.token_stats", "# Copied from train_dti_sdxl.step_logs")
     assert copy_mismatches(sdxl, renamed)[1] == ["token_stats"]
+
+
+def fix_copies(original_source, copy_source):
+    """copy_source with every marked copy replaced by the original's current text."""
+    originals, lines = definitions(original_source), copy_source.splitlines()
+    for start, text in sorted(definitions(copy_source).values(), reverse=True):
+        match = MARKER.match(lines[start - 1]) if start else None
+        if match and match.group(1) in originals:
+            end = start + len(text.splitlines())
+            lines[start:end] = originals[match.group(1)][1].splitlines()
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--fix"]:
+        sys.exit("usage: python -m tests.test_copies --fix")
+    target = REPO / "train_dti_sana.py"
+    target.write_text(fix_copies((REPO / "train_dti_sdxl.py").read_text(), target.read_text()))

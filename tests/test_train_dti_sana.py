@@ -241,3 +241,23 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(sana_error_runs, name
     last_line = proc.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and expected in last_line, proc.stderr[-2000:]
     assert not out.exists() or not list(out.glob("**/*.safetensors"))
+
+
+def test_a_table_padded_beyond_the_tokenizer_keeps_its_size_and_statistics(tmp_path):
+    """Published Gemma tables can have more rows than the tokenizer: the new tokens take the first spare rows."""
+    from transformers import Gemma2Model
+
+    from tests.tiny_sana import build_tiny_sana
+
+    pipe = build_tiny_sana()
+    config = pipe.text_encoder.config
+    config.vocab_size = len(pipe.tokenizer) + 8
+    pipe.register_modules(text_encoder=Gemma2Model(config))
+    pipe.save_pretrained(tmp_path / "padded")
+    result = dti.main(dti.parse_args(training_args(tmp_path / "padded", tmp_path / "out", "--max_train_steps", "1")))
+    table = result.components["text_encoder"].get_input_embeddings().weight
+    assert table.shape[0] == len(pipe.tokenizer) + 8 and result.placeholder_ids[0] == [len(pipe.tokenizer)]
+    original = gemma_table(tmp_path / "padded")
+    assert torch.equal(table[: len(pipe.tokenizer)].double(), original[: len(pipe.tokenizer)])
+    vector = load_file(tmp_path / "out" / "learned_embeds.safetensors")[PLACEHOLDER]
+    assert vector.double().norm().item() == pytest.approx(mean_norm(original[: len(pipe.tokenizer)]), rel=1e-6)

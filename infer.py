@@ -1,0 +1,531 @@
+#!/usr/bin/env python
+# Copyright 2026 The DTI diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Generate images with learned DTI / Textual Inversion tokens on SDXL and SANA, and blend two concepts on the sphere.
+
+    python infer.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --embeddings out-robot \\
+      --prompt "a painting of <toy-robot> in the style of Van Gogh" --num_images_per_prompt 4 --output_dir gen
+
+The loader functions (`load_embeddings`, `add_tokens_to_sdxl`, `add_tokens_to_sana`, `expand_prompt`) are what to
+copy into your own code; SanaPipeline has no load_textual_inversion of its own.
+"""
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+__version__ = "0.1.0"
+
+FAMILIES = {"StableDiffusionXL": "sdxl", "Sana": "sana"}
+ENCODERS = {"sdxl": ("text_encoder", "text_encoder_2"), "sana": ("text_encoder",)}
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+COMBINED_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+DEFAULT_STEPS = {"sdxl": 25, "sana": 20}
+TRAINING_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(input_args=None):
+    parser = OneLineErrorParser(
+        description="Generate with learned DTI / TI tokens on SDXL and SANA.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL or SANA diffusers checkpoint.")
+    parser.add_argument("--revision", default=None, help="Revision of the model.")
+    parser.add_argument("--variant", default=None, help="Weight variant of the model, e.g. fp16.")
+    parser.add_argument(
+        "--embeddings",
+        nargs="+",
+        default=[],
+        help="Training output folders, .safetensors files (per encoder, combined clip_l/clip_g, diffusers or A1111 "
+        "TI files) or Hub repo ids; several concepts at once.",
+    )
+    parser.add_argument("--weight_name", default=None, help="File to take from a Hub repo given to --embeddings.")
+    parser.add_argument("--token", default=None, help="Token to use for a single file that does not name one.")
+    parser.add_argument("--prompt", action="append", default=[], help="A prompt; repeat the flag for several.")
+    parser.add_argument("--prompt_file", default=None, help="A text file with one prompt per line.")
+    parser.add_argument("--negative_prompt", default=None, help="Negative prompt.")
+    parser.add_argument("--num_images_per_prompt", type=int, default=1, help="Images per prompt (seeds seed+i).")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: 25 (SDXL), 20 (SANA).")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--height", type=int, default=None, help="Default: the model's.")
+    parser.add_argument("--width", type=int, default=None, help="Default: the model's.")
+    parser.add_argument("--seed", type=int, default=0, help="Image i of every prompt uses seed + i.")
+    parser.add_argument(
+        "--scheduler",
+        choices=["default", "dpm", "euler"],
+        default="default",
+        help="default: DPM-Solver++ for SDXL (as the paper samples), the checkpoint's own sampler for SANA.",
+    )
+    parser.add_argument(
+        "--complex_human_instruction",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="SANA: prepend the pipeline's complex human instruction; auto follows the embedding's metadata.",
+    )
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                        help="auto: bfloat16 on CUDA, float32 on CPU.")  # fmt: skip
+    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument("--enable_model_cpu_offload", action="store_true", help="Offload idle models to the CPU.")
+    parser.add_argument(
+        "--interpolate",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="Blend token A into token B: the prompt holds A; frame t uses SLERP(A, B, t) with the norm kept.",
+    )
+    parser.add_argument("--interpolation_steps", type=int, default=5, help="Frames of --interpolate, t from 0 to 1.")
+    parser.add_argument(
+        "--rescale",
+        default=None,
+        help="Rescale loaded vectors to the mean, min or max norm of the vocabulary, or to a number (TI-rescaled).",
+    )
+    parser.add_argument("--report", action="store_true", help="Print norm, norm percentile and nearest words.")
+    parser.add_argument("--output_dir", default="generations", help="Where images and generations.json go.")
+    return parser.parse_args(input_args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading embedding files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Concept:
+    """One learned token: its vectors per encoder ([k, d] fp32), where they came from, and their metadata."""
+
+    token: str
+    vectors: dict = field(default_factory=dict)  # encoder name or "width:<d>" -> [k, d]
+    sources: list = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+def read_embedding_file(path, token=None):
+    """Parse one embedding file: ours, diffusers', the SDXL clip_l/clip_g layout, A1111 .pt or .safetensors.
+    Returns (token, {encoder or "width:<d>": [k, d]}, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--embeddings {path}: no such file.")
+    if path.suffix == ".safetensors":
+        state = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    else:
+        state, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
+    name = token or metadata.get("placeholder_token") or state.get("name") or f"<{path.stem}>"
+    if "string_to_param" in state:  # A1111 .pt
+        state = {name: state["string_to_param"]["*"]}
+    elif "emb_params" in state:  # A1111 .safetensors
+        state = {name: state["emb_params"]}
+    if set(state) & set(COMBINED_KEYS):
+        return name, {COMBINED_KEYS[k]: v.float().reshape(-1, v.shape[-1]) for k, v in state.items()}, metadata
+    if len(state) != 1:
+        raise ValueError(f"--embeddings {path}: expected one token, found keys {sorted(state)}.")
+    ((key, tensor),) = state.items()
+    return token or key, {f"width:{tensor.shape[-1]}": tensor.float().reshape(-1, tensor.shape[-1])}, metadata
+
+
+def embedding_files(spec, weight_name):
+    """The files behind one --embeddings value: a file, a training output folder, or a Hub repo id."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = [path / name for name in TRAINING_FILES if (path / name).is_file()]
+        if weight_name:
+            files = [path / weight_name]
+        if not files:
+            raise ValueError(f"--embeddings {spec}: no learned_embeds.safetensors in this folder; name a file.")
+        return files
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        from huggingface_hub import hf_hub_download
+
+        names = [weight_name] if weight_name else list(TRAINING_FILES)
+        files = []
+        for name in names:
+            try:
+                files.append(Path(hf_hub_download(spec, name)))
+            except Exception as error:  # a missing second file is fine; a missing repo is not
+                if name == names[0]:
+                    reason = type(error).__name__
+                    raise ValueError(f"--embeddings {spec}: could not download {name} ({reason}).") from None
+        return files
+    raise ValueError(f"--embeddings {spec}: no such file or folder.")
+
+
+def load_embeddings(specs, weight_name=None, token=None):
+    """Read every --embeddings value into Concepts, merging the per-encoder files of one token."""
+    concepts = {}
+    for spec in specs:
+        for file in embedding_files(spec, weight_name):
+            name, vectors, metadata = read_embedding_file(file, token)
+            concept = concepts.setdefault(name, Concept(name))
+            concept.vectors.update(vectors)
+            concept.sources.append(str(file))
+            concept.metadata = concept.metadata or metadata
+    return list(concepts.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Putting tokens into pipelines
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def token_names(token, num_vectors):
+    """diffusers' names of a k-vector token: <tok>, <tok>_1, ..., <tok>_{k-1}."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def assign_encoders(concept, pipe, family):
+    """Map each of the concept's vector sets to the encoder of the same width; errors name the file and widths."""
+    widths = {name: getattr(pipe, name).get_input_embeddings().weight.shape[1] for name in ENCODERS[family]}
+    assigned = {}
+    for key, vectors in concept.vectors.items():
+        matches = [key] if key in widths else [n for n, w in widths.items() if w == vectors.shape[1]]
+        if not matches or vectors.shape[1] != widths[matches[0]]:
+            raise ValueError(
+                f"--embeddings {', '.join(concept.sources)}: {concept.token} has width {vectors.shape[1]}, which fits "
+                f"no encoder of the model ({', '.join(f'{n}: {w}' for n, w in widths.items())})."
+            )
+        assigned[matches[0]] = vectors
+    return assigned
+
+
+def check_new_token(tokenizer, token, num_vectors, source):
+    for name in token_names(token, num_vectors):
+        pieces = tokenizer.tokenize(name)
+        exists = name in tokenizer.get_vocab() or (
+            len(pieces) == 1 and tokenizer.convert_tokens_to_ids(pieces[0]) < len(tokenizer)
+        )
+        if exists:
+            raise ValueError(f"--embeddings {source}: the token {name!r} already exists in the model's tokenizer.")
+
+
+def add_tokens_to_sdxl(pipe, token, vectors_by_encoder):
+    """Load a token into StableDiffusionXLPipeline with diffusers' own load_textual_inversion, per encoder."""
+    for encoder, vectors in vectors_by_encoder.items():
+        pipe.load_textual_inversion(
+            vectors, token=token, text_encoder=getattr(pipe, encoder), tokenizer=getattr(pipe, TOKENIZERS[encoder])
+        )
+
+
+def add_tokens_to_sana(pipe, token, vectors):
+    """Load a token into SanaPipeline: add <tok>, <tok>_1, ... to the Gemma tokenizer and write the rows [k, d]
+    into the input embedding table (the raw table: Gemma scales it by sqrt(d) itself). Returns the token ids."""
+    names = token_names(token, len(vectors))
+    pipe.tokenizer.add_tokens(names)
+    ids = pipe.tokenizer.convert_tokens_to_ids(names)
+    if pipe.text_encoder.get_input_embeddings().weight.shape[0] <= max(ids):
+        pipe.text_encoder.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[ids] = vectors.to(table.device, table.dtype)
+    return ids
+
+
+def expand_prompt(prompt, tokenizer):
+    """Write a multi-vector token as <tok> <tok>_1 ..., as diffusers' maybe_convert_prompt does (SANA lacks it)."""
+    added = set(tokenizer.get_added_vocab())
+    for token in sorted(added, key=len, reverse=True):
+        if f"{token}_1" in added and re.search(re.escape(token) + r"(?!_\d)", prompt):
+            count = 1
+            while f"{token}_{count}" in added:
+                count += 1
+            prompt = re.sub(re.escape(token) + r"(?!_\d)", " ".join(token_names(token, count)), prompt)
+    return prompt
+
+
+def set_token_vectors(pipe, encoder, token, vectors):
+    """Overwrite the rows of an already loaded token (used by --interpolate and --rescale)."""
+    tokenizer = getattr(pipe, TOKENIZERS[encoder])
+    table = getattr(pipe, encoder).get_input_embeddings().weight
+    with torch.no_grad():
+        table[tokenizer.convert_tokens_to_ids(token_names(token, len(vectors)))] = vectors.to(table.device, table.dtype)
+
+
+def slerp(a, b, t):
+    """Spherical interpolation of directions a, b [k, d] at t in [0, 1], norm interpolated linearly (equal norms,
+    as DTI's, stay exact). The endpoints return a and b themselves."""
+    if t <= 0:
+        return a
+    if t >= 1:
+        return b
+    a64, b64 = a.double(), b.double()
+    norm = (1 - t) * a64.norm(dim=-1, keepdim=True) + t * b64.norm(dim=-1, keepdim=True)
+    ua, ub = F.normalize(a64, dim=-1), F.normalize(b64, dim=-1)
+    omega = torch.arccos((ua * ub).sum(-1, keepdim=True).clamp(-1, 1))
+    sin = torch.sin(omega)
+    mixed = torch.where(sin > 1e-8, (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / sin, ua)
+    return (F.normalize(mixed, dim=-1) * norm).to(a.dtype)
+
+
+def vocabulary_table(pipe, encoder, num_rows):
+    return getattr(pipe, encoder).get_input_embeddings().weight.detach()[:num_rows].float()
+
+
+def rescale(vectors, table, how):
+    """The paper's TI-rescaled baseline: every vector set to the mean, min or max vocabulary norm, or a number."""
+    norms = table.norm(dim=-1)
+    norms = norms[norms > 0]
+    target = float(how) if how not in ("mean", "min", "max") else getattr(norms, how)().item()
+    return F.normalize(vectors.float(), dim=-1) * target
+
+
+def report(vectors, table, tokenizer, top=5):
+    """Per vector: norm, percentile of that norm among the vocabulary norms, and the nearest words by cosine."""
+    norms = table.norm(dim=-1)
+    rows = []
+    for vector in vectors.float():
+        cosine = F.cosine_similarity(table, vector[None], dim=-1)
+        best = cosine.topk(top)
+        nearest = [(tokenizer.convert_ids_to_tokens(int(i)), c.item()) for c, i in zip(*best, strict=True)]
+        rows.append({
+            "norm": vector.norm().item(),
+            "percentile": 100.0 * (norms[norms > 0] <= vector.norm()).float().mean().item(),
+            "vocabulary_mean_norm": norms[norms > 0].mean().item(),
+            "nearest": nearest,
+        })  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def detect_family(args):
+    """'sdxl' or 'sana', from the checkpoint's model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {reason}") from error
+    class_name = index.get("_class_name", "")
+    for prefix, family in FAMILIES.items():
+        if class_name.startswith(prefix):
+            return family
+    raise ValueError(
+        f"--pretrained_model_name_or_path is a {class_name or 'unknown pipeline'}; "
+        "infer.py supports StableDiffusionXLPipeline and SanaPipeline checkpoints."
+    )
+
+
+def load_pipeline(args, family, dtype, device):
+    import diffusers
+
+    pipeline_class = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.SanaPipeline
+    pipe = pipeline_class.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=dtype
+    )
+    schedulers = {
+        "sdxl": {"default": "DPMSolverMultistepScheduler", "dpm": "DPMSolverMultistepScheduler",
+                 "euler": "EulerDiscreteScheduler"},
+        "sana": {"dpm": "DPMSolverMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler"},
+    }  # fmt: skip
+    name = schedulers[family].get(args.scheduler)
+    if name:
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    if args.enable_model_cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def slug(text, length=48):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
+
+
+def generate(pipe, family, prompt, seeds, args, instruction):
+    """One batch of images of one prompt, image i seeded with seeds[i] (CPU generators: the same on every device)."""
+    kwargs = {
+        "num_inference_steps": args.num_inference_steps or DEFAULT_STEPS[family],
+        "num_images_per_prompt": len(seeds),
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+    }
+    for key in ("guidance_scale", "height", "width", "negative_prompt"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    if family == "sana":
+        prompt = expand_prompt(prompt, pipe.tokenizer)
+        kwargs |= {"complex_human_instruction": instruction, "use_resolution_binning": False}
+    return pipe(prompt, **kwargs).images
+
+
+def save_image(image, path):
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path.name
+
+
+def strip(images):
+    from diffusers.utils import make_image_grid
+
+    return make_image_grid(images, rows=1, cols=len(images))
+
+
+def read_prompts(args):
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ValueError(f"--prompt_file {path}: no such file.")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def sana_instruction(args, concepts):
+    """The complex human instruction for SANA: on/off, or auto from the embeddings' metadata (else the pipeline's)."""
+    from diffusers import SanaPipeline
+
+    default = list(inspect_default(SanaPipeline.__call__, "complex_human_instruction"))
+    if args.complex_human_instruction != "auto":
+        return default if args.complex_human_instruction == "on" else None
+    recorded = [
+        json.loads(c.metadata["complex_human_instruction"])
+        for c in concepts
+        if "complex_human_instruction" in c.metadata
+    ]
+    return recorded[0] if recorded else default
+
+
+def inspect_default(function, name):
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
+
+
+def main(args):
+    if args.num_images_per_prompt < 1 or args.interpolation_steps < 2:
+        raise ValueError("--num_images_per_prompt must be at least 1 and --interpolation_steps at least 2.")
+    if args.rescale not in (None, "mean", "min", "max"):
+        try:
+            assert float(args.rescale) > 0
+        except (ValueError, AssertionError):
+            raise ValueError(f"--rescale must be mean, min, max or a positive number, got {args.rescale!r}.") from None
+    prompts = read_prompts(args)
+    concepts = load_embeddings(args.embeddings, args.weight_name, args.token)
+    if not prompts and not args.report:
+        raise ValueError("Nothing to do: give --prompt, --prompt_file or --report.")
+    family = detect_family(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    pipe = load_pipeline(args, family, getattr(torch, dtype_name), device)
+
+    # Vocabulary tables before any token is added: the reference for --rescale and --report.
+    tokenizers = {encoder: getattr(pipe, TOKENIZERS[encoder]) for encoder in ENCODERS[family]}
+    tables = {encoder: vocabulary_table(pipe, encoder, len(tokenizers[encoder])) for encoder in ENCODERS[family]}
+    loaded, reports = {}, {}
+    for concept in concepts:
+        vectors = assign_encoders(concept, pipe, family)
+        for encoder, tensor in vectors.items():
+            check_new_token(tokenizers[encoder], concept.token, len(tensor), ", ".join(concept.sources))
+            if args.rescale:
+                vectors[encoder] = rescale(tensor, tables[encoder], args.rescale)
+        if family == "sdxl":
+            missing = [e for e in ENCODERS["sdxl"] if e not in vectors]
+            if missing:
+                print(f"warning: {concept.token} has no vectors for {missing}; it is loaded into the others only.",
+                      file=sys.stderr)  # fmt: skip
+            add_tokens_to_sdxl(pipe, concept.token, vectors)
+        else:
+            add_tokens_to_sana(pipe, concept.token, vectors["text_encoder"])
+        loaded[concept.token] = vectors
+        if args.report:
+            reports[concept.token] = {e: report(v, tables[e], tokenizers[e]) for e, v in vectors.items()}
+            for encoder, rows in reports[concept.token].items():
+                for j, row in enumerate(rows):
+                    nearest = ", ".join(f"{word} ({cos:.3f})" for word, cos in row["nearest"])
+                    print(f"{concept.token} [{encoder}] vector {j}: norm {row['norm']:.4f}, "
+                          f"{row['percentile']:.1f}th percentile of the vocabulary norms (mean "
+                          f"{row['vocabulary_mean_norm']:.4f}); nearest: {nearest}")  # fmt: skip
+    for token in loaded:
+        if prompts and not any(token in prompt for prompt in prompts):
+            print(f"warning: {token} appears in no prompt.", file=sys.stderr)
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    instruction = sana_instruction(args, concepts) if family == "sana" else None
+    seeds = [args.seed + i for i in range(args.num_images_per_prompt)]
+    records, frames = [], []
+    for p, prompt in enumerate(prompts):
+        images = generate(pipe, family, prompt, seeds, args, instruction)
+        for i, (seed, image) in enumerate(zip(seeds, images, strict=True)):
+            file = save_image(image, output_dir / f"p{p:02d}-i{i}-seed{seed}-{slug(prompt)}.png")
+            records.append({"file": file, "prompt": prompt, "prompt_index": p, "index": i, "seed": seed})
+        save_image(strip(images), output_dir / f"p{p:02d}-grid-{slug(prompt)}.png")
+        if args.interpolate:
+            frames += interpolate(pipe, family, prompt, p, loaded, args, instruction, output_dir)
+
+    settings = dict(vars(args))
+    summary = {
+        "model": args.pretrained_model_name_or_path,
+        "family": family,
+        "dtype": dtype_name,
+        "device": device,
+        "scheduler": type(pipe.scheduler).__name__,
+        "num_inference_steps": args.num_inference_steps or DEFAULT_STEPS[family],
+        "complex_human_instruction": instruction,
+        "settings": settings,
+        "embeddings": [
+            {
+                "token": c.token,
+                "sources": c.sources,
+                "metadata": c.metadata,
+                "encoders": {e: list(v.shape) for e, v in loaded[c.token].items()},
+            }
+            for c in concepts
+        ],  # fmt: skip
+        "report": reports,
+        "images": records,
+        "interpolation": frames,
+        "infer_version": __version__,
+    }
+    (output_dir / "generations.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def interpolate(pipe, family, prompt, p, loaded, args, instruction, output_dir):
+    """Frames of prompt p with token A's vectors moved along SLERP(A, B, t), t = 0 .. 1, one seed for all."""
+    a, b = args.interpolate
+    for token in (a, b):
+        if token not in loaded:
+            raise ValueError(f"--interpolate {token}: not a loaded token (loaded: {', '.join(loaded)}).")
+    if {e: v.shape for e, v in loaded[a].items()} != {e: v.shape for e, v in loaded[b].items()}:
+        raise ValueError(f"--interpolate {a} {b}: the two tokens must have the same number of vectors per encoder.")
+    if a not in prompt:
+        print(f"warning: --interpolate: the prompt {prompt!r} does not hold {a}.", file=sys.stderr)
+    frames, images = [], []
+    for k in range(args.interpolation_steps):
+        t = k / (args.interpolation_steps - 1)
+        for encoder in loaded[a]:
+            set_token_vectors(pipe, encoder, a, slerp(loaded[a][encoder], loaded[b][encoder], t))
+        (image,) = generate(pipe, family, prompt, [args.seed], args, instruction)
+        images.append(image)
+        file = save_image(image, output_dir / f"p{p:02d}-interpolate-{k:02d}-t{t:.2f}.png")
+        frames.append({"file": file, "prompt": prompt, "prompt_index": p, "t": t, "seed": args.seed})
+    for encoder, vectors in loaded[a].items():
+        set_token_vectors(pipe, encoder, a, vectors)
+    save_image(strip(images), output_dir / f"p{p:02d}-interpolate-strip.png")
+    return frames
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ValueError as error:
+        sys.exit(f"error: {error}")

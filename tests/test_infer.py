@@ -1,0 +1,275 @@
+"""Tests of infer.py on the tiny SDXL and SANA pipelines, with embeddings made by the training scripts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import infer
+from tests.conftest import REPO, training_args
+
+ROBOT, CAT = "<toy-robot>", "<toy-cat>"
+
+
+def train_in_process(script, model, output_dir, *extra):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    result = script.main(script.parse_args(training_args(model, output_dir, *extra)))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_sdxl, tiny_sana, tmp_path_factory):
+    """Two concepts per family, trained for 2 steps: folders with the training scripts' outputs."""
+    import train_dti_sana
+    import train_dti_sdxl
+
+    root = tmp_path_factory.mktemp("runs")
+    cat = ["--placeholder_token", CAT, "--initializer_token", "cat"]
+    steps = ["--max_train_steps", "2"]
+    return {
+        "sdxl_robot": train_in_process(train_dti_sdxl, tiny_sdxl, root / "sdxl-robot", *steps),
+        "sdxl_cat": train_in_process(train_dti_sdxl, tiny_sdxl, root / "sdxl-cat", *steps, *cat),
+        "sdxl_ti": train_in_process(
+            train_dti_sdxl,
+            tiny_sdxl,
+            root / "sdxl-ti",
+            *steps,
+            "--method",
+            "ti",
+            "--learning_rate",
+            "0.05",
+            "--placeholder_token",
+            "<toy-ti>",
+        ),  # fmt: skip
+        "sana_robot": train_in_process(train_dti_sana, tiny_sana, root / "sana-robot", *steps),
+        "sana_cat": train_in_process(train_dti_sana, tiny_sana, root / "sana-cat", *steps, *cat),
+        "root": root,
+    }
+
+
+def run_infer(model, output_dir, *extra):
+    argv = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(output_dir), "--height", "64",
+            "--width", "64", "--num_inference_steps", "2", "--device", "cpu", *extra]  # fmt: skip
+    return infer.main(infer.parse_args(argv))
+
+
+def row(pipe, encoder, token):
+    tokenizer = getattr(pipe, infer.TOKENIZERS[encoder])
+    return getattr(pipe, encoder).get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)].detach()
+
+
+@pytest.mark.parametrize("form", ["folder", "two files", "combined file", "a1111 file"])
+def test_sdxl_loads_every_format_into_both_encoders(runs, tiny_sdxl, tmp_path, form):
+    folder = runs["root"] / "sdxl-robot"
+    l_vector = load_file(folder / "learned_embeds.safetensors")[ROBOT]
+    g_vector = load_file(folder / "learned_embeds_2.safetensors")[ROBOT]
+    specs, token = {
+        "folder": ([folder], None),
+        "two files": ([folder / "learned_embeds.safetensors", folder / "learned_embeds_2.safetensors"], None),
+        "combined file": ([folder / "toy-robot.safetensors"], None),
+        "a1111 file": ([tmp_path / "a1111.safetensors"], ROBOT),
+    }[form]
+    save_file({"emb_params": l_vector}, tmp_path / "a1111.safetensors")
+    concepts = infer.load_embeddings(specs, token=token)
+    assert [c.token for c in concepts] == [ROBOT]
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    vectors = infer.assign_encoders(concepts[0], pipe, "sdxl")
+    infer.add_tokens_to_sdxl(pipe, ROBOT, vectors)
+    assert torch.equal(row(pipe, "text_encoder", ROBOT), l_vector[0])
+    if form != "a1111 file":
+        assert torch.equal(row(pipe, "text_encoder_2", ROBOT), g_vector[0])
+    else:
+        assert set(vectors) == {"text_encoder"}
+
+
+def test_generation_files_and_generations_json(runs, tiny_sdxl, tmp_path):
+    summary = run_infer(tiny_sdxl, tmp_path / "gen", "--embeddings", str(runs["root"] / "sdxl-robot"), "--prompt",
+                        f"a photo of {ROBOT}", "--prompt", f"{ROBOT} on a beach", "--num_images_per_prompt", "2",
+                        "--seed", "7")  # fmt: skip
+    files = sorted(p.name for p in (tmp_path / "gen").iterdir())
+    assert files == sorted([
+        "generations.json", "p00-i0-seed7-a-photo-of-toy-robot.png", "p00-i1-seed8-a-photo-of-toy-robot.png",
+        "p00-grid-a-photo-of-toy-robot.png", "p01-i0-seed7-toy-robot-on-a-beach.png",
+        "p01-i1-seed8-toy-robot-on-a-beach.png", "p01-grid-toy-robot-on-a-beach.png",
+    ])  # fmt: skip
+    assert Image.open(tmp_path / "gen" / "p01-grid-toy-robot-on-a-beach.png").size == (128, 64)
+    recorded = json.loads((tmp_path / "gen" / "generations.json").read_text())
+    assert recorded == json.loads(json.dumps(summary))
+    assert recorded["family"] == "sdxl" and recorded["scheduler"] == "DPMSolverMultistepScheduler"
+    assert [(r["prompt_index"], r["index"], r["seed"]) for r in recorded["images"]] == [
+        (0, 0, 7), (0, 1, 8), (1, 0, 7), (1, 1, 8)
+    ]  # fmt: skip
+    assert recorded["embeddings"][0]["encoders"] == {"text_encoder": [1, 32], "text_encoder_2": [1, 48]}
+    assert recorded["settings"]["num_inference_steps"] == 2 and recorded["embeddings"][0]["metadata"]["method"] == "dti"
+
+
+def test_sana_loader_gives_the_prompt_embeddings_training_computed(runs, tiny_sana):
+    from diffusers import SanaPipeline
+
+    import train_dti_sana
+
+    result = runs["sana_robot"]
+    pipe = SanaPipeline.from_pretrained(tiny_sana)
+    (concept,) = infer.load_embeddings([runs["root"] / "sana-robot"])
+    infer.add_tokens_to_sana(pipe, concept.token, concept.vectors["width:64"])
+    prompt = f"a photo of {ROBOT} in the snow"
+    embeds, mask, _, _ = pipe.encode_prompt(
+        infer.expand_prompt(prompt, pipe.tokenizer), do_classifier_free_guidance=False, complex_human_instruction=None
+    )
+    text = train_dti_sana.tokenize_prompt(result.components["tokenizer"], 300, None, prompt)
+    text = {key: torch.tensor([ids]) for key, ids in text.items()}
+    with torch.no_grad():
+        trained, trained_mask = train_dti_sana.encode_prompt(result.components["text_encoder"], text, 300)
+    assert torch.equal(mask, trained_mask) and torch.equal(embeds, trained)
+
+
+def test_expand_prompt_matches_diffusers_maybe_convert_prompt(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_textual_inversion(
+        torch.randn(3, 32), token="<a>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        torch.randn(1, 32), token="<b>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    for prompt in ["a photo of <a>", "<a> and <b> and <a>", "<b> alone", "no token"]:
+        assert infer.expand_prompt(prompt, pipe.tokenizer) == pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_interpolation_endpoints_equal_plain_generations_and_frames_keep_the_norm(runs, tiny_sdxl, tiny_sana,
+                                                                                   tmp_path, family):  # fmt: skip
+    model = tiny_sdxl if family == "sdxl" else tiny_sana
+    embeddings = ["--embeddings", str(runs["root"] / f"{family}-robot"), str(runs["root"] / f"{family}-cat")]
+    run_infer(model, tmp_path / "blend", *embeddings, "--prompt", f"a photo of {ROBOT}", "--interpolate", ROBOT, CAT,
+              "--interpolation_steps", "4", "--seed", "3")  # fmt: skip
+    run_infer(model, tmp_path / "cat", *embeddings, "--prompt", f"a photo of {CAT}", "--seed", "3")
+    frames = sorted((tmp_path / "blend").glob("p00-interpolate-0*.png"))
+    times = ["0.00", "0.33", "0.67", "1.00"]
+    assert [f.name for f in frames] == [f"p00-interpolate-0{k}-t{t}.png" for k, t in enumerate(times)]
+    pixels = [np.asarray(Image.open(f)) for f in frames]
+    plain_robot = np.asarray(Image.open(next((tmp_path / "blend").glob("p00-i0-seed3-*.png"))))
+    plain_cat = np.asarray(Image.open(next((tmp_path / "cat").glob("p00-i0-seed3-*.png"))))
+    assert np.array_equal(pixels[0], plain_robot) and np.array_equal(pixels[-1], plain_cat)
+    assert not np.array_equal(pixels[1], pixels[0])
+    assert Image.open(tmp_path / "blend" / "p00-interpolate-strip.png").size == (256, 64)
+    concepts = {c.token: c for c in infer.load_embeddings(embeddings[1:])}
+    for key, a in concepts[ROBOT].vectors.items():
+        b = concepts[CAT].vectors[key]
+        for t in (0.25, 0.5, 0.75):
+            mixed = infer.slerp(a, b, t)
+            assert torch.allclose(mixed.norm(dim=-1), a.norm(dim=-1), rtol=1e-6)
+            angle = lambda x, y: torch.arccos(torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1))  # noqa: E731
+            assert torch.allclose(angle(a, mixed), t * angle(a, b), atol=1e-6)
+
+
+def test_rescale_sets_the_norms_to_the_vocabulary_statistic(runs, tiny_sdxl, tmp_path):
+    from transformers import CLIPTextModel
+
+    table = CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder").get_input_embeddings().weight.detach()
+    ti = load_file(runs["root"] / "sdxl-ti" / "learned_embeds.safetensors")["<toy-ti>"]
+    assert abs(ti.norm() - table.norm(dim=1).mean()) > 1e-3
+    for how, expected in [("mean", table.norm(dim=1).mean().item()), ("max", table.norm(dim=1).max().item()),
+                          ("2.5", 2.5)]:  # fmt: skip
+        rescaled = infer.rescale(ti, table, how)
+        assert rescaled.norm(dim=-1).tolist() == pytest.approx([expected], rel=1e-6)
+        assert torch.allclose(
+            torch.nn.functional.normalize(rescaled, dim=-1), torch.nn.functional.normalize(ti, dim=-1)
+        )
+    summary = run_infer(tiny_sdxl, tmp_path / "r", "--embeddings", str(runs["root"] / "sdxl-ti"), "--rescale", "mean",
+                        "--report")  # fmt: skip
+    assert summary["report"]["<toy-ti>"]["text_encoder"][0]["norm"] == pytest.approx(
+        table.norm(dim=1).mean().item(), rel=1e-6
+    )
+
+
+def test_report_numbers_against_a_hand_computation(runs, tiny_sdxl, tmp_path, capsys):
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    summary = run_infer(tiny_sdxl, tmp_path / "r", "--embeddings", str(runs["root"] / "sdxl-ti"), "--report")
+    vector = load_file(runs["root"] / "sdxl-ti" / "learned_embeds_2.safetensors")["<toy-ti>"][0].double()
+    table = CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")
+    table = table.get_input_embeddings().weight.detach().double()
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder="tokenizer_2")
+    (got,) = summary["report"]["<toy-ti>"]["text_encoder_2"]
+    norms = sorted(table.norm(dim=1).tolist())
+    assert got["norm"] == pytest.approx(vector.norm().item(), rel=1e-6)
+    assert got["percentile"] == pytest.approx(
+        100 * sum(n <= vector.norm().item() for n in norms) / len(norms), abs=0.01
+    )
+    cosines = (table @ vector) / (table.norm(dim=1) * vector.norm())
+    expected = [tokenizer.convert_ids_to_tokens(i) for i in cosines.argsort(descending=True)[:5].tolist()]
+    assert [word for word, _ in got["nearest"]] == expected
+    assert "<toy-ti> [text_encoder_2] vector 0: norm" in capsys.readouterr().out
+
+
+def test_sana_generation_follows_the_recorded_instruction_setting(runs, tiny_sana, tmp_path):
+    summary = run_infer(tiny_sana, tmp_path / "g", "--embeddings", str(runs["root"] / "sana-robot"), "--prompt",
+                        f"a {ROBOT}")  # fmt: skip
+    assert summary["family"] == "sana" and summary["complex_human_instruction"] is None
+    forced = run_infer(tiny_sana, tmp_path / "h", "--embeddings", str(runs["root"] / "sana-robot"), "--prompt",
+                       f"a {ROBOT}", "--complex_human_instruction", "on")  # fmt: skip
+    assert forced["complex_human_instruction"] and isinstance(forced["complex_human_instruction"], list)
+    a, b = (np.asarray(Image.open(next(d.glob("p00-i0-*.png")))) for d in (tmp_path / "g", tmp_path / "h"))
+    assert not np.array_equal(a, b)
+
+
+ERROR_CASES = {
+    "missing file": (["--embeddings", "/nonexistent/learned_embeds.safetensors"], "--embeddings"),
+    "width fits no encoder": (["--embeddings", "WIDTH40"], "width 40, which fits no encoder"),
+    "token already exists": (["--embeddings", "ROBOTWORD"], "already exists"),
+    "unsupported pipeline": (["--pretrained_model_name_or_path", "OTHERPIPE"], "supports StableDiffusionXLPipeline"),
+    "bad rescale": (["--rescale", "median"], "--rescale"),
+}
+
+
+@pytest.fixture(scope="module")
+def infer_error_runs(runs, tiny_sdxl, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("infer-errors")
+    save_file({"<w40>": torch.randn(1, 40)}, tmp_path / "w40.safetensors")
+    save_file({"robot": torch.randn(1, 32)}, tmp_path / "robot.safetensors")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    substitutions = {"WIDTH40": str(tmp_path / "w40.safetensors"), "ROBOTWORD": str(tmp_path / "robot.safetensors"),
+                     "OTHERPIPE": str(other)}  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    results = {}
+    for name, (extra, expected) in ERROR_CASES.items():
+        extra = [substitutions.get(x, x) for x in extra]
+        argv = ["--pretrained_model_name_or_path", str(tiny_sdxl), "--prompt", "a photo", "--output_dir",
+                str(tmp_path / "out"), *extra]  # fmt: skip
+        if "--embeddings" not in extra:
+            argv += ["--embeddings", str(runs["root"] / "sdxl-robot")]
+        proc = subprocess.run([sys.executable, str(REPO / "infer.py"), *argv], capture_output=True, text=True, env=env)
+        results[name] = (proc, expected)
+    results["out"] = tmp_path / "out"
+    return results
+
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+def test_bad_input_gives_one_line_error(infer_error_runs, name):
+    proc, expected = infer_error_runs[name]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and expected in last_line, proc.stderr[-2000:]
+    assert not list(infer_error_runs["out"].glob("*.png"))
+
+
+def test_a_token_in_no_prompt_is_warned(runs, tiny_sdxl, tmp_path, capsys):
+    run_infer(tiny_sdxl, tmp_path / "g", "--embeddings", str(runs["root"] / "sdxl-robot"), "--prompt", "a photo")
+    assert f"warning: {ROBOT} appears in no prompt." in capsys.readouterr().err

@@ -162,7 +162,16 @@ def parse_args(input_args=None):
     model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", type=str, required=True, help="Folder with 3-6 images of the concept.")
+    data.add_argument("--train_data_dir", type=str, default=None, help="Folder with 3-6 images of the concept.")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Instead of --train_data_dir: a datasets Hub id or local path (image folder, parquet or arrow files).",
+    )
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name.")
+    data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where datasets caches --dataset_name.")
     data.add_argument(
         "--learnable_property",
         choices=["object", "style"],
@@ -322,6 +331,13 @@ def parse_args(input_args=None):
         help="Save a resumable checkpoint (kilobytes: learned state, scheduler, RNG) every N steps.",
     )
     logs.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    logs.add_argument("--run_name", type=str, default=None, help="Run name shown by the tracker (wandb).")
+    logs.add_argument(
+        "--push_to_hub", action="store_true", help="Upload the embeddings, model card and images to the Hub at the end."
+    )
+    logs.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id. Default: the --output_dir name.")
+    logs.add_argument("--hub_token", type=str, default=None, help="Hub token. Default: the one `hf auth login` saved.")
+    logs.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     logs.add_argument(
         "--resume_from_checkpoint",
         type=str,
@@ -392,6 +408,10 @@ def validate_args(args):
         raise ValueError("--use_8bit_adam needs an AdamW mode: --optimizer adamw or --method ti.")
     if args.report_to not in ("none", "tensorboard", "wandb", "all"):
         raise ValueError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}.")
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        raise ValueError("Give exactly one of --train_data_dir (a folder of images) and --dataset_name.")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ValueError("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`.")
     return args
 
 
@@ -418,6 +438,28 @@ def stable_seed(*key):
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
+# Copied from train_dti_sdxl.to_rgb
+def to_rgb(image):
+    """An RGB copy of a PIL image: first frame, EXIF rotation applied, transparency composited on white."""
+    image.seek(0)  # first frame of animated images
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    return image.convert("RGB")
+
+
+# Copied from train_dti_sdxl.warn_small_images
+def warn_small_images(images, resolution):
+    for name, image in images:
+        if min(image.size) < resolution:
+            logger.warning(
+                f"{Path(str(name)).name} is {image.width}x{image.height}, smaller than --resolution; upscaled."
+            )
+    return images
+
+
 # Copied from train_dti_sdxl.load_training_images
 def load_training_images(train_data_dir, resolution):
     """Read every image of the folder: EXIF rotation applied, converted to RGB. Returns [(path, PIL.Image)]."""
@@ -429,21 +471,38 @@ def load_training_images(train_data_dir, resolution):
     for path in paths:
         try:
             with Image.open(path) as image:
-                image.seek(0)  # first frame of animated images
-                image = ImageOps.exif_transpose(image)
-                if image.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on white
-                    rgba = image.convert("RGBA")
-                    image = Image.new("RGB", rgba.size, (255, 255, 255))
-                    image.paste(rgba, mask=rgba.getchannel("A"))
-                images.append((path, image.convert("RGB")))
+                images.append((path, to_rgb(image)))
         except (OSError, ValueError) as error:
             logger.warning(f"Skipping {path}: not a readable image ({error}).")
     if not images:
         raise ValueError(f"--train_data_dir {folder} holds no readable image ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    for path, image in images:
-        if min(image.size) < resolution:
-            logger.warning(f"{path.name} is {image.width}x{image.height}, smaller than --resolution; it is upscaled.")
-    return images
+    return warn_small_images(images, resolution)
+
+
+# Copied from train_dti_sdxl.load_dataset_images
+def load_dataset_images(args):
+    """The images of --dataset_name's train split (a Hub id, an image folder, or parquet / arrow files)."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError("--dataset_name needs datasets: pip install datasets.") from error
+    name, path = args.dataset_name, Path(args.dataset_name)
+    builder = {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix) if path.is_file() else None
+    try:
+        if builder:
+            dataset = datasets.load_dataset(builder, data_files=str(path), cache_dir=args.cache_dir, split="train")
+        else:
+            dataset = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
+    except (OSError, ValueError, ConnectionError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--dataset_name {name!r} could not be loaded ({reason}).") from error
+    if args.image_column not in dataset.column_names:
+        columns = ", ".join(dataset.column_names)
+        raise ValueError(f"--image_column {args.image_column!r} is not a column of {name}; its columns: {columns}.")
+    images = [(f"{path.name or name}[{i}]", to_rgb(image)) for i, image in enumerate(dataset[args.image_column])]
+    if not images:
+        raise ValueError(f"--dataset_name {name!r} has no images in its train split.")
+    return warn_small_images(images, args.resolution)
 
 
 # Copied from train_dti_sdxl.DTIDataset
@@ -986,6 +1045,158 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix=""):
     logger.info(f"Saved the embeddings of step {step} to {output_dir / file_name}.")
 
 
+# Copied from train_dti_sdxl.hub_repo_id
+def hub_repo_id(args):
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+# Copied from train_dti_sdxl.hub_token
+def hub_token(args):
+    """With --push_to_hub: the token, checked with whoami before any training time is spent; else None."""
+    if not args.push_to_hub:
+        return None
+    from huggingface_hub import get_token, whoami
+
+    token = args.hub_token or get_token()
+    if not token:
+        raise ValueError("--push_to_hub needs Hub credentials: run `hf auth login` or pass --hub_token.")
+    try:
+        whoami(token=token)
+    except Exception as error:  # any failure here means the upload at the end would fail too
+        raise ValueError(
+            f"--push_to_hub: the Hub refused the token or cannot be reached ({type(error).__name__})."
+        ) from None
+    return token
+
+
+# Copied from train_dti_sdxl.base_model_license
+def base_model_license(args):
+    """The base model's license from its model card, where it can be read; else None."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(args.pretrained_model_name_or_path).data.license
+    except Exception:  # no card, no network: the card then simply has no license field
+        return None
+
+
+# Copied from train_dti_sdxl.upload_ignore_patterns
+def upload_ignore_patterns(args):
+    """What upload_folder leaves out: checkpoints, tracker logs, temporary and hidden files."""
+    return ["checkpoint-*", ".*", "*/.*", f"{Path(args.logging_dir).as_posix()}/*", "wandb/*", "*.tmp"]
+
+
+# Copied from train_dti_sdxl.create_hub_repo
+def create_hub_repo(args, token):
+    """The diffusers way: create (or reuse) the repo first; returns its full id (namespace/name)."""
+    from huggingface_hub import create_repo
+
+    return create_repo(hub_repo_id(args), exist_ok=True, private=args.hub_private_repo, token=token).repo_id
+
+
+# Copied from train_dti_sdxl.push_to_hub
+def push_to_hub(args, repo_id, token):
+    """Upload the output folder (embeddings, card, images) to the repo; checkpoints and logs stay home."""
+    from huggingface_hub import upload_folder
+
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=upload_ignore_patterns(args),
+        token=token,
+    )
+    logger.info(f"Uploaded {args.output_dir} to https://huggingface.co/{repo_id}.")
+
+
+# Copied from train_dti_sdxl.model_card_header
+def model_card_header(args, family, step, extra_tags=()):
+    """The card's YAML metadata (a Hub page renders it) for output_dir/README.md."""
+    from huggingface_hub import ModelCardData
+
+    grid = Path(args.output_dir) / "validation" / f"step-{step}.png"
+    widget = [{"text": validation_prompt(args), "output": {"url": f"validation/{grid.name}"}}] if grid.is_file() else []
+    data = ModelCardData(
+        base_model=args.pretrained_model_name_or_path,
+        library_name="diffusers",
+        license=base_model_license(args),
+        tags=["text-to-image", "diffusers", "diffusers-training", "textual-inversion", "dti", family, *extra_tags],
+        instance_prompt=args.placeholder_token,
+        widget=widget,
+    )
+    return f"---\n{data.to_yaml()}\n---\n", widget
+
+
+# Copied from train_dti_sdxl.training_table
+def training_table(args, learned, num_processes):
+    rows = [("method", f"{args.method}" + (f" ({args.optimizer})" if args.method == "dti" else " (AdamW)"))]
+    rows += [
+        (f"norm m* ({name})", f"{tokens.norm_scale:.6g}") for name, tokens in learned.items() if args.method == "dti"
+    ]
+    rows += [
+        ("kappa", f"{args.kappa:g}"),
+        ("steps", str(args.max_train_steps)),
+        ("learning rate", f"{args.learning_rate:g}"),
+    ]
+    rows += [("batch (global)", str(args.train_batch_size * args.gradient_accumulation_steps * num_processes))]
+    rows += [("resolution", str(args.resolution)), ("initializer", args.initializer_token)]
+    return "| setting | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def save_model_card(args, learned, step, num_processes, repo_id):
+    """output_dir/README.md: what the token is, how it was trained, how to use it, the validation images."""
+    header, widget = model_card_header(args, "sana", step)
+    token = args.placeholder_token
+    prompt = f"a painting of {token} in the style of van gogh"
+    images = "".join(f"![{w['text']}]({w['output']['url']})\n" for w in widget)
+    body = f"""
+# {token}: a DTI concept for {args.pretrained_model_name_or_path}
+
+`{token}` is a concept token learned with Directional Textual Inversion (DTI, arXiv 2512.13672) as new rows of the
+Gemma-2 input embedding table, from the class word "{args.initializer_token}": its norm is fixed to the mean norm of
+the vocabulary and only its direction was learned. SanaPipeline has no `load_textual_inversion`; these lines add the
+token (they are `add_tokens_to_sana` and `expand_prompt` of the DTI repository's `infer.py`).
+
+## Use it
+
+```python
+import json
+
+import torch
+from diffusers import SanaPipeline
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+base_model, token = "{args.pretrained_model_name_or_path}", "{token}"
+pipe = SanaPipeline.from_pretrained(base_model, torch_dtype=torch.bfloat16).to("cuda")
+path = hf_hub_download("{repo_id}", "learned_embeds.safetensors")
+vectors = load_file(path)[token]
+with safe_open(path, framework="pt") as f:
+    instruction = json.loads(f.metadata()["complex_human_instruction"])  # what training used
+names = [token] + [f"{{token}}_{{i}}" for i in range(1, len(vectors))]
+pipe.tokenizer.add_tokens(names)
+if pipe.text_encoder.get_input_embeddings().weight.shape[0] < len(pipe.tokenizer):
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+table = pipe.text_encoder.get_input_embeddings().weight
+with torch.no_grad():
+    table[pipe.tokenizer.convert_tokens_to_ids(names)] = vectors.to(table.device, table.dtype)
+prompt = "{prompt}".replace(token, " ".join(names))
+image = pipe(prompt, complex_human_instruction=instruction).images[0]
+```
+
+## Training
+
+{training_table(args, learned, num_processes)}| max_sequence_length | {args.max_sequence_length} |
+| complex human instruction | {"on" if args.complex_human_instruction else "off"} |
+
+## Validation images
+
+{images or "No validation images were made (--num_validation_images 0)."}
+"""
+    write_atomically(Path(args.output_dir) / "README.md", lambda tmp: tmp.write_text(header + body))
+
+
 # Copied from train_dti_sdxl.checkpoint_identity
 def checkpoint_identity(args, num_vectors):
     """What a checkpoint must match to be resumed by this run."""
@@ -1228,6 +1439,7 @@ def step_logs(step_loss, lr, learned):
 def main(args):
     validate_sana_args(validate_args(args))
     check_trackers(args.report_to)
+    token = hub_token(args)
     accelerator = make_accelerator(args)
     seed = resolve_seed(args, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -1236,7 +1448,9 @@ def main(args):
     tokenizers, model_index = load_tokenizers(args)
     init_ids, placeholder_ids = add_concept_tokens(args, tokenizers)
     num_vectors = len(init_ids[0])
-    images = load_training_images(args.train_data_dir, args.resolution)
+    images = (
+        load_dataset_images(args) if args.dataset_name else load_training_images(args.train_data_dir, args.resolution)
+    )
     if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
         logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
     text_encoders, vae, transformer, noise_scheduler, sampler = load_models(args, model_index)
@@ -1293,8 +1507,11 @@ def main(args):
     batches = iter(loader)
 
     if accelerator.is_main_process:
+        if args.report_to != "none":
+            (Path(args.output_dir) / args.logging_dir).mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("dti-sana", config=config)
+        init_kwargs = {"wandb": {"dir": str(Path(args.output_dir) / args.logging_dir), "name": args.run_name}}
+        accelerator.init_trackers("dti-sana", config=config, init_kwargs=init_kwargs)
     norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in learned.items() if args.method == "dti")
     logger.info(
         f"***** {args.method.upper()} on SANA ***** {len(images)} images x {args.repeats} repeats | {num_vectors} "
@@ -1353,6 +1570,10 @@ def main(args):
         save_embeddings(learned, args, vocabulary_mean_norms, global_step)
         if validate and global_step % args.validation_steps != 0:
             log_validation(components, sampler, args, accelerator, seed, global_step, prompt_token)
+        repo_id = create_hub_repo(args, token) if args.push_to_hub else hub_repo_id(args)
+        save_model_card(args, learned, global_step, accelerator.num_processes, repo_id)
+        if args.push_to_hub:
+            push_to_hub(args, repo_id, token)
     accelerator.end_training()
     return SimpleNamespace(learned=learned, components=components, placeholder_ids=placeholder_ids, seed=seed)
 

@@ -156,7 +156,16 @@ def parse_args(input_args=None):
     model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", type=str, required=True, help="Folder with 3-6 images of the concept.")
+    data.add_argument("--train_data_dir", type=str, default=None, help="Folder with 3-6 images of the concept.")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Instead of --train_data_dir: a datasets Hub id or local path (image folder, parquet or arrow files).",
+    )
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name.")
+    data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where datasets caches --dataset_name.")
     data.add_argument(
         "--learnable_property",
         choices=["object", "style"],
@@ -313,6 +322,13 @@ def parse_args(input_args=None):
         help="Save a resumable checkpoint (kilobytes: learned state, scheduler, RNG) every N steps.",
     )
     logs.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    logs.add_argument("--run_name", type=str, default=None, help="Run name shown by the tracker (wandb).")
+    logs.add_argument(
+        "--push_to_hub", action="store_true", help="Upload the embeddings, model card and images to the Hub at the end."
+    )
+    logs.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id. Default: the --output_dir name.")
+    logs.add_argument("--hub_token", type=str, default=None, help="Hub token. Default: the one `hf auth login` saved.")
+    logs.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     logs.add_argument(
         "--resume_from_checkpoint",
         type=str,
@@ -363,6 +379,10 @@ def validate_args(args):
         raise ValueError("--use_8bit_adam needs an AdamW mode: --optimizer adamw or --method ti.")
     if args.report_to not in ("none", "tensorboard", "wandb", "all"):
         raise ValueError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}.")
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        raise ValueError("Give exactly one of --train_data_dir (a folder of images) and --dataset_name.")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ValueError("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`.")
     return args
 
 
@@ -376,6 +396,26 @@ def stable_seed(*key):
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
+def to_rgb(image):
+    """An RGB copy of a PIL image: first frame, EXIF rotation applied, transparency composited on white."""
+    image.seek(0)  # first frame of animated images
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    return image.convert("RGB")
+
+
+def warn_small_images(images, resolution):
+    for name, image in images:
+        if min(image.size) < resolution:
+            logger.warning(
+                f"{Path(str(name)).name} is {image.width}x{image.height}, smaller than --resolution; upscaled."
+            )
+    return images
+
+
 def load_training_images(train_data_dir, resolution):
     """Read every image of the folder: EXIF rotation applied, converted to RGB. Returns [(path, PIL.Image)]."""
     folder = Path(train_data_dir)
@@ -386,21 +426,37 @@ def load_training_images(train_data_dir, resolution):
     for path in paths:
         try:
             with Image.open(path) as image:
-                image.seek(0)  # first frame of animated images
-                image = ImageOps.exif_transpose(image)
-                if image.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on white
-                    rgba = image.convert("RGBA")
-                    image = Image.new("RGB", rgba.size, (255, 255, 255))
-                    image.paste(rgba, mask=rgba.getchannel("A"))
-                images.append((path, image.convert("RGB")))
+                images.append((path, to_rgb(image)))
         except (OSError, ValueError) as error:
             logger.warning(f"Skipping {path}: not a readable image ({error}).")
     if not images:
         raise ValueError(f"--train_data_dir {folder} holds no readable image ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    for path, image in images:
-        if min(image.size) < resolution:
-            logger.warning(f"{path.name} is {image.width}x{image.height}, smaller than --resolution; it is upscaled.")
-    return images
+    return warn_small_images(images, resolution)
+
+
+def load_dataset_images(args):
+    """The images of --dataset_name's train split (a Hub id, an image folder, or parquet / arrow files)."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError("--dataset_name needs datasets: pip install datasets.") from error
+    name, path = args.dataset_name, Path(args.dataset_name)
+    builder = {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix) if path.is_file() else None
+    try:
+        if builder:
+            dataset = datasets.load_dataset(builder, data_files=str(path), cache_dir=args.cache_dir, split="train")
+        else:
+            dataset = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
+    except (OSError, ValueError, ConnectionError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--dataset_name {name!r} could not be loaded ({reason}).") from error
+    if args.image_column not in dataset.column_names:
+        columns = ", ".join(dataset.column_names)
+        raise ValueError(f"--image_column {args.image_column!r} is not a column of {name}; its columns: {columns}.")
+    images = [(f"{path.name or name}[{i}]", to_rgb(image)) for i, image in enumerate(dataset[args.image_column])]
+    if not images:
+        raise ValueError(f"--dataset_name {name!r} has no images in its train split.")
+    return warn_small_images(images, args.resolution)
 
 
 class DTIDataset(Dataset):
@@ -905,6 +961,141 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix=""):
     logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(files)}).")
 
 
+def hub_repo_id(args):
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+def hub_token(args):
+    """With --push_to_hub: the token, checked with whoami before any training time is spent; else None."""
+    if not args.push_to_hub:
+        return None
+    from huggingface_hub import get_token, whoami
+
+    token = args.hub_token or get_token()
+    if not token:
+        raise ValueError("--push_to_hub needs Hub credentials: run `hf auth login` or pass --hub_token.")
+    try:
+        whoami(token=token)
+    except Exception as error:  # any failure here means the upload at the end would fail too
+        raise ValueError(
+            f"--push_to_hub: the Hub refused the token or cannot be reached ({type(error).__name__})."
+        ) from None
+    return token
+
+
+def base_model_license(args):
+    """The base model's license from its model card, where it can be read; else None."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(args.pretrained_model_name_or_path).data.license
+    except Exception:  # no card, no network: the card then simply has no license field
+        return None
+
+
+def upload_ignore_patterns(args):
+    """What upload_folder leaves out: checkpoints, tracker logs, temporary and hidden files."""
+    return ["checkpoint-*", ".*", "*/.*", f"{Path(args.logging_dir).as_posix()}/*", "wandb/*", "*.tmp"]
+
+
+def create_hub_repo(args, token):
+    """The diffusers way: create (or reuse) the repo first; returns its full id (namespace/name)."""
+    from huggingface_hub import create_repo
+
+    return create_repo(hub_repo_id(args), exist_ok=True, private=args.hub_private_repo, token=token).repo_id
+
+
+def push_to_hub(args, repo_id, token):
+    """Upload the output folder (embeddings, card, images) to the repo; checkpoints and logs stay home."""
+    from huggingface_hub import upload_folder
+
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=upload_ignore_patterns(args),
+        token=token,
+    )
+    logger.info(f"Uploaded {args.output_dir} to https://huggingface.co/{repo_id}.")
+
+
+def model_card_header(args, family, step, extra_tags=()):
+    """The card's YAML metadata (a Hub page renders it) for output_dir/README.md."""
+    from huggingface_hub import ModelCardData
+
+    grid = Path(args.output_dir) / "validation" / f"step-{step}.png"
+    widget = [{"text": validation_prompt(args), "output": {"url": f"validation/{grid.name}"}}] if grid.is_file() else []
+    data = ModelCardData(
+        base_model=args.pretrained_model_name_or_path,
+        library_name="diffusers",
+        license=base_model_license(args),
+        tags=["text-to-image", "diffusers", "diffusers-training", "textual-inversion", "dti", family, *extra_tags],
+        instance_prompt=args.placeholder_token,
+        widget=widget,
+    )
+    return f"---\n{data.to_yaml()}\n---\n", widget
+
+
+def training_table(args, learned, num_processes):
+    rows = [("method", f"{args.method}" + (f" ({args.optimizer})" if args.method == "dti" else " (AdamW)"))]
+    rows += [
+        (f"norm m* ({name})", f"{tokens.norm_scale:.6g}") for name, tokens in learned.items() if args.method == "dti"
+    ]
+    rows += [
+        ("kappa", f"{args.kappa:g}"),
+        ("steps", str(args.max_train_steps)),
+        ("learning rate", f"{args.learning_rate:g}"),
+    ]
+    rows += [("batch (global)", str(args.train_batch_size * args.gradient_accumulation_steps * num_processes))]
+    rows += [("resolution", str(args.resolution)), ("initializer", args.initializer_token)]
+    return "| setting | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def save_model_card(args, learned, step, num_processes, repo_id):
+    """output_dir/README.md: what the token is, how it was trained, how to use it, the validation images."""
+    header, widget = model_card_header(args, "stable-diffusion-xl", step, ["stable-diffusion-xl-diffusers"])
+    token, name = args.placeholder_token, concept_name(args.placeholder_token)
+    prompt = f"a painting of {token} in the style of Van Gogh"
+    images = "".join(f"![{w['text']}]({w['output']['url']})\n" for w in widget)
+    body = f"""
+# {token}: a DTI concept for {args.pretrained_model_name_or_path}
+
+`{token}` is a concept token learned with Directional Textual Inversion (DTI, arXiv 2512.13672) on both SDXL text
+encoders, from the class word "{args.initializer_token}": its norm is fixed to the mean norm of the vocabulary and only
+its direction was learned. The files load with diffusers' `load_textual_inversion`, in ComfyUI and in A1111.
+
+## Use it
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+base_model = "{args.pretrained_model_name_or_path}"
+pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch.float16).to("cuda")
+pipe.load_textual_inversion(
+    "{repo_id}", weight_name="learned_embeds.safetensors", token="{token}",
+    text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+)
+pipe.load_textual_inversion(
+    "{repo_id}", weight_name="learned_embeds_2.safetensors", token="{token}",
+    text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2,
+)
+image = pipe("{prompt}").images[0]
+```
+
+ComfyUI: put `{name}.safetensors` in `models/embeddings/` and write `embedding:{name}`. A1111 / Forge: put it in
+`embeddings/` and write `{name}`.
+
+## Training
+
+{training_table(args, learned, num_processes)}
+## Validation images
+
+{images or "No validation images were made (--num_validation_images 0)."}
+"""
+    write_atomically(Path(args.output_dir) / "README.md", lambda tmp: tmp.write_text(header + body))
+
+
 def checkpoint_identity(args, num_vectors):
     """What a checkpoint must match to be resumed by this run."""
     return {
@@ -1130,6 +1321,7 @@ def step_logs(step_loss, lr, learned):
 def main(args):
     validate_args(args)
     check_trackers(args.report_to)
+    token = hub_token(args)
     accelerator = make_accelerator(args)
     seed = resolve_seed(args, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -1138,7 +1330,9 @@ def main(args):
     tokenizers = load_tokenizers(args)
     init_ids, placeholder_ids = add_concept_tokens(args, tokenizers)
     num_vectors = len(init_ids[0])
-    images = load_training_images(args.train_data_dir, args.resolution)
+    images = (
+        load_dataset_images(args) if args.dataset_name else load_training_images(args.train_data_dir, args.resolution)
+    )
     if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
         logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
     text_encoders, vae, unet, noise_scheduler = load_models(args)
@@ -1194,8 +1388,11 @@ def main(args):
     batches = iter(loader)
 
     if accelerator.is_main_process:
+        if args.report_to != "none":
+            (Path(args.output_dir) / args.logging_dir).mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("dti-sdxl", config=config)
+        init_kwargs = {"wandb": {"dir": str(Path(args.output_dir) / args.logging_dir), "name": args.run_name}}
+        accelerator.init_trackers("dti-sdxl", config=config, init_kwargs=init_kwargs)
     norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in learned.items() if args.method == "dti")
     logger.info(
         f"***** {args.method.upper()} on SDXL ***** {len(images)} images x {args.repeats} repeats | {num_vectors} "
@@ -1254,6 +1451,10 @@ def main(args):
         save_embeddings(learned, args, vocabulary_mean_norms, global_step)
         if validate and global_step % args.validation_steps != 0:
             log_validation(components, noise_scheduler, args, accelerator, seed, global_step)
+        repo_id = create_hub_repo(args, token) if args.push_to_hub else hub_repo_id(args)
+        save_model_card(args, learned, global_step, accelerator.num_processes, repo_id)
+        if args.push_to_hub:
+            push_to_hub(args, repo_id, token)
     accelerator.end_training()
     return SimpleNamespace(learned=learned, components=components, placeholder_ids=placeholder_ids, seed=seed)
 

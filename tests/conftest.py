@@ -96,3 +96,41 @@ def train(tiny_sdxl, tmp_path):
         return train_dti_sdxl.main(args), output_dir
 
     return run
+
+
+def run_commands(commands, workers=3):
+    """Run {name: argv} as a user would (subprocesses, offline), a few at a time; returns {name: CompletedProcess}."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(item):
+        name, argv = item
+        return name, subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(run, commands.items()))
+
+
+def assert_one_line_error(proc, expected):
+    """A failed run: non-zero exit, no traceback, and a last line 'error: ...' that holds `expected`."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and expected in last_line, proc.stderr[-2000:]
+    assert sum(line.startswith("error:") for line in proc.stderr.splitlines()) == 1
+
+
+def torchrun_ranks(script, argv, dump, port):
+    """Train with `torchrun --nproc_per_node 2` on CPU (gloo); return what each rank held (see dist_worker.py)."""
+    import subprocess
+
+    import torch
+
+    dump.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(REPO / "tests" / "dist_worker.py"), script, str(dump), *argv]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(dump / f"rank{rank}.pt") for rank in (0, 1)]

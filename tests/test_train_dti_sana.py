@@ -2,10 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_dti_sana as dti
-from tests.conftest import REPO, training_args
+from tests.conftest import REPO, assert_one_line_error, run_commands, torchrun_ranks, training_args
 
 PLACEHOLDER = "<toy-robot>"
 
@@ -188,15 +184,8 @@ def test_validation_images_use_the_pipeline(train_sana):
 
 
 def test_two_processes_end_identical_and_equal_a_single_process_run(train_sana, tiny_sana, tmp_path):
-    dump = tmp_path / "dump"
-    dump.mkdir()
     argv = training_args(tiny_sana, tmp_path / "ddp", "--train_batch_size", "1", "--gradient_accumulation_steps", "1")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-               str(REPO / "tests" / "dist_worker.py"), "train_dti_sana", str(dump), *argv]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(dump / f"rank{r}.pt") for r in (0, 1)]
+    ranks = torchrun_ranks("train_dti_sana", argv, tmp_path / "dump", port=29534)
     assert len(ranks[0]["history"]) == 3
     for a, b in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
         assert torch.equal(a, b)
@@ -222,24 +211,18 @@ ERROR_CASES = {
 def sana_error_runs(tiny_sana, tiny_sdxl, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sana-errors")
     cases = {**ERROR_CASES, "an SDXL model": (["--pretrained_model_name_or_path", str(tiny_sdxl)], "SanaPipeline")}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-    def run(item):
-        index, (name, (extra, expected)) = item
-        out = tmp_path / f"out-{index}"
-        argv = [sys.executable, str(REPO / "train_dti_sana.py"), *training_args(tiny_sana, out, *extra)]
-        return name, (subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300), expected, out)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(pool.map(run, enumerate(cases.items())))
+    outputs = {name: tmp_path / f"out-{i}" for i, name in enumerate(cases)}
+    commands = {
+        name: [str(REPO / "train_dti_sana.py"), *training_args(tiny_sana, outputs[name], *extra)]
+        for name, (extra, _) in cases.items()
+    }
+    return {name: (proc, cases[name][1], outputs[name]) for name, proc in run_commands(commands).items()}
 
 
 @pytest.mark.parametrize("name", [*ERROR_CASES, "an SDXL model"])
 def test_bad_input_gives_one_line_error_and_writes_nothing(sana_error_runs, name):
     proc, expected, out = sana_error_runs[name]
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    last_line = proc.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: ") and expected in last_line, proc.stderr[-2000:]
+    assert_one_line_error(proc, expected)
     assert not out.exists() or not list(out.glob("**/*.safetensors"))
 
 

@@ -2,10 +2,8 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_dti_sdxl as dti
-from tests.conftest import ASSETS, REPO, training_args
+from tests.conftest import ASSETS, REPO, assert_one_line_error, run_commands, torchrun_ranks, training_args
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PLACEHOLDER = "<toy-robot>"
@@ -482,26 +480,18 @@ def error_runs(tiny_sdxl, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("errors")
     cases = error_cases(tmp_path)
     assert list(cases) == ERROR_CASE_NAMES
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-    def run(item):
-        index, (name, (extra, flag)) = item
-        out = tmp_path / f"out-{index}"
-        argv = [sys.executable, str(REPO / "train_dti_sdxl.py"), *training_args(tiny_sdxl, out, *extra)]
-        return name, (subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300), flag, out)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(pool.map(run, enumerate(cases.items())))
+    outputs = {name: tmp_path / f"out-{i}" for i, name in enumerate(cases)}
+    commands = {
+        name: [str(REPO / "train_dti_sdxl.py"), *training_args(tiny_sdxl, outputs[name], *extra)]
+        for name, (extra, _) in cases.items()
+    }
+    return {name: (proc, cases[name][1], outputs[name]) for name, proc in run_commands(commands).items()}
 
 
 @pytest.mark.parametrize("name", ERROR_CASE_NAMES)
 def test_bad_input_gives_one_line_error_and_writes_nothing(error_runs, name):
     proc, flag, out = error_runs[name]
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    last_line = proc.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: ") and flag in last_line, proc.stderr[-2000:]
-    assert sum("error:" in line for line in proc.stderr.splitlines()) == 1
+    assert_one_line_error(proc, flag)
     assert not out.exists() or not list(out.glob("**/*.safetensors"))
 
 
@@ -509,15 +499,8 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(error_runs, name):
 
 
 def test_two_processes_end_identical_and_equal_a_single_process_run(train, tiny_sdxl, tmp_path):
-    dump = tmp_path / "dump"
-    dump.mkdir()
     argv = training_args(tiny_sdxl, tmp_path / "ddp", "--train_batch_size", "1", "--max_train_steps", "3")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(REPO / "tests" / "dist_worker.py"), "train_dti_sdxl", str(dump), *argv]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(dump / f"rank{r}.pt") for r in (0, 1)]
+    ranks = torchrun_ranks("train_dti_sdxl", argv, tmp_path / "dump", port=29533)
     assert len(ranks[0]["history"]) == 3 * 2  # 3 steps x 2 encoders
     for a, b in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
         assert torch.equal(a, b)

@@ -940,6 +940,7 @@ def embedding_metadata(args, learned, vocabulary_mean_norms, step):
         "resolution": str(args.resolution),
         "script": Path(__file__).name,
         "script_version": __version__,
+        "seed": str(args.seed),
     }
     for name, tokens in learned.items():
         metadata[f"norm_scale_{name}"] = repr(tokens.norm_scale) if args.method == "dti" else "free"
@@ -1201,8 +1202,12 @@ def load_models(args):
 
 
 def resolve_seed(args, accelerator):
+    """--seed, or a random seed drawn once and shared by every process; logged, so any run can be repeated."""
     seed = [args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)]
     broadcast_object_list(seed)
+    if args.seed is None:
+        logger.info(f"--seed not given: drew seed {seed[0]} (pass --seed {seed[0]} to repeat this run).")
+    args.seed = seed[0]
     return seed[0]
 
 
@@ -1305,6 +1310,7 @@ def resume(args, accelerator, identity, seed):
         logger.warning(f"Resuming with the checkpoint's seed {state['seed']} (the data stream depends on it).")
     accelerator.load_state(str(checkpoint))
     logger.info(f"Resumed from {checkpoint} at step {state['step']}.")
+    args.seed = state["seed"]
     return state["step"], state["seed"]
 
 

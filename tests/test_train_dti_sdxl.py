@@ -192,6 +192,7 @@ def test_combined_file_and_metadata(train):
     assert meta["initializer_token"] == "robot" and meta["kappa"] == "0.0003" and meta["steps"] == "2"
     assert float(meta["norm_scale_text_encoder_2"]) == pytest.approx(combined["clip_g"].norm().item(), rel=1e-6)
     assert meta["script_version"] == dti.__version__ and meta["base_model"].endswith("pipeline")
+    assert meta["seed"] == "0"
     assert not list(out.glob(".*tmp"))
 
 
@@ -291,6 +292,21 @@ def test_variant_fp16_checkpoints_load_and_the_norm_comes_from_their_table(tiny_
     table = table.get_input_embeddings().weight.detach().double()
     vector = load_file(tmp_path / "out" / "learned_embeds.safetensors")[PLACEHOLDER].double()
     assert vector.norm().item() == pytest.approx(table.norm(dim=1).mean().item(), rel=1e-6)
+
+
+def test_an_unset_seed_is_drawn_logged_and_recorded(train, tiny_sdxl, tmp_path, caplog):
+    argv = training_args(tiny_sdxl, tmp_path / "out")
+    del argv[argv.index("--seed") : argv.index("--seed") + 2]
+    args = dti.parse_args(argv)
+    assert args.seed is None
+    with caplog.at_level("INFO"):
+        dti.main(args)
+    with safe_open(tmp_path / "out" / "learned_embeds.safetensors", "pt") as f:
+        seed = f.metadata()["seed"]
+    assert f"--seed not given: drew seed {seed} (pass --seed {seed} to repeat this run)." in caplog.text
+    _, again = train("--seed", seed, output_dir=tmp_path / "again")
+    assert torch.equal(load_file(again / "learned_embeds.safetensors")[PLACEHOLDER],
+                       load_file(tmp_path / "out" / "learned_embeds.safetensors")[PLACEHOLDER])  # fmt: skip
 
 
 def test_trackers_get_loss_lr_norm_cosine_and_angle_every_step(train, monkeypatch):

@@ -21,7 +21,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -288,6 +290,12 @@ def parse_args(input_args=None):
         help="Precision of the frozen models; the learned directions stay fp32. Default: accelerate's config.",
     )
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    train.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.",
+    )
 
     logs = parser.add_argument_group("logging, validation, saving")
     logs.add_argument(
@@ -365,6 +373,7 @@ def validate_args(args):
         (args.checkpointing_steps >= 1, "--checkpointing_steps must be at least 1"),
         (args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1, "--checkpoints_total_limit >= 1"),
         (args.dataloader_num_workers >= 0, "--dataloader_num_workers must be zero or positive"),
+        (args.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be at least 1"),
         (args.method == "dti" or args.kappa == 0, "--kappa applies to --method dti only (plain TI has no prior)"),
         (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
         (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),
@@ -1201,6 +1210,59 @@ def load_models(args):
     return text_encoders, vae, unet, noise_scheduler
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped early on purpose (a signal, or too many non-finite steps) after saving what it had."""
+
+
+class StopRequest:
+    """SIGTERM or SIGINT (a preempted job, Ctrl-C) asks the loop to finish its step, save and exit; a second one
+    stops at once. All processes stop at the same step."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, accelerator):
+        flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
+        return bool((accelerator.reduce(flag, reduction="sum") if accelerator.num_processes > 1 else flag).item())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteGuard:
+    """Skips an update whose loss or gradient is not finite (the directions stay as they were); after
+    --max_nonfinite_steps such steps in a row, the run stops."""
+
+    def __init__(self, max_in_a_row):
+        self.max_in_a_row, self.in_a_row, self.skipped = max_in_a_row, 0, 0
+
+    def allows_update(self, step_loss, learned, step, check_gradients=True):
+        values = [torch.isfinite(step_loss).all()]
+        if check_gradients:  # under fp16 the grad scaler handles overflowing gradients itself
+            values += [torch.isfinite(p.grad).all() for p in learned.parameters() if p.grad is not None]
+        if torch.stack(values).all().item():
+            self.in_a_row = 0
+            return True
+        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+        logger.warning(f"Step {step}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row).")
+        return False
+
+    @property
+    def exhausted(self):
+        return self.in_a_row >= self.max_in_a_row
+
+
 def resolve_seed(args, accelerator):
     """--seed, or a random seed drawn once and shared by every process; logged, so any run can be repeated."""
     seed = [args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)]
@@ -1411,46 +1473,71 @@ def main(args):
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    while global_step < args.max_train_steps:
-        # Gradient of the data loss over one global batch, accumulated, then averaged over processes.
-        step_loss = torch.zeros((), device=accelerator.device)
-        for _ in range(args.gradient_accumulation_steps):
-            batch = next(batches)
-            latent_mean, latent_std = latent_cache(batch) if latent_cache else vae_posterior(vae, batch["pixel_values"])
-            loss = training_loss(batch, latent_mean, latent_std, unet, text_encoders, noise_scheduler,
-                                 vae.config.scaling_factor, seed, args.resolution)  # fmt: skip
-            accelerator.backward(loss / args.gradient_accumulation_steps)
-            step_loss += loss.detach() / args.gradient_accumulation_steps
-        if accelerator.num_processes > 1:
-            for parameter in learned.parameters():
-                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
-            step_loss = accelerator.reduce(step_loss, reduction="mean")
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    with StopRequest() as stop:
+        while global_step < args.max_train_steps:
+            # Gradient of the data loss over one global batch, accumulated, then averaged over processes.
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(batches)
+                latent_mean, latent_std = (
+                    latent_cache(batch) if latent_cache else vae_posterior(vae, batch["pixel_values"])
+                )
+                loss = training_loss(batch, latent_mean, latent_std, unet, text_encoders, noise_scheduler,
+                                     vae.config.scaling_factor, seed, args.resolution)  # fmt: skip
+                accelerator.backward(loss / args.gradient_accumulation_steps)
+                step_loss += loss.detach() / args.gradient_accumulation_steps
+            if accelerator.num_processes > 1:
+                for parameter in learned.parameters():
+                    parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+                step_loss = accelerator.reduce(step_loss, reduction="mean")
 
-        # The update: RSGD on the sphere (DirectionalTokens.step), or AdamW (+ prior and retraction for the ablation).
-        if adamw_on_sphere:
-            for tokens in learned.values():
-                tokens.add_prior_gradient()
-        lr = lr_scheduler.get_last_lr()[0]
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if adamw_on_sphere:
-            for tokens in learned.values():
-                tokens.retract()
-        global_step += 1
+            # The update: RSGD on the sphere (DirectionalTokens.step), or AdamW (+ prior, retraction: the ablation).
+            if adamw_on_sphere and torch.isfinite(step_loss):
+                for tokens in learned.values():
+                    tokens.add_prior_gradient()
+            lr = lr_scheduler.get_last_lr()[0]
+            if guard.allows_update(step_loss, learned, global_step + 1, check_gradients=accelerator.scaler is None):
+                optimizer.step()
+                if adamw_on_sphere:
+                    for tokens in learned.values():
+                        tokens.retract()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            global_step += 1
+            if guard.exhausted:
+                if accelerator.is_main_process:
+                    save_embeddings(learned, args, vocabulary_mean_norms, global_step)
+                raise TrainingStopped(
+                    f"{guard.in_a_row} steps in a row had a non-finite loss or gradient (the last: step "
+                    f"{global_step}); the last good embeddings are in {args.output_dir}. Lower --learning_rate or "
+                    "check the data."
+                )
 
-        logs = step_logs(step_loss, lr, learned)
-        progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}")
-        accelerator.log(logs, step=global_step)
-        if accelerator.is_main_process:
-            if global_step % args.save_steps == 0 and global_step < args.max_train_steps:
-                save_embeddings(learned, args, vocabulary_mean_norms, global_step, suffix=f"-steps-{global_step}")
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step, seed, identity)
-            if validate and global_step % args.validation_steps == 0:
-                log_validation(components, noise_scheduler, args, accelerator, seed, global_step)
+            logs = step_logs(step_loss, lr, learned)
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{logs['loss']:.4f}", lr=f"{lr:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}"
+            )
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                if global_step % args.save_steps == 0 and global_step < args.max_train_steps:
+                    save_embeddings(learned, args, vocabulary_mean_norms, global_step, suffix=f"-steps-{global_step}")
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step, seed, identity)
+                if validate and global_step % args.validation_steps == 0:
+                    log_validation(components, noise_scheduler, args, accelerator, seed, global_step)
 
+            if stop.requested(accelerator):
+                if accelerator.is_main_process:
+                    save_embeddings(learned, args, vocabulary_mean_norms, global_step)
+                    if global_step % args.checkpointing_steps:
+                        save_checkpoint(accelerator, args, global_step, seed, identity)
+                accelerator.wait_for_everyone()
+                raise TrainingStopped(
+                    f"{stop.signal or 'A stop signal'} at step {global_step}: saved checkpoint-{global_step} and the "
+                    f"embeddings in {args.output_dir}; continue with --resume_from_checkpoint latest."
+                )
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1468,5 +1555,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except ValueError as error:
+    except (ValueError, TrainingStopped) as error:
         sys.exit(f"error: {error}")

@@ -1,0 +1,150 @@
+"""Interruption without loss, no half-written files, and the non-finite guard, for both scripts."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_dti_sana
+import train_dti_sdxl
+from tests.conftest import REPO, assert_one_line_error, training_args
+
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
+TOKEN = "<toy-robot>"
+
+
+def model_of(family, tiny_sdxl, tiny_sana):
+    return tiny_sdxl if family == "sdxl" else tiny_sana
+
+
+def start(family, model, out, *extra):
+    argv = [sys.executable, str(REPO / f"train_dti_{family}.py"), *training_args(model, out, *extra)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_two_interruptions_then_resume_end_bit_identical(family, tiny_sdxl, tiny_sana, tmp_path):
+    model = model_of(family, tiny_sdxl, tiny_sana)
+    flags = ["--max_train_steps", "30", "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1"]
+    flags += ["--gradient_accumulation_steps", "1"]
+    script = SCRIPTS[family]
+    straight = script.main(script.parse_args(training_args(model, tmp_path / "straight", *flags)))
+    out, stopped_at = tmp_path / "interrupted", []
+    for wait_step, sig in [(3, signal.SIGTERM), (12, signal.SIGINT)]:
+        extra = ["--resume_from_checkpoint", "latest"] if stopped_at else []
+        proc = start(family, model, out, *flags, *extra)
+        wait_for(out / f"learned_embeds-steps-{wait_step}.safetensors", proc)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+        assert_one_line_error(SimpleProc(proc.returncode, stderr), "--resume_from_checkpoint latest")
+        step = int(stderr.strip().splitlines()[-1].split(" at step ")[1].split(":")[0])
+        assert f"error: {sig.name} at step {step}" in stderr and step < 30
+        assert (out / f"checkpoint-{step}").is_dir()
+        saved = load_file(out / "learned_embeds.safetensors")[TOKEN]
+        assert torch.equal(saved, load_file(out / f"learned_embeds-steps-{step}.safetensors")[TOKEN])
+        stopped_at.append(step)
+    assert stopped_at[0] < stopped_at[1]
+    proc = start(family, model, out, *flags, "--resume_from_checkpoint", "latest")
+    assert proc.wait(timeout=300) == 0, proc.communicate()[1][-2000:]
+    expected = straight.learned["text_encoder"].embeddings().detach()
+    assert torch.equal(load_file(out / "learned_embeds.safetensors")[TOKEN], expected)
+
+
+class SimpleProc:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
+def checkpoint_steps(out):
+    return [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
+
+
+def test_a_process_killed_while_writing_leaves_only_complete_files(tiny_sdxl, tmp_path):
+    """SIGKILL at moments when embeddings and checkpoints are being written, three times, then resume."""
+    flags = ["--max_train_steps", "40", "--save_steps", "1", "--checkpointing_steps", "1", "--repeats", "1"]
+    out = tmp_path / "killed"
+    for kill_after in (0.05, 0.13, 0.21):
+        done = max(checkpoint_steps(out), default=0)
+        proc = start("sdxl", tiny_sdxl, out, *flags, *(["--resume_from_checkpoint", "latest"] if done else []))
+        wait_for(out / f"checkpoint-{done + 1}", proc)  # the run is now writing files at every step
+        time.sleep(kill_after)
+        proc.kill()
+        proc.wait()
+        for file in out.glob("*.safetensors"):  # every visible file is complete and readable
+            assert set(load_file(file)) in ({TOKEN}, {"clip_l", "clip_g"})
+        for folder in out.glob("checkpoint-*"):
+            assert (folder / "dti_state.json").is_file() and (folder / "custom_checkpoint_0.pkl").is_file()
+    proc = start("sdxl", tiny_sdxl, out, *flags, "--resume_from_checkpoint", "latest")
+    assert proc.wait(timeout=300) == 0, proc.communicate()[1][-2000:]
+    straight = train_dti_sdxl.main(train_dti_sdxl.parse_args(training_args(tiny_sdxl, tmp_path / "straight", *flags)))
+    expected = straight.learned["text_encoder"].embeddings().detach()
+    assert torch.equal(load_file(out / "learned_embeds.safetensors")[TOKEN], expected)
+
+
+def nan_at(monkeypatch, script, bad_steps, accumulation=1):
+    """Make training_loss non-finite (NaN times the real loss, so gradients are NaN too) on the given steps."""
+    calls, original = [0], script.training_loss
+
+    def loss(*args, **kwargs):
+        calls[0] += 1
+        value = original(*args, **kwargs)
+        return value * float("nan") if (calls[0] - 1) // accumulation + 1 in bad_steps else value
+
+    monkeypatch.setattr(script, "training_loss", loss)
+
+
+def record_updates(monkeypatch, script):
+    history, original = [], script.DirectionalTokens.step
+
+    def step(self, lr):
+        original(self, lr)
+        history.append(self.direction.detach().clone())
+
+    monkeypatch.setattr(script.DirectionalTokens, "step", step)
+    return history
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_a_non_finite_step_is_skipped_and_counted(family, tiny_sdxl, tiny_sana, tmp_path, monkeypatch, caplog):
+    script, model = SCRIPTS[family], model_of(family, tiny_sdxl, tiny_sana)
+    nan_at(monkeypatch, script, {2})
+    history = record_updates(monkeypatch, script)
+    with caplog.at_level("WARNING"):
+        result = script.main(
+            script.parse_args(training_args(model, tmp_path / "out", "--gradient_accumulation_steps", "1"))
+        )
+    assert "Step 2: non-finite loss or gradient, update skipped (1 in a row)." in caplog.text
+    per_step = len(result.learned)
+    assert len(history) == 2 * per_step  # steps 1 and 3 updated, step 2 did not
+    final = result.learned["text_encoder"].direction.detach()
+    assert torch.isfinite(final).all() and torch.equal(final, history[-per_step])
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_too_many_non_finite_steps_stop_with_the_last_good_embeddings(family, tiny_sdxl, tiny_sana, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    script, model = SCRIPTS[family], model_of(family, tiny_sdxl, tiny_sana)
+    nan_at(monkeypatch, script, set(range(2, 100)))
+    history = record_updates(monkeypatch, script)
+    argv = training_args(model, tmp_path / "out", "--max_train_steps", "10", "--max_nonfinite_steps", "3",
+                         "--gradient_accumulation_steps", "1")  # fmt: skip
+    with pytest.raises(script.TrainingStopped, match=r"3 steps in a row had a non-finite loss .* step 4\)"):
+        script.main(script.parse_args(argv))
+    saved = load_file(tmp_path / "out" / "learned_embeds.safetensors")[TOKEN]
+    norm_scale = saved.norm().item()
+    assert len(history) == len(SCRIPTS[family].TEXT_ENCODERS)  # only step 1 updated
+    assert torch.allclose(saved, history[0] * norm_scale, atol=1e-6)

@@ -40,6 +40,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from diffusers.optimization import get_scheduler
 from PIL import Image, ImageOps
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -252,6 +253,9 @@ def parse_args(input_args=None):
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="dti-model", help="Where embeddings and checkpoints go.")
+    train.add_argument(
+        "--overwrite", action="store_true", help="Allow --output_dir to hold another concept's run (it is replaced)."
+    )
     train.add_argument("--seed", type=int, default=None, help="Seed of every random draw. Default: a random seed.")
     train.add_argument("--train_batch_size", type=int, default=2, help="Batch size per process.")
     train.add_argument("--max_train_steps", type=int, default=500, help="Number of update steps.")
@@ -448,15 +452,28 @@ def stable_seed(*key):
 
 
 # Copied from train_dti_sdxl.to_rgb
-def to_rgb(image):
-    """An RGB copy of a PIL image: first frame, EXIF rotation applied, transparency composited on white."""
+def to_rgb(image, resolution=None):
+    """An RGB copy of a PIL image: first frame, EXIF rotation applied, 16-bit scaled to 8 bits, transparency
+    composited on white. Images far above `resolution` are reduced while decoding, so huge photos cost little memory;
+    the size before that is kept in .info["original_size"] = (height, width) for SDXL's size conditioning."""
     image.seek(0)  # first frame of animated images
+    width, height = image.size
+    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # an EXIF rotation by 90 degrees swaps the sides
+        width, height = height, width
+    if resolution and image.format == "JPEG":
+        image.draft("RGB", (2 * resolution, 2 * resolution))  # decode at 1/2, 1/4 or 1/8 scale
     image = ImageOps.exif_transpose(image)
+    if resolution and min(image.size) >= 4 * resolution:
+        image = image.reduce(min(image.size) // (2 * resolution))
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale
+        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
     if image.mode in ("RGBA", "LA", "P", "PA"):
         rgba = image.convert("RGBA")
         image = Image.new("RGB", rgba.size, (255, 255, 255))
         image.paste(rgba, mask=rgba.getchannel("A"))
-    return image.convert("RGB")
+    rgb = image.convert("RGB")
+    rgb.info["original_size"] = (height, width)
+    return rgb
 
 
 # Copied from train_dti_sdxl.warn_small_images
@@ -480,7 +497,7 @@ def load_training_images(train_data_dir, resolution):
     for path in paths:
         try:
             with Image.open(path) as image:
-                images.append((path, to_rgb(image)))
+                images.append((path, to_rgb(image, resolution)))
         except (OSError, ValueError) as error:
             logger.warning(f"Skipping {path}: not a readable image ({error}).")
     if not images:
@@ -508,7 +525,10 @@ def load_dataset_images(args):
     if args.image_column not in dataset.column_names:
         columns = ", ".join(dataset.column_names)
         raise ValueError(f"--image_column {args.image_column!r} is not a column of {name}; its columns: {columns}.")
-    images = [(f"{path.name or name}[{i}]", to_rgb(image)) for i, image in enumerate(dataset[args.image_column])]
+    images = [
+        (f"{path.name or name}[{i}]", to_rgb(image, args.resolution))
+        for i, image in enumerate(dataset[args.image_column])
+    ]
     if not images:
         raise ValueError(f"--dataset_name {name!r} has no images in its train split.")
     return warn_small_images(images, args.resolution)
@@ -526,7 +546,7 @@ class DTIDataset(Dataset):
 
     def __init__(self, images, prompt_token, tokenize, resolution, center_crop, random_flip, templates, repeats, seed):
         self.images = [self._resize(image, resolution) for _, image in images]
-        self.original_sizes = [(image.height, image.width) for _, image in images]
+        self.original_sizes = [image.info.get("original_size", image.size[::-1]) for _, image in images]
         self.prompt_token = prompt_token
         self.tokenize = tokenize  # prompt -> {name: list of ids}, as the pipeline tokenizes
         self.resolution = resolution
@@ -805,6 +825,12 @@ def initializer_token_ids(tokenizer, initializer_token, num_vectors):
     or one token repeated k times."""
     ids = tokenizer(" " + initializer_token, add_special_tokens=False).input_ids
     ids = [i for i in ids if tokenizer.decode([i]).strip()]  # a lone word-boundary token carries no meaning
+    if (
+        tokenizer.unk_token_id is not None
+        and tokenizer.unk_token_id in ids
+        and tokenizer.unk_token_id != getattr(tokenizer, "eos_token_id", None)
+    ):
+        raise ValueError(f"--initializer_token {initializer_token!r} is unknown to the tokenizer; use a common word.")
     if not ids:
         raise ValueError(
             f"--initializer_token {initializer_token!r} tokenizes to nothing; use a class word like 'dog'."
@@ -1276,6 +1302,31 @@ def read_checkpoint_state(path, identity):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Copied from train_dti_sdxl.check_output_dir
+def check_output_dir(args):
+    """Refuse an --output_dir that holds another concept's run (unless --overwrite) or that cannot be written."""
+    output_dir = Path(args.output_dir)
+    previous = output_dir / "learned_embeds.safetensors"
+    if previous.is_file() and not args.overwrite:
+        try:
+            with safe_open(previous, framework="pt") as f:
+                other = (f.metadata() or {}).get("placeholder_token")
+        except Exception:  # an unreadable file there is someone else's too
+            other = None
+        if other != args.placeholder_token:
+            raise ValueError(
+                f"--output_dir {output_dir} holds the run of {other!r}; pick another folder or --overwrite."
+            )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"--output_dir {output_dir} cannot be written ({reason}); pick another folder.") from None
+
+
 def load_tokenizers(args):
     """[the Gemma tokenizer] and the pipeline's model_index, after checking that the model is a SanaPipeline."""
     from diffusers import DiffusionPipeline
@@ -1524,12 +1575,11 @@ def main(args):
     )
     if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
         logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
+    check_output_dir(args)
     text_encoders, vae, transformer, noise_scheduler, sampler = load_models(args, model_index)
     vae_factor = 2 ** (len(vae.config.encoder_block_out_channels) - 1)
     if args.resolution % vae_factor:
         raise ValueError(f"--resolution {args.resolution} is not a multiple of the DC-AE factor {vae_factor}.")
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 

@@ -2,17 +2,19 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import train_dti_sdxl as dti
 from tests.conftest import ASSETS, REPO, assert_one_line_error, run_commands, torchrun_ranks, training_args
@@ -455,7 +457,25 @@ def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(train, tmp_path
 # ------------------------------------------------------------------------------------------------ errors
 
 
-def error_cases(tmp_path):
+def error_cases(tmp_path, model):
+    """{name: (extra flags, what the error line must say)}; later flags override training_args' own."""
+    other_run, a_file = tmp_path / "other-run", tmp_path / "a-file"
+    other_run.mkdir()
+    save_file(
+        {"<other>": torch.ones(1, 32)},
+        other_run / "learned_embeds.safetensors",
+        metadata={"placeholder_token": "<other>"},
+    )
+    a_file.write_text("not a folder")
+    with_token = tmp_path / "model-with-token"
+    shutil.copytree(model, with_token)
+    from transformers import CLIPTokenizer
+
+    for sub in ("tokenizer", "tokenizer_2"):
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder=sub)
+        tokenizer.add_tokens([PLACEHOLDER])
+        shutil.rmtree(with_token / sub)
+        tokenizer.save_pretrained(with_token / sub)
     empty, unreadable = tmp_path / "empty", tmp_path / "unreadable"
     empty.mkdir()
     unreadable.mkdir()
@@ -479,6 +499,12 @@ def error_cases(tmp_path):
         "zero batch": (["--train_batch_size", "0"], "--train_batch_size"),
         "zero steps": (["--max_train_steps", "0"], "--max_train_steps"),
         "resume from nothing": (["--resume_from_checkpoint", "checkpoint-7"], "--resume_from_checkpoint"),
+        "output_dir of another concept": (["--output_dir", str(other_run)], "holds the run of '<other>'"),
+        "output_dir not writable": (["--output_dir", str(a_file / "out")], "--output_dir"),
+        "placeholder already added": (["--pretrained_model_name_or_path", str(with_token)], "--placeholder_token"),
+        "zero accumulation": (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
+        "beta out of range": (["--beta", "1.0"], "--beta"),
+        "8-bit adam with rsgd": (["--use_8bit_adam"], "--use_8bit_adam"),
     }
 
 
@@ -486,7 +512,9 @@ ERROR_CASE_NAMES = [
     "missing data folder", "empty data folder", "only unreadable images", "placeholder in vocabulary",
     "placeholder with a space", "initializer vs num_vectors", "empty initializer", "unknown model folder",
     "unknown hub model", "token_scale word", "token_scale negative", "negative kappa", "negative learning rate",
-    "resolution not multiple of 8", "zero batch", "zero steps", "resume from nothing",
+    "resolution not multiple of 8", "zero batch", "zero steps", "resume from nothing", "output_dir of another concept",
+    "output_dir not writable", "placeholder already added", "zero accumulation", "beta out of range",
+    "8-bit adam with rsgd",
 ]  # fmt: skip
 
 
@@ -494,7 +522,7 @@ ERROR_CASE_NAMES = [
 def error_runs(tiny_sdxl, tmp_path_factory):
     """Run every error case as a user would (a subprocess), once."""
     tmp_path = tmp_path_factory.mktemp("errors")
-    cases = error_cases(tmp_path)
+    cases = error_cases(tmp_path, tiny_sdxl)
     assert list(cases) == ERROR_CASE_NAMES
     outputs = {name: tmp_path / f"out-{i}" for i, name in enumerate(cases)}
     commands = {
@@ -585,3 +613,55 @@ def test_help_documents_every_flag():
         "--cache_latents",
     ]
     assert set(issue_flags) <= documented, set(issue_flags) - documented
+
+
+def test_overwrite_lets_a_run_replace_another_concepts_output(train, tmp_path):
+    save_file(
+        {"<other>": torch.ones(1, 32)},
+        tmp_path / "learned_embeds.safetensors",
+        metadata={"placeholder_token": "<other>"},
+    )
+    with pytest.raises(ValueError, match="holds the run of '<other>'"):
+        train("--max_train_steps", "1", output_dir=tmp_path)
+    train("--max_train_steps", "1", "--overwrite", output_dir=tmp_path)
+    assert PLACEHOLDER in load_file(tmp_path / "learned_embeds.safetensors")
+    train("--max_train_steps", "1", output_dir=tmp_path)  # the same concept may always be trained again
+
+
+def test_an_initializer_the_tokenizer_does_not_know_is_refused():
+    class UnknownWords:
+        unk_token_id, eos_token_id = 3, 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[3])
+
+        def decode(self, ids):
+            return "<unk>"
+
+    with pytest.raises(ValueError, match="--initializer_token 'zzqx' is unknown to the tokenizer"):
+        dti.initializer_token_ids(UnknownWords(), "zzqx", None)
+
+
+def test_awkward_images_load_as_rgb_at_a_sensible_size(tmp_path, caplog):
+    from accelerate import PartialState
+
+    PartialState()  # the scripts log through accelerate
+    gradient = np.tile(np.arange(0, 65536, 256, dtype=np.uint16), (32, 1))
+    Image.fromarray(gradient).save(tmp_path / "sixteen-bit.png")  # mode I;16
+    frames = [Image.new("RGB", (48, 48), color) for color in ("red", "blue")]
+    frames[0].save(tmp_path / "animated.gif", save_all=True, append_images=frames[1:])
+    Image.new("P", (48, 48), 5).save(tmp_path / "palette.png")
+    Image.new("RGB", (6400, 4800), (10, 200, 30)).save(tmp_path / "huge.jpg", quality=50)
+    Image.new("RGB", (3200, 2400), (200, 10, 30)).save(tmp_path / "huge.png")
+    with caplog.at_level("WARNING"):
+        loaded = {path.name: image for path, image in dti.load_training_images(tmp_path, 64)}
+    assert "sixteen-bit.png is 256x32, smaller than --resolution; upscaled." in caplog.text
+    assert all(image.mode == "RGB" for image in loaded.values())
+    assert np.asarray(loaded["sixteen-bit.png"])[0, :, 0].tolist() == list(range(256))  # 16 bits mapped to 8
+    assert loaded["animated.gif"].getpixel((0, 0)) == (255, 0, 0)  # the first frame
+    for name, original in (("huge.jpg", (4800, 6400)), ("huge.png", (2400, 3200))):
+        image = loaded[name]
+        assert 64 <= min(image.size) < 4 * 64 and image.info["original_size"] == original
+    dataset = dti.DTIDataset(list(loaded.items()), "x", no_text, 64, True, False, dti.OBJECT_TEMPLATES, 1, seed=0)
+    huge = list(loaded).index("huge.jpg")
+    assert dataset.original_sizes[huge] == (4800, 6400)

@@ -18,6 +18,7 @@ SanaPipeline has no load_textual_inversion: see README.md for the loader.
 import argparse
 import hashlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -525,10 +526,13 @@ def load_dataset_images(args):
     if args.image_column not in dataset.column_names:
         columns = ", ".join(dataset.column_names)
         raise ValueError(f"--image_column {args.image_column!r} is not a column of {name}; its columns: {columns}.")
-    images = [
-        (f"{path.name or name}[{i}]", to_rgb(image, args.resolution))
-        for i, image in enumerate(dataset[args.image_column])
-    ]
+    if isinstance(dataset.features[args.image_column], datasets.Image):  # decoded below, as image files are
+        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
+    images = []
+    for i, item in enumerate(dataset[args.image_column]):
+        source = item if isinstance(item, str) else (io.BytesIO(item["bytes"]) if item["bytes"] else item["path"])
+        with Image.open(source) as image:
+            images.append((f"{path.name or name}[{i}]", to_rgb(image, args.resolution)))
     if not images:
         raise ValueError(f"--dataset_name {name!r} has no images in its train split.")
     return warn_small_images(images, args.resolution)

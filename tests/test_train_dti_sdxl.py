@@ -403,7 +403,7 @@ def test_time_ids_come_from_each_sample(tiny_sdxl):
     batch = dti.collate([dataset[p] for p in range(len(dataset))])
     wide = [i for i, (path, _) in enumerate(images) if path.name == "02_studio.jpg"][0]
     for index, size, crop in zip(batch["image_index"], batch["original_size"], batch["crop_top_left"], strict=True):
-        assert size.tolist() == [images[index][1].height, images[index][1].width]
+        assert tuple(size.tolist()) == images[index][1].info["original_size"]
         if index == wide:
             assert size.tolist() == [768, 1024] and crop[0] == 0 and 0 <= crop[1] <= 85 - 64
     wide_crops = {

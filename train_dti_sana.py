@@ -559,6 +559,7 @@ class DTIDataset(Dataset):
         self.templates = templates
         self.repeats = repeats
         self.seed = seed
+        self.with_pixels = True  # False once the latents are cached: no image work per sample then
         self._order = (None, None)
 
     @staticmethod
@@ -607,7 +608,7 @@ class DTIDataset(Dataset):
             "position": position,
             "image_index": index,
             "flip": flip,
-            "pixel_values": self.pixels(index, top, left, flip),
+            "pixel_values": self.pixels(index, top, left, flip) if self.with_pixels else None,
             "original_size": torch.tensor(self.original_sizes[index]),
             "crop_top_left": torch.tensor((top, crop_left)),
             "text": self.tokenize(prompt),
@@ -621,7 +622,9 @@ def collate(samples):
         "position": torch.tensor([s["position"] for s in samples]),
         "image_index": torch.tensor([s["image_index"] for s in samples]),
         "flip": torch.tensor([s["flip"] for s in samples], dtype=torch.long),
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "pixel_values": None
+        if samples[0]["pixel_values"] is None
+        else torch.stack([s["pixel_values"] for s in samples]),
         "original_size": torch.stack([s["original_size"] for s in samples]),
         "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
         "text": {key: torch.tensor([s["text"][key] for s in samples]) for key in samples[0]["text"]},
@@ -1123,7 +1126,7 @@ def base_model_license(args):
 # Copied from train_dti_sdxl.upload_ignore_patterns
 def upload_ignore_patterns(args):
     """What upload_folder leaves out: checkpoints, tracker logs, temporary and hidden files."""
-    return ["checkpoint-*", ".*", "*/.*", f"{Path(args.logging_dir).as_posix()}/*", "wandb/*", "*.tmp"]
+    return ["checkpoint-*", ".*", "*/.*", f"{Path(args.logging_dir).as_posix()}/*", "*.tmp"]
 
 
 # Copied from train_dti_sdxl.create_hub_repo
@@ -1395,8 +1398,10 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
     def requested(self, accelerator):
+        if accelerator.num_processes == 1:
+            return self.signal is not None
         flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
-        return bool((accelerator.reduce(flag, reduction="sum") if accelerator.num_processes > 1 else flag).item())
+        return bool(accelerator.reduce(flag, reduction="sum").item())
 
     def __enter__(self):
         return self
@@ -1614,6 +1619,7 @@ def main(args):
     latent_cache = None
     if args.cache_latents and dataset.crops_are_fixed:
         latent_cache = LatentCache(dataset, vae)
+        dataset.with_pixels = False
         logger.info(f"Cached the DC-AE latents of {len(images)} images.")
     elif args.cache_latents:
         logger.warning("--cache_latents needs --center_crop or square images at --resolution: encoding each step.")
@@ -1669,7 +1675,7 @@ def main(args):
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
 
             # The update: RSGD on the sphere (DirectionalTokens.step), or AdamW (+ prior, retraction: the ablation).
-            if adamw_on_sphere and torch.isfinite(step_loss):
+            if adamw_on_sphere:  # on a skipped step these gradients are dropped anyway
                 for tokens in learned.values():
                     tokens.add_prior_gradient()
             lr = lr_scheduler.get_last_lr()[0]

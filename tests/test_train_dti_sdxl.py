@@ -63,9 +63,11 @@ def unit_angle(a, b):
 
 
 def pretrained_table(model, subfolder):
-    from transformers import CLIPTextModel
+    """The pretrained input-embedding table of text_encoder or text_encoder_2, read from disk."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel.from_pretrained(model, subfolder=subfolder).get_input_embeddings().weight.detach()
+    model_class = CLIPTextModel if subfolder == "text_encoder" else CLIPTextModelWithProjection
+    return model_class.from_pretrained(model, subfolder=subfolder).get_input_embeddings().weight.detach()
 
 
 # ------------------------------------------------------------------------------------------------ the update math
@@ -120,19 +122,16 @@ def test_prior_pulls_toward_the_class_direction_when_the_data_gradient_is_zero()
 
 def test_training_keeps_the_norm_at_the_vocabulary_mean_and_turns_by_atan_lr(train, tiny_sdxl):
     result, out = train("--max_train_steps", "1", "--learning_rate", "0.02")
+    robot_id = 8797  # "robot</w>" in the CLIP vocabulary, the same in both tokenizers
     for name, file, width in [("text_encoder", "learned_embeds", 32), ("text_encoder_2", "learned_embeds_2", 48)]:
-        table = pretrained_table(tiny_sdxl, name) if name == "text_encoder" else None
-        if table is None:
-            from transformers import CLIPTextModelWithProjection
-
-            table = CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder=name).get_input_embeddings().weight
-        table = table.detach().double()
+        table = pretrained_table(tiny_sdxl, name).double()
         vector = load_file(out / f"{file}.safetensors")[PLACEHOLDER]
         assert vector.shape == (1, width) and vector.dtype == torch.float32
         mean_norm = table.norm(dim=1).mean().item()
         assert vector.double().norm(dim=1).item() == pytest.approx(mean_norm, rel=1e-6)
-        robot = table[dti.load_tokenizers(dti.parse_args(training_args(tiny_sdxl, out)))[0]("robot").input_ids[1]]
-        assert unit_angle(robot, vector[0])[()] == pytest.approx(math.atan(0.02), rel=1e-4)
+        prior = result.learned[name].prior_direction.double()
+        assert torch.allclose(prior, (table[robot_id] / table[robot_id].norm())[None], atol=1e-7)
+        assert unit_angle(table[robot_id], vector[0])[()] == pytest.approx(math.atan(0.02), rel=1e-4)
 
 
 def test_everything_but_the_new_rows_stays_bit_identical(train, tiny_sdxl):
@@ -381,6 +380,9 @@ def test_cached_latents_give_the_same_loss_as_encoding_each_step(tiny_sdxl):
     cache = dti.LatentCache(dataset, vae)
     fresh, cached = dti.vae_posterior(vae, batch["pixel_values"]), cache(batch)
     assert torch.allclose(fresh[0], cached[0], atol=1e-5) and torch.allclose(fresh[1], cached[1], atol=1e-5)
+    dataset.with_pixels = False  # what the script sets once the latents are cached: no image work per sample
+    lean = dti.collate([dataset[int(p)] for p in batch["position"]])
+    assert lean["pixel_values"] is None and torch.equal(cache(lean)[0], cached[0])
     with torch.no_grad():
         losses = [dti.training_loss(batch, *latents, unet, encoders, scheduler, 0.13025, 0, 64) for latents in
                   (fresh, cached)]  # fmt: skip

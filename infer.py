@@ -495,7 +495,9 @@ def main(args):
         "interpolation": frames,
         "infer_version": __version__,
     }
-    (output_dir / "generations.json").write_text(json.dumps(summary, indent=2))
+    tmp = output_dir / ".generations.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(output_dir / "generations.json")  # never a half-written record
     return summary
 
 

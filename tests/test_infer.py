@@ -266,3 +266,35 @@ def test_bad_input_gives_one_line_error(infer_error_runs, name):
 def test_a_token_in_no_prompt_is_warned(runs, tiny_sdxl, tmp_path, capsys):
     run_infer(tiny_sdxl, tmp_path / "g", "--embeddings", str(runs["root"] / "sdxl-robot"), "--prompt", "a photo")
     assert f"warning: {ROBOT} appears in no prompt." in capsys.readouterr().err
+
+
+def test_prompt_file_sampler_guidance_and_negative_prompt_reach_the_pipeline(runs, tiny_sdxl, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a photo of {ROBOT}\n\n{ROBOT} in the snow\n")
+    common = ["--embeddings", str(runs["root"] / "sdxl-robot"), "--prompt_file", str(prompts), "--seed", "1"]
+    plain = run_infer(tiny_sdxl, tmp_path / "plain", *common)
+    tuned = run_infer(tiny_sdxl, tmp_path / "tuned", *common, "--scheduler", "euler", "--guidance_scale", "9",
+                      "--negative_prompt", "blurry")  # fmt: skip
+    assert [r["prompt"] for r in plain["images"]] == [f"a photo of {ROBOT}", f"{ROBOT} in the snow"]
+    assert plain["scheduler"] == "DPMSolverMultistepScheduler" and tuned["scheduler"] == "EulerDiscreteScheduler"
+    assert tuned["settings"]["guidance_scale"] == 9 and tuned["settings"]["negative_prompt"] == "blurry"
+    a, b = (np.asarray(Image.open(d / plain["images"][0]["file"])) for d in (tmp_path / "plain", tmp_path / "tuned"))
+    assert not np.array_equal(a, b)
+
+
+def test_hub_ids_and_weight_name_resolve_to_files(runs, monkeypatch):
+    import huggingface_hub
+
+    folder = runs["root"] / "sdxl-robot"
+    asked = []
+
+    def download(repo_id, filename):
+        asked.append((repo_id, filename))
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert infer.embedding_files("me/robot-concept", None) == [folder / name for name in infer.TRAINING_FILES]
+    assert asked == [("me/robot-concept", name) for name in infer.TRAINING_FILES]
+    assert infer.embedding_files(str(folder), "toy-robot.safetensors") == [folder / "toy-robot.safetensors"]
+    (concept,) = infer.load_embeddings(["me/robot-concept"])
+    assert set(concept.vectors) == {"width:32", "width:48"} and concept.token == ROBOT

@@ -269,6 +269,24 @@ def parse_args(input_args=None):
         help="Recompute activations of the transformer and the text encoder in the backward pass to save memory.",
     )
     train.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer for training (the first steps are slow while it compiles).",
+    )
+    train.add_argument(
+        "--compile_backend",
+        type=str,
+        default="inductor",
+        help="torch.compile backend of --compile: inductor generates fused kernels; aot_eager only traces the graph.",
+    )
+    train.add_argument(
+        "--quantize_frozen",
+        choices=["none", "8bit"],
+        default="none",
+        help="8bit: the linear layers of the frozen transformer and Gemma-2 in int8 (bitsandbytes LLM.int8) to save "
+        "memory; gradients still reach the learned rows, the loss changes slightly.",
+    )
+    train.add_argument(
         "--learning_rate",
         type=float,
         default=None,
@@ -319,6 +337,12 @@ def parse_args(input_args=None):
         help="Tracker: tensorboard, wandb, all or none (tensorboard and wandb need their packages).",
     )
     logs.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    logs.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Read the per-step logs from the device every N steps (one host sync), then log every step's values.",
+    )
     logs.add_argument(
         "--validation_prompt",
         type=str,
@@ -408,6 +432,7 @@ def validate_args(args):
         (args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1, "--checkpoints_total_limit >= 1"),
         (args.dataloader_num_workers >= 0, "--dataloader_num_workers must be zero or positive"),
         (args.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be at least 1"),
+        (args.logging_steps >= 1, "--logging_steps must be at least 1"),
         (args.method == "dti" or args.kappa == 0, "--kappa applies to --method dti only (plain TI has no prior)"),
         (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
         (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),
@@ -420,6 +445,11 @@ def validate_args(args):
         logger.warning("--optimizer is ignored with --method ti (plain TI always uses AdamW).")
     if args.use_8bit_adam and args.method == "dti" and args.optimizer == "rsgd":
         raise ValueError("--use_8bit_adam needs an AdamW mode: --optimizer adamw or --method ti.")
+    if args.quantize_frozen == "8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            raise ValueError("--quantize_frozen 8bit needs bitsandbytes: pip install bitsandbytes.") from error
     if args.report_to not in ("none", "tensorboard", "wandb", "all"):
         raise ValueError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}.")
     if (args.train_data_dir is None) == (args.dataset_name is None):
@@ -713,15 +743,18 @@ class DirectionalTokens(torch.nn.Module):
         return self.norm_scale * self.direction
 
     @torch.no_grad()
-    def step(self, lr):
+    def step(self, lr, only_if=None):
+        """One update; only_if (a bool tensor on the device) keeps the old state where False, without a host sync."""
         v, g = self.direction, self.direction.grad
         g = g - self.kappa * self.prior_direction
         g = g - (v * g).sum(-1, keepdim=True) * v
-        self.num_steps += 1
-        self.second_moment.mul_(self.beta).add_((1 - self.beta) * g.square().sum(-1))
-        bias_correction = 1 - self.beta ** self.num_steps.to(g.dtype)
-        g = g / ((self.second_moment / bias_correction).sqrt() + self.eps).unsqueeze(-1)
-        v.copy_(F.normalize(v - lr * g, dim=-1))
+        num_steps = self.num_steps + 1
+        second_moment = self.beta * self.second_moment + (1 - self.beta) * g.square().sum(-1)
+        bias_correction = 1 - self.beta ** num_steps.to(g.dtype)
+        g = g / ((second_moment / bias_correction).sqrt() + self.eps).unsqueeze(-1)
+        new_direction = F.normalize(v - lr * g, dim=-1)
+        for state, new in ((v, new_direction), (self.second_moment, second_moment), (self.num_steps, num_steps)):
+            state.copy_(new if only_if is None else torch.where(only_if, new, state))
 
     @torch.no_grad()
     def add_prior_gradient(self):
@@ -762,12 +795,13 @@ class RiemannianSGD(torch.optim.Optimizer):
 
     def __init__(self, tokens, lr):
         self.tokens = list(tokens)
+        self.only_if = None  # a device flag set per step: the update is kept only where it is True
         super().__init__([{"params": [t.direction]} for t in self.tokens], {"lr": lr})
 
     @torch.no_grad()
     def step(self, closure=None):
         for group, tokens in zip(self.param_groups, self.tokens, strict=True):
-            tokens.step(group["lr"])
+            tokens.step(group["lr"], self.only_if)
 
 
 # Copied from train_dti_sdxl.inject_learned_tokens
@@ -1397,9 +1431,12 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
-    def requested(self, accelerator):
+    def requested(self, accelerator, can_sync=True):
+        """Whether to stop now. With several processes this takes an all-reduce, so it is asked at logging steps."""
         if accelerator.num_processes == 1:
             return self.signal is not None
+        if not can_sync:
+            return False
         flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item())
 
@@ -1414,25 +1451,31 @@ class StopRequest:
 # Copied from train_dti_sdxl.NonFiniteGuard
 class NonFiniteGuard:
     """Skips an update whose loss or gradient is not finite (the directions stay as they were); after
-    --max_nonfinite_steps such steps in a row, the run stops."""
+    --max_nonfinite_steps such steps in a row, the run stops. The check stays on the device; the flags reach the
+    host with the step logs (every --logging_steps), where skipped steps are reported."""
 
     def __init__(self, max_in_a_row):
-        self.max_in_a_row, self.in_a_row, self.skipped = max_in_a_row, 0, 0
+        self.max_in_a_row, self.in_a_row, self.longest, self.skipped, self.last = max_in_a_row, 0, 0, 0, None
 
-    def allows_update(self, step_loss, learned, step, check_gradients=True):
+    @staticmethod
+    def finite(step_loss, learned, check_gradients=True):
+        """A bool tensor on the device: the loss and the gradients are finite."""
         values = [torch.isfinite(step_loss).all()]
         if check_gradients:  # under fp16 the grad scaler handles overflowing gradients itself
             values += [torch.isfinite(p.grad).all() for p in learned.parameters() if p.grad is not None]
-        if torch.stack(values).all().item():
+        return torch.stack(values).all()
+
+    def record(self, step, finite):
+        if finite:
             self.in_a_row = 0
-            return True
-        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+            return
+        self.in_a_row, self.skipped, self.last = self.in_a_row + 1, self.skipped + 1, step
+        self.longest = max(self.longest, self.in_a_row)
         logger.warning(f"Step {step}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row).")
-        return False
 
     @property
     def exhausted(self):
-        return self.in_a_row >= self.max_in_a_row
+        return self.longest >= self.max_in_a_row
 
 
 # Copied from train_dti_sdxl.resolve_seed
@@ -1556,15 +1599,104 @@ def resume(args, accelerator, identity, seed):
     return state["step"], state["seed"]
 
 
-# Copied from train_dti_sdxl.step_logs
-def step_logs(step_loss, lr, learned):
-    """Loss, lr and, per encoder, the norm, cosine to the prior and degrees turned: one host sync per step."""
-    values = torch.cat([step_loss.reshape(1)] + [tokens.stats() for tokens in learned.values()]).tolist()
-    logs = {"loss": values[0], "lr": lr}
-    for i, name in enumerate(learned):
-        norm, cos_prior, angle = values[1 + 3 * i : 4 + 3 * i]
-        logs |= {f"{name}/norm": norm, f"{name}/cos_prior": cos_prior, f"{name}/angle_deg": angle}
-    return logs
+# Copied from train_dti_sdxl.data_gradient
+def data_gradient(batches, latents, loss_fn, learned, accelerator, accumulation_steps):
+    """The data loss's gradient over one global batch, left in the learned tokens' .grad: accumulated over
+    micro-batches, averaged over processes. Returns the step's loss, a device tensor (no host sync)."""
+    step_loss = torch.zeros((), device=accelerator.device)
+    for _ in range(accumulation_steps):
+        batch = next(batches)
+        loss = loss_fn(batch, *latents(batch))
+        accelerator.backward(loss / accumulation_steps)
+        step_loss += loss.detach() / accumulation_steps
+    if accelerator.num_processes > 1:
+        for parameter in learned.parameters():
+            parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+        step_loss = accelerator.reduce(step_loss, reduction="mean")
+    return step_loss
+
+
+# Copied from train_dti_sdxl.apply_update
+def apply_update(optimizer, learned, finite, adamw_on_sphere):
+    """The update where `finite` holds: RSGD masks it on the device (no host sync); the AdamW modes (baselines)
+    read the flag. AdamW on the sphere adds the prior's gradient and retracts after the step (the ablation)."""
+    rsgd = getattr(optimizer, "optimizer", optimizer)
+    if isinstance(rsgd, RiemannianSGD):
+        rsgd.only_if = finite
+        optimizer.step()
+    elif finite.item():
+        if adamw_on_sphere:
+            for tokens in learned.values():
+                tokens.add_prior_gradient()
+        optimizer.step()
+        if adamw_on_sphere:
+            for tokens in learned.values():
+                tokens.retract()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# Copied from train_dti_sdxl.StepLogs
+class StepLogs:
+    """Per step: loss, lr, the finite flag and, per encoder, the norm, cosine to the prior and degrees turned.
+    Kept on the device and read in one host sync every --logging_steps, so the loop never waits for the GPU."""
+
+    def __init__(self, learned):
+        self.learned, self.pending = learned, []
+
+    def add(self, step, step_loss, lr, finite):
+        stats = [step_loss.reshape(1).float(), finite.reshape(1).float()] + [t.stats() for t in self.learned.values()]
+        self.pending.append((step, lr, torch.cat(stats)))
+
+    def read(self):
+        """[(step, finite, logs)] of the steps added since the last read."""
+        if not self.pending:
+            return []
+        rows = torch.stack([values for _, _, values in self.pending]).tolist()
+        records = []
+        for (step, lr, _), row in zip(self.pending, rows, strict=True):
+            logs = {"loss": row[0], "lr": lr}
+            for i, name in enumerate(self.learned):
+                norm, cos_prior, angle = row[2 + 3 * i : 5 + 3 * i]
+                logs |= {f"{name}/norm": norm, f"{name}/cos_prior": cos_prior, f"{name}/angle_deg": angle}
+            records.append((step, row[1] > 0, logs))
+        self.pending = []
+        return records
+
+
+# Copied from train_dti_sdxl.report_steps
+def report_steps(step_logs, guard, accelerator, progress):
+    """Read the pending step logs (one host sync): log them, account skipped steps, show the last in the bar."""
+    records = step_logs.read()
+    for step, finite, logs in records:
+        guard.record(step, finite)
+        accelerator.log(logs, step=step)
+    if records:
+        logs = records[-1][2]
+        progress.set_postfix(
+            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}"
+        )
+
+
+# Copied from train_dti_sdxl.quantize_8bit
+def quantize_8bit(model):
+    """Swap every nn.Linear of a frozen model for bitsandbytes' LLM.int8 layer (int8 weights, outlier features in
+    16 bit); the weights are quantized when the model moves to its device. Gradients still reach the layer inputs,
+    so the learned rows get theirs. Returns the number of layers swapped."""
+    import bitsandbytes as bnb
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                        has_fp16_weights=False, device="meta")  # fmt: skip
+            layer.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer)
+            swapped += 1
+    return swapped
 
 
 def main(args):
@@ -1595,8 +1727,12 @@ def main(args):
     # The learned tokens in fp32; every other weight frozen in the mixed-precision dtype.
     learned, vocabulary_mean_norms = attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed)
     models = {"transformer": transformer, "vae": vae, "text_encoder": text_encoders[0]}
+    if args.quantize_frozen == "8bit":
+        swapped = sum(quantize_8bit(model) for model in (transformer, *text_encoders))
+        logger.info(f"--quantize_frozen 8bit: {swapped} linear layers of the transformer and text encoder in int8.")
     freeze(models, accelerator, weight_dtype, args.gradient_checkpointing)
     learned.to(accelerator.device)
+    denoiser = torch.compile(transformer, backend=args.compile_backend) if args.compile else transformer
 
     optimizer = make_optimizer(args, learned)
     lr_scheduler = get_scheduler(
@@ -1655,53 +1791,32 @@ def main(args):
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    latents = latent_cache or (lambda batch: vae_posterior(vae, batch["pixel_values"]))
+    loss_fn = partial(training_loss, transformer=denoiser, text_encoders=text_encoders, noise_scheduler=noise_scheduler,
+                      vae_scale=vae.config.scaling_factor, seed=seed, args=args)  # fmt: skip
+    guard, logs = NonFiniteGuard(args.max_nonfinite_steps), StepLogs(learned)
     with StopRequest() as stop:
         while global_step < args.max_train_steps:
-            # Gradient of the data loss over one global batch, accumulated, then averaged over processes.
-            step_loss = torch.zeros((), device=accelerator.device)
-            for _ in range(args.gradient_accumulation_steps):
-                batch = next(batches)
-                latent_mean, latent_std = (
-                    latent_cache(batch) if latent_cache else vae_posterior(vae, batch["pixel_values"])
-                )
-                loss = training_loss(batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler,
-                                     vae.config.scaling_factor, seed, args)  # fmt: skip
-                accelerator.backward(loss / args.gradient_accumulation_steps)
-                step_loss += loss.detach() / args.gradient_accumulation_steps
-            if accelerator.num_processes > 1:
-                for parameter in learned.parameters():
-                    parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
-                step_loss = accelerator.reduce(step_loss, reduction="mean")
-
-            # The update: RSGD on the sphere (DirectionalTokens.step), or AdamW (+ prior, retraction: the ablation).
-            if adamw_on_sphere:  # on a skipped step these gradients are dropped anyway
-                for tokens in learned.values():
-                    tokens.add_prior_gradient()
+            # One step: the data gradient, then RSGD on the sphere (or AdamW: the baselines), skipped if not finite.
+            step_loss = data_gradient(batches, latents, loss_fn, learned, accelerator, args.gradient_accumulation_steps)
+            finite = guard.finite(step_loss, learned, check_gradients=accelerator.scaler is None)
             lr = lr_scheduler.get_last_lr()[0]
-            if guard.allows_update(step_loss, learned, global_step + 1, check_gradients=accelerator.scaler is None):
-                optimizer.step()
-                if adamw_on_sphere:
-                    for tokens in learned.values():
-                        tokens.retract()
-            optimizer.zero_grad(set_to_none=True)
+            apply_update(optimizer, learned, finite, adamw_on_sphere)
             lr_scheduler.step()
             global_step += 1
+            logs.add(global_step, step_loss, lr, finite)
+            progress.update(1)
+
+            at_logging_step = global_step % args.logging_steps == 0 or global_step == args.max_train_steps
+            if at_logging_step:  # the loop's only host sync
+                report_steps(logs, guard, accelerator, progress)
             if guard.exhausted:
                 if accelerator.is_main_process:
                     save_embeddings(learned, args, vocabulary_mean_norms, global_step)
                 raise TrainingStopped(
-                    f"{guard.in_a_row} steps in a row had a non-finite loss or gradient (the last: step "
-                    f"{global_step}); the last good embeddings are in {args.output_dir}. Lower --learning_rate or "
-                    "check the data."
+                    f"{guard.longest} steps in a row had a non-finite loss or gradient (the last: step {guard.last}); "
+                    f"the last good embeddings are in {args.output_dir}. Lower --learning_rate or check the data."
                 )
-
-            logs = step_logs(step_loss, lr, learned)
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{logs['loss']:.4f}", lr=f"{lr:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}"
-            )
-            accelerator.log(logs, step=global_step)
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0 and global_step < args.max_train_steps:
                     save_embeddings(learned, args, vocabulary_mean_norms, global_step, suffix=f"-steps-{global_step}")
@@ -1710,7 +1825,8 @@ def main(args):
                 if validate and global_step % args.validation_steps == 0:
                     log_validation(components, sampler, args, accelerator, seed, global_step, prompt_token)
 
-            if stop.requested(accelerator):
+            if stop.requested(accelerator, can_sync=at_logging_step):
+                report_steps(logs, guard, accelerator, progress)
                 if accelerator.is_main_process:
                     save_embeddings(learned, args, vocabulary_mean_norms, global_step)
                     if global_step % args.checkpointing_steps:

@@ -51,7 +51,7 @@ def test_sana_copies_equal_their_sdxl_originals():
 
 def test_fix_copies_restores_an_edited_copy():
     sdxl, sana = (REPO / "train_dti_sdxl.py").read_text(), (REPO / "train_dti_sana.py").read_text()
-    edited = sana.replace("v.copy_(F.normalize(v - lr * g, dim=-1))", "v.copy_(v - lr * g)")
+    edited = sana.replace("new_direction = F.normalize(v - lr * g, dim=-1)", "new_direction = v - lr * g")
     assert edited != sana and fix_copies(sdxl, edited) == fix_copies(sdxl, sana)
     assert not copy_mismatches(sdxl, fix_copies(sdxl, edited))[1]
 

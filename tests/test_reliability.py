@@ -108,10 +108,11 @@ def nan_at(monkeypatch, script, bad_steps, accumulation=1):
 
 
 def record_updates(monkeypatch, script):
+    """The directions after every RSGD step, skipped or not (a skipped step is masked on the device)."""
     history, original = [], script.DirectionalTokens.step
 
-    def step(self, lr):
-        original(self, lr)
+    def step(self, lr, only_if=None):
+        original(self, lr, only_if)
         history.append(self.direction.detach().clone())
 
     monkeypatch.setattr(script.DirectionalTokens, "step", step)
@@ -128,23 +129,29 @@ def test_a_non_finite_step_is_skipped_and_counted(family, tiny_sdxl, tiny_sana, 
             script.parse_args(training_args(model, tmp_path / "out", "--gradient_accumulation_steps", "1"))
         )
     assert "Step 2: non-finite loss or gradient, update skipped (1 in a row)." in caplog.text
+    assert caplog.text.count("update skipped") == 1
     per_step = len(result.learned)
-    assert len(history) == 2 * per_step  # steps 1 and 3 updated, step 2 did not
+    after = [history[i * per_step] for i in range(3)]  # text_encoder's direction after steps 1, 2, 3
+    assert torch.equal(after[1], after[0]) and not torch.equal(after[2], after[1])  # step 2 changed nothing
     final = result.learned["text_encoder"].direction.detach()
-    assert torch.isfinite(final).all() and torch.equal(final, history[-per_step])
+    assert torch.isfinite(final).all() and torch.equal(final, after[2])
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sana"])
-def test_too_many_non_finite_steps_stop_with_the_last_good_embeddings(family, tiny_sdxl, tiny_sana, tmp_path,
-                                                                        monkeypatch):  # fmt: skip
+@pytest.mark.parametrize(("family", "logging_steps", "in_a_row", "last"), [("sdxl", 1, 3, 4), ("sana", 5, 4, 5)])
+def test_too_many_non_finite_steps_stop_with_the_last_good_embeddings(
+    family, logging_steps, in_a_row, last, tiny_sdxl, tiny_sana, tmp_path, monkeypatch
+):
+    """The flags are read every --logging_steps: the run stops at the first read that sees the limit reached."""
     script, model = SCRIPTS[family], model_of(family, tiny_sdxl, tiny_sana)
     nan_at(monkeypatch, script, set(range(2, 100)))
     history = record_updates(monkeypatch, script)
     argv = training_args(model, tmp_path / "out", "--max_train_steps", "10", "--max_nonfinite_steps", "3",
-                         "--gradient_accumulation_steps", "1")  # fmt: skip
-    with pytest.raises(script.TrainingStopped, match=r"3 steps in a row had a non-finite loss .* step 4\)"):
+                         "--gradient_accumulation_steps", "1", "--logging_steps", str(logging_steps))  # fmt: skip
+    match = rf"{in_a_row} steps in a row had a non-finite loss .* step {last}\)"
+    with pytest.raises(script.TrainingStopped, match=match):
         script.main(script.parse_args(argv))
     saved = load_file(tmp_path / "out" / "learned_embeds.safetensors")[TOKEN]
     norm_scale = saved.norm().item()
-    assert len(history) == len(SCRIPTS[family].TEXT_ENCODERS)  # only step 1 updated
-    assert torch.allclose(saved, history[0] * norm_scale, atol=1e-6)
+    per_step = len(SCRIPTS[family].TEXT_ENCODERS)
+    assert len(history) == last * per_step and all(torch.equal(h, history[0]) for h in history[::per_step])
+    assert torch.allclose(saved, history[0] * norm_scale, atol=1e-6)  # only step 1 updated

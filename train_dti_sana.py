@@ -1599,6 +1599,38 @@ def resume(args, accelerator, identity, seed):
     return state["step"], state["seed"]
 
 
+# Copied from train_dti_sdxl.latent_source
+def latent_source(args, dataset, vae):
+    """batch -> (latent mean, latent std), fp32: from a cache of every image's latents when that is exact
+    (--cache_latents), else from the VAE each step."""
+    if args.cache_latents and dataset.crops_are_fixed:
+        cache = LatentCache(dataset, vae)
+        dataset.with_pixels = False  # no image work per sample any more
+        logger.info(f"Cached the latents of {len(dataset.images)} images.")
+        return cache
+    if args.cache_latents:
+        logger.warning("--cache_latents needs --center_crop or square images at --resolution: encoding each step.")
+    return lambda batch: vae_posterior(vae, batch["pixel_values"])
+
+
+# Copied from train_dti_sdxl.batch_stream
+def batch_stream(args, dataset, accelerator, global_step):
+    """This process's endless iterator of batches, from the stream position of global_step."""
+    samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    sampler = StreamSampler(
+        global_step * samples_per_step, args.train_batch_size, accelerator.process_index, accelerator.num_processes
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    return iter(loader)
+
+
 # Copied from train_dti_sdxl.data_gradient
 def data_gradient(batches, latents, loss_fn, learned, accelerator, accumulation_steps):
     """The data loss's gradient over one global batch, left in the learned tokens' .grad: accumulated over
@@ -1752,26 +1784,9 @@ def main(args):
     tokenize = partial(tokenize_prompt, tokenizers[0], args.max_sequence_length, instruction)
     dataset = DTIDataset(images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
                          templates, args.repeats, seed)  # fmt: skip
-    latent_cache = None
-    if args.cache_latents and dataset.crops_are_fixed:
-        latent_cache = LatentCache(dataset, vae)
-        dataset.with_pixels = False
-        logger.info(f"Cached the DC-AE latents of {len(images)} images.")
-    elif args.cache_latents:
-        logger.warning("--cache_latents needs --center_crop or square images at --resolution: encoding each step.")
+    latents = latent_source(args, dataset, vae)
+    batches = batch_stream(args, dataset, accelerator, global_step)
     samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    sampler_ = StreamSampler(
-        global_step * samples_per_step, args.train_batch_size, accelerator.process_index, accelerator.num_processes
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        sampler=sampler_,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-    batches = iter(loader)
 
     if accelerator.is_main_process:
         if args.report_to != "none":
@@ -1791,7 +1806,6 @@ def main(args):
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    latents = latent_cache or (lambda batch: vae_posterior(vae, batch["pixel_values"]))
     loss_fn = partial(training_loss, transformer=denoiser, text_encoders=text_encoders, noise_scheduler=noise_scheduler,
                       vae_scale=vae.config.scaling_factor, seed=seed, args=args)  # fmt: skip
     guard, logs = NonFiniteGuard(args.max_nonfinite_steps), StepLogs(learned)

@@ -1,0 +1,486 @@
+#!/usr/bin/env python
+# Copyright 2026 The DTI diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Time the training step of train_dti_sdxl.py and train_dti_sana.py on the real architectures (random weights
+from benchmarks/configs, nothing downloaded) or on the tiny test models, against the floor: the frozen denoiser's
+forward plus its input-gradient backward, which no textual-inversion step can avoid.
+
+    python benchmarks/bench_step.py --family sdxl --resolution 768 --batch_size 4            # one GPU
+    python benchmarks/bench_step.py --family sana --config tiny --device cpu --steps 3       # a quick check
+
+Each variant runs the scripts' own functions (latent_source, batch_stream, data_gradient, apply_update, ...)
+with the flags named in the table, from the same data stream and seed, so the DTI variants must end at the same
+loss (column `loss`, relative differences in the JSON). Step times are per optimizer step (all accumulated
+micro-batches), the median over --steps after --warmup steps; on CUDA they come from events, without a host sync
+in the loop. FLOPs are counted once per variant with torch.utils.flop_counter.FlopCounterMode.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import train_dti_sana  # noqa: E402
+import train_dti_sdxl  # noqa: E402
+
+CONFIGS = REPO / "benchmarks" / "configs"
+REAL_CONFIGS = {"sdxl": ["sdxl-base-1.0"], "sana": ["sana-1.5-1.6b", "sana-1.5-4.8b"]}
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
+DENOISER = {"sdxl": "unet", "sana": "transformer"}
+# Variant -> the scripts' flags. "floor" is the denoiser alone. Checkpointing and 8-bit variants run last: they
+# change the models in place.
+VARIANTS = {
+    "floor": None,
+    "dti": [],
+    "dti+cache": ["--cache_latents"],
+    "ti+cache": ["--method", "ti", "--cache_latents"],
+    "dti+cache+compile": ["--cache_latents", "--compile"],
+    "dti+gc": ["--gradient_checkpointing"],
+    "dti+gc+cache": ["--gradient_checkpointing", "--cache_latents"],
+    "dti+gc+cache+8bit": ["--gradient_checkpointing", "--cache_latents", "--quantize_frozen", "8bit"],
+}
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; longest matching name wins.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
+                    "RTX A6000": 154.8, "L40S": 362.1}  # fmt: skip
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Time the DTI training step against the denoiser's forward + input-gradient backward.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--family", choices=["sdxl", "sana"], default="sdxl", help="Which script and model family.")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="tiny (the test models) or a folder name under benchmarks/configs. Default: sdxl-base-1.0 for sdxl, "
+        "sana-1.5-1.6b for sana.",
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu. Default: cuda if available.")
+    parser.add_argument("--resolution", type=int, default=None, help="Default: 768 (sdxl), 1024 (sana), 64 (tiny).")
+    parser.add_argument("--batch_size", type=int, default=None, help="Per micro-batch. Default: 4 (sdxl), 2 (sana).")
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=None, help="Default: 1 (sdxl), 2 (sana), as the authors."
+    )
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="Default: bf16 on CUDA, no on CPU.")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="Variants to time, in this order (checkpointing and 8-bit ones change the models: keep them last).",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps per variant.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation happens here).")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compile variant.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Passed to the scripts.")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="The device's dense bf16 peak, if not known.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the weights and of the training stream.")
+    parser.add_argument("--output", default="bench_step.json", help="JSON file with every number of the table.")
+    args = parser.parse_args(input_args)
+    tiny = args.config == "tiny"
+    defaults = {"sdxl": (768, 4, 1), "sana": (1024, 2, 2)}[args.family]
+    args.config = args.config or REAL_CONFIGS[args.family][0]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.resolution = args.resolution or (64 if tiny else defaults[0])
+    args.batch_size = args.batch_size or defaults[1]
+    args.gradient_accumulation_steps = args.gradient_accumulation_steps or defaults[2]
+    args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1 and --warmup at least 0")
+    if not tiny and not (CONFIGS / args.config).is_dir():
+        parser.error(f"--config {args.config}: no folder benchmarks/configs/{args.config} (or use tiny)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_config(folder, name):
+    config = json.loads((CONFIGS / folder / f"{name}.json").read_text())
+    return {k: v for k, v in config.items() if k not in ("_class_name", "_diffusers_version", "architectures")}
+
+
+def build_models(family, config, device):
+    """{text_encoders, vae, denoiser, noise_scheduler, tokenizers}: random weights, fp32, on the device."""
+    import diffusers
+    import transformers
+
+    if config == "tiny":
+        from tests.tiny_sana import build_tiny_sana
+        from tests.tiny_sdxl import build_tiny_sdxl
+
+        pipe = build_tiny_sdxl() if family == "sdxl" else build_tiny_sana()
+        encoders = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+        tokenizers = ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
+        scheduler_class = diffusers.DDPMScheduler if family == "sdxl" else diffusers.FlowMatchEulerDiscreteScheduler
+        return {
+            "text_encoders": [getattr(pipe, e).to(device) for e in encoders],
+            "vae": pipe.vae.to(device),
+            "denoiser": getattr(pipe, DENOISER[family]).to(device),
+            "noise_scheduler": scheduler_class.from_config(pipe.scheduler.config),
+            "tokenizers": [getattr(pipe, t) for t in tokenizers],
+        }
+    with torch.device(device):  # random init on the device: seconds, not minutes
+        if family == "sdxl":
+            from tests.tiny_sdxl import _tokenizer
+
+            text_encoders = [
+                transformers.CLIPTextModel(transformers.CLIPTextConfig(**read_config(config, "text_encoder"))),
+                transformers.CLIPTextModelWithProjection(
+                    transformers.CLIPTextConfig(**read_config(config, "text_encoder_2"))
+                ),
+            ]
+            vae = diffusers.AutoencoderKL.from_config(read_config(config, "vae"))
+            denoiser = diffusers.UNet2DConditionModel.from_config(read_config(config, "unet"))
+            noise_scheduler = diffusers.DDPMScheduler.from_config(read_config(config, "scheduler"))
+            tokenizers = [_tokenizer("<|endoftext|>"), _tokenizer("!")]  # the real CLIP vocabulary
+        else:
+            from tests.tiny_sana import build_tiny_tokenizer
+
+            gemma = read_config(config, "text_encoder")
+            gemma.pop("model_type", None)
+            text_encoders = [transformers.Gemma2Model(transformers.Gemma2Config(**gemma))]
+            vae = diffusers.AutoencoderDC.from_config(read_config(config, "vae"))
+            denoiser = diffusers.SanaTransformer2DModel.from_config(read_config(config, "transformer"))
+            noise_scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(read_config(config, "scheduler"))
+            tokenizers = [build_tiny_tokenizer()]  # token ids index the full 256k table; the text length is fixed
+    return {"text_encoders": text_encoders, "vae": vae, "denoiser": denoiser, "noise_scheduler": noise_scheduler,
+            "tokenizers": tokenizers}  # fmt: skip
+
+
+def set_checkpointing(module, enabled):
+    if hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing() if enabled else module.disable_gradient_checkpointing()
+    elif enabled:
+        module.gradient_checkpointing_enable()
+    else:
+        module.gradient_checkpointing_disable()
+    module.train(enabled)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Per-step wall times: CUDA events on the GPU (read once at the end, no sync in the loop), perf_counter on CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def count_flops(step):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def measure(step, opts, device, flops=True):
+    """Run warm-up and timed steps; return times, peak memory and FLOPs of one step."""
+    for _ in range(opts.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    clock = Clock(device)
+    clock.mark()
+    for _ in range(opts.steps):
+        step()
+        clock.mark()
+    times = clock.seconds()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"times": times, "peak_memory_gib": peak, "flops": count_flops(step) if flops else None}
+
+
+def floor_step(family, denoiser, opts, device, dtype, text_length):
+    """The denoiser's forward and the backward to its text input only (weights frozen), for every micro-batch."""
+    generator = torch.Generator(device).manual_seed(opts.seed)
+    b, config = opts.batch_size, denoiser.config
+    if family == "sdxl":
+        side = opts.resolution // 8
+        latents = torch.randn(b, config.in_channels, side, side, generator=generator, device=device, dtype=dtype)
+        text = torch.randn(b, 77, config.cross_attention_dim, generator=generator, device=device, dtype=dtype)
+        pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {
+            "text_embeds": torch.randn(b, pooled_width, generator=generator, device=device, dtype=dtype),
+            "time_ids": torch.tensor([opts.resolution, opts.resolution, 0, 0, opts.resolution, opts.resolution],
+                                     device=device, dtype=dtype).expand(b, 6),
+        }  # fmt: skip
+        timesteps = torch.randint(0, 1000, (b,), generator=generator, device=device)
+
+        def forward(text):
+            return denoiser(latents, timesteps, text, added_cond_kwargs=added).sample
+    else:
+        side = opts.resolution // 32
+        latents = torch.randn(b, config.in_channels, side, side, generator=generator, device=device, dtype=dtype)
+        text = torch.randn(b, text_length, config.caption_channels, generator=generator, device=device, dtype=dtype)
+        mask = torch.ones(b, text_length, device=device, dtype=torch.long)
+        timesteps = torch.rand(b, generator=generator, device=device) * 1000
+
+        def forward(text):
+            return denoiser(hidden_states=latents, encoder_hidden_states=text, encoder_attention_mask=mask,
+                            timestep=timesteps, return_dict=False)[0]  # fmt: skip
+
+    target = torch.randn(latents.shape, generator=generator, device=device)
+
+    def step():
+        for _ in range(opts.gradient_accumulation_steps):
+            text_input = text.detach().requires_grad_(True)
+            F.mse_loss(forward(text_input).float(), target).backward()  # the only gradient: text_input's
+
+    return step
+
+
+def script_args(family, opts, flags):
+    """The script's own argument namespace for a variant, validated as main() validates it."""
+    script = SCRIPTS[family]
+    argv = ["--pretrained_model_name_or_path", f"random:{opts.config}", "--train_data_dir",
+            str(REPO / "assets" / "toy_robot"), "--placeholder_token", "<toy-robot>", "--initializer_token",
+            "robot", "--resolution", str(opts.resolution), "--train_batch_size", str(opts.batch_size),
+            "--gradient_accumulation_steps", str(opts.gradient_accumulation_steps), "--center_crop", "--seed",
+            str(opts.seed), "--mixed_precision", opts.mixed_precision, "--compile_backend", opts.compile_backend,
+            "--dataloader_num_workers", str(opts.dataloader_num_workers), "--max_train_steps", "100000",
+            "--num_validation_images", "0", "--output_dir", os.devnull, *flags]  # fmt: skip
+    args = script.validate_args(script.parse_args(argv))
+    return script.validate_sana_args(args) if family == "sana" else args
+
+
+def dti_step(family, models, flags, opts, accelerator, images):
+    """Set up a variant exactly as the script's main() does and return its step function and step logs."""
+    from diffusers.optimization import get_scheduler
+
+    script, args = SCRIPTS[family], script_args(family, opts, flags)
+    text_encoders, vae, denoiser = models["text_encoders"], models["vae"], models["denoiser"]
+    for text_encoder in text_encoders:  # the previous variant's learned-row hook
+        text_encoder.get_input_embeddings()._forward_hooks.clear()
+    tokenizers = [copy.deepcopy(t) for t in models["tokenizers"]]
+    init_ids, placeholder_ids = script.add_concept_tokens(args, tokenizers)
+    learned, _ = script.attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, args.seed)
+    if args.quantize_frozen == "8bit":
+        for model in (denoiser, *text_encoders):
+            script.quantize_8bit(model)
+    for model in (denoiser, *text_encoders):
+        set_checkpointing(model, False)
+    frozen = {DENOISER[family]: denoiser, "vae": vae} | {f"text_encoder_{i}": m for i, m in enumerate(text_encoders)}
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
+    script.freeze(frozen, accelerator, weight_dtype, args.gradient_checkpointing)
+    learned.to(accelerator.device)
+    training_denoiser = torch.compile(denoiser, backend=args.compile_backend) if args.compile else denoiser
+
+    optimizer = accelerator.prepare(script.make_optimizer(args, learned))
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_training_steps=args.max_train_steps)
+    prompt_token = script.placeholder_prompt_token(args.placeholder_token, len(init_ids[0]))
+    if family == "sdxl":
+        tokenize = partial(script.tokenize_prompt, tokenizers)
+    else:
+        tokenize = partial(script.tokenize_prompt, tokenizers[0], args.max_sequence_length,
+                           script.complex_human_instruction(args))  # fmt: skip
+    dataset = script.DTIDataset(images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
+                                script.OBJECT_TEMPLATES, args.repeats, args.seed)  # fmt: skip
+    latents = script.latent_source(args, dataset, vae)
+    batches = script.batch_stream(args, dataset, accelerator, 0)
+    common = {"text_encoders": text_encoders, "noise_scheduler": models["noise_scheduler"],
+              "vae_scale": vae.config.scaling_factor, "seed": args.seed}  # fmt: skip
+    if family == "sdxl":
+        loss_fn = partial(script.training_loss, unet=training_denoiser, resolution=args.resolution, **common)
+    else:
+        loss_fn = partial(script.training_loss, transformer=training_denoiser, args=args, **common)
+    guard, logs = script.NonFiniteGuard(args.max_nonfinite_steps), script.StepLogs(learned)
+    adamw_on_sphere = args.method == "dti" and args.optimizer == "adamw"
+    state = {"step": 0}
+
+    def step():  # the body of main()'s training loop, without the logging-interval work
+        step_loss = script.data_gradient(batches, latents, loss_fn, learned, accelerator,
+                                         args.gradient_accumulation_steps)  # fmt: skip
+        finite = guard.finite(step_loss, learned, check_gradients=accelerator.scaler is None)
+        lr = lr_scheduler.get_last_lr()[0]
+        script.apply_update(optimizer, learned, finite, adamw_on_sphere)
+        lr_scheduler.step()
+        state["step"] += 1
+        logs.add(state["step"], step_loss, lr, finite)
+
+    return step, logs
+
+
+def run(opts):
+    from accelerate import Accelerator
+
+    torch.manual_seed(opts.seed)
+    device = torch.device(opts.device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=opts.mixed_precision)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
+    started = time.perf_counter()
+    models = build_models(opts.family, opts.config, device)
+    build_s = time.perf_counter() - started
+    images = SCRIPTS[opts.family].load_training_images(REPO / "assets" / "toy_robot", opts.resolution)
+    text_length = script_args(opts.family, opts, []).max_sequence_length if opts.family == "sana" else 77
+    parameters = {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in [("denoiser", models["denoiser"]), ("vae", models["vae"])]
+        + [(f"text_encoder_{i}", m) for i, m in enumerate(models["text_encoders"])]
+    }
+
+    results = []
+    for variant in opts.variants:
+        flags = VARIANTS[variant]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if flags is None:
+            denoiser = models["denoiser"].to(device, dtype).requires_grad_(False)
+            set_checkpointing(denoiser, False)
+            step, logs = floor_step(opts.family, denoiser, opts, device, dtype, text_length), None
+        else:
+            step, logs = dti_step(opts.family, models, flags, opts, accelerator, images)
+        counted = not {"--compile", "8bit"} & set(flags or [])  # FlopCounterMode sees neither compiled nor int8 ops
+        measured = measure(step, opts, device, flops=counted)
+        losses = [record[2]["loss"] for record in logs.read()] if logs else []
+        timed_loss = losses[opts.warmup + opts.steps - 1] if losses else None
+        results.append({"variant": variant, "flags": flags, "loss": timed_loss, **measured})
+        if "--compile" in (flags or []):
+            torch._dynamo.reset()
+    attention = [getattr(m.config, "_attn_implementation", None) for m in models["text_encoders"]]
+    return summarize(opts, results, device, build_s, parameters, attention)
+
+
+def summarize(opts, results, device, build_s, parameters, attention):
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = opts.peak_tflops
+    if peak is None and device.type == "cuda":
+        matches = [name for name in PEAK_BF16_TFLOPS if name in device_name]
+        peak = PEAK_BF16_TFLOPS[max(matches, key=len)] if matches else None
+    by_variant = {r["variant"]: r for r in results}
+    floor = by_variant.get("floor")
+    floor_s = statistics.median(floor["times"]) if floor else None
+    reference_loss = (by_variant.get("dti") or by_variant.get("dti+cache") or {}).get("loss")
+    rows = []
+    for r in results:
+        times = sorted(r["times"])
+        median = statistics.median(times)
+        flops = r["flops"]
+        if flops is None:  # compiled or int8: the same math as the variant without that flag
+            base = r["variant"].replace("+compile", "").replace("+8bit", "")
+            flops = by_variant.get(base, {}).get("flops")
+        achieved = flops / median / 1e12 if flops else None
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
+        loss_diff = None
+        if r["loss"] is not None and reference_loss and r["variant"].startswith("dti"):
+            loss_diff = abs(r["loss"] - reference_loss) / abs(reference_loss)
+        rows.append({
+            "variant": r["variant"],
+            "flags": r["flags"],
+            "median_s": median,
+            "iqr_s": quartiles[2] - quartiles[0],
+            "min_s": times[0],
+            "max_s": times[-1],
+            "images_per_s": opts.batch_size * opts.gradient_accumulation_steps / median,
+            "peak_memory_gib": r["peak_memory_gib"],
+            "tflop_per_step": flops / 1e12 if flops else None,
+            "achieved_tflops": achieved,
+            "fraction_of_peak": achieved / peak if achieved and peak else None,
+            "ratio_to_floor": median / floor_s if floor_s else None,
+            "loss": r["loss"],
+            "loss_rel_diff_vs_dti": loss_diff,
+        })  # fmt: skip
+    return {
+        "family": opts.family,
+        "config": opts.config,
+        "device": device_name,
+        "device_type": device.type,
+        "peak_bf16_tflops": peak,
+        "resolution": opts.resolution,
+        "batch_size": opts.batch_size,
+        "gradient_accumulation_steps": opts.gradient_accumulation_steps,
+        "mixed_precision": opts.mixed_precision,
+        "steps": opts.steps,
+        "warmup": opts.warmup,
+        "parameters": parameters,
+        "text_encoder_attention": attention,
+        "build_seconds": build_s,
+        "versions": {"torch": torch.__version__, **package_versions()},
+        "results": rows,
+    }
+
+
+def package_versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def table(report):
+    def cell(value, fmt):
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        return "-".rjust(int(fmt.split(".")[0])) if missing else format(value, fmt)
+
+    title = (f"{report['family']} {report['config']} | {report['resolution']} px | batch {report['batch_size']} x "
+             f"accumulation {report['gradient_accumulation_steps']} | {report['mixed_precision']} | "
+             f"{report['device']}")  # fmt: skip
+    header = f"{'variant':<20} {'median s':>9} {'IQR s':>7} {'img/s':>7} {'peak GiB':>9} {'TFLOP':>7} " \
+             f"{'% peak':>7} {'x floor':>8} {'loss':>9}"  # fmt: skip
+    lines = [title, header, "-" * len(header)]
+    for r in report["results"]:
+        fraction = r["fraction_of_peak"] * 100 if r["fraction_of_peak"] is not None else None
+        lines.append(
+            f"{r['variant']:<20} {cell(r['median_s'], '9.4f')} {cell(r['iqr_s'], '7.4f')} "
+            f"{cell(r['images_per_s'], '7.2f')} {cell(r['peak_memory_gib'], '9.2f')} "
+            f"{cell(r['tflop_per_step'], '7.3f')} {cell(fraction, '7.1f')} {cell(r['ratio_to_floor'], '8.2f')} "
+            f"{cell(r['loss'], '9.5f')}"
+        )
+    return "\n".join(lines)
+
+
+def main(opts):
+    report = run(opts)
+    output = Path(opts.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(output)
+    print(table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())

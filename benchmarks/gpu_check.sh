@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Step time, peak memory and FLOPs of DTI on SDXL and SANA at the authors' settings, on one NVIDIA GPU, with random
+# weights of the real architectures (nothing is downloaded). About 8 minutes on one H100.
+#
+#   bash benchmarks/gpu_check.sh [output folder]          (default: benchmarks/results)
+#
+# Writes one JSON per setting and prints the tables (ratios to the floor: the denoiser's forward + input-gradient
+# backward). SANA 4.8B (depth derived from its parameter count): add WITH_SANA_4_8B=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-benchmarks/results}"
+mkdir -p "$out"
+python="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+bench=(benchmarks/bench_step.py --steps "${STEPS:-8}" --warmup "${WARMUP:-2}")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+"$python" "${bench[@]}" --family sdxl --resolution 768 --batch_size 4 --output "$out/sdxl-768.json"
+"$python" "${bench[@]}" --family sana --config sana-1.5-1.6b --resolution 1024 --batch_size 2 \
+  --gradient_accumulation_steps 2 --output "$out/sana-1.6b-1024.json"
+"$python" "${bench[@]}" --family sdxl --resolution 1024 --batch_size 4 \
+  --variants floor dti+cache dti+gc+cache dti+gc+cache+8bit --output "$out/sdxl-1024.json"
+if [ "${WITH_SANA_4_8B:-0}" = 1 ]; then
+  "$python" "${bench[@]}" --family sana --config sana-1.5-4.8b --resolution 1024 --batch_size 2 \
+    --gradient_accumulation_steps 2 --variants floor dti+cache dti+gc+cache --output "$out/sana-4.8b-1024.json"
+fi
+echo "JSON files in $out"

@@ -16,10 +16,10 @@ bench=(benchmarks/bench_step.py --steps "${STEPS:-8}" --warmup "${WARMUP:-2}")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 "$python" "${bench[@]}" --family sdxl --resolution 768 --batch_size 4 --output "$out/sdxl-768.json"
-"$python" "${bench[@]}" --family sana --config sana-1.5-1.6b --resolution 1024 --batch_size 2 \
-  --gradient_accumulation_steps 2 --output "$out/sana-1.6b-1024.json"
 "$python" "${bench[@]}" --family sdxl --resolution 1024 --batch_size 4 \
   --variants floor dti+cache dti+gc+cache dti+gc+cache+8bit --output "$out/sdxl-1024.json"
+"$python" "${bench[@]}" --family sana --config sana-1.5-1.6b --resolution 1024 --batch_size 2 \
+  --gradient_accumulation_steps 2 --output "$out/sana-1.6b-1024.json"
 if [ "${WITH_SANA_4_8B:-0}" = 1 ]; then
   "$python" "${bench[@]}" --family sana --config sana-1.5-4.8b --resolution 1024 --batch_size 2 \
     --gradient_accumulation_steps 2 --variants floor dti+cache dti+gc+cache --output "$out/sana-4.8b-1024.json"

@@ -362,6 +362,8 @@ def run(opts):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if flags is None:
+            for model in (models["vae"], *models["text_encoders"]):  # resident as in training, not in fp32
+                model.to(device, dtype)
             denoiser = models["denoiser"].to(device, dtype).requires_grad_(False)
             set_checkpointing(denoiser, False)
             step, logs = floor_step(opts.family, denoiser, opts, device, dtype, text_length), None

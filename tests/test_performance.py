@@ -1,0 +1,155 @@
+"""Speed and memory options change nothing but speed and memory; the benchmark runs on CPU with the tiny models."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import train_dti_sana
+import train_dti_sdxl
+from tests.conftest import REPO, training_args
+
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
+
+
+def train_run(family, model, output_dir, *extra):
+    script = SCRIPTS[family]
+    argv = training_args(model, output_dir, "--gradient_accumulation_steps", "1", "--center_crop", *extra)
+    return script.main(script.parse_args(argv))
+
+
+def final_rows(result):
+    return {name: tokens.embeddings().detach().clone() for name, tokens in result.learned.items()}
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_each_speed_option_leaves_the_learned_embeddings_unchanged(family, tiny_sdxl, tiny_sana, tmp_path):
+    model = tiny_sdxl if family == "sdxl" else tiny_sana
+    reference = final_rows(train_run(family, model, tmp_path / "reference"))
+    options = {
+        "logging": (["--logging_steps", "2"], 0.0),
+        "workers": (["--dataloader_num_workers", "2"], 0.0),
+        "checkpointing": (["--gradient_checkpointing"], 1e-6),  # recomputation may reorder float sums
+        "cache": (["--cache_latents"], 1e-5),
+        "compile": (["--compile", "--compile_backend", "aot_eager"], 1e-5),
+    }
+    for name, (flags, tolerance) in options.items():
+        reset_accelerate()
+        rows = final_rows(train_run(family, model, tmp_path / name, *flags))
+        for encoder, expected in reference.items():
+            error = ((rows[encoder] - expected).norm() / expected.norm()).item()
+            assert error <= tolerance, (name, encoder, error)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_quantize_frozen_8bit_keeps_the_gradient_path_and_changes_the_loss_little(
+    family, tiny_sdxl, tiny_sana, tmp_path, monkeypatch
+):
+    import bitsandbytes as bnb
+    from accelerate import Accelerator
+
+    model = tiny_sdxl if family == "sdxl" else tiny_sana
+    logged = {}
+
+    def log(self, values, step=None, **kwargs):
+        logged.setdefault(run_name, []).append(values["loss"])
+
+    monkeypatch.setattr(Accelerator, "log", log)
+    run_name = "full"
+    full = train_run(family, model, tmp_path / "full")
+    reset_accelerate()
+    run_name = "8bit"
+    quantized = train_run(family, model, tmp_path / "8bit", "--quantize_frozen", "8bit")
+
+    denoiser = quantized.components["unet" if family == "sdxl" else "transformer"]
+    for frozen in (denoiser, quantized.components["text_encoder"]):
+        layers = list(frozen.modules())
+        assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in layers)
+        assert not any(type(m) is torch.nn.Linear for m in layers)  # every linear layer is int8
+    for name, tokens in quantized.learned.items():
+        reference = full.learned[name]
+        norms = tokens.embeddings().norm(dim=-1)
+        torch.testing.assert_close(norms, torch.full_like(norms, reference.norm_scale), rtol=1e-6, atol=0)
+        moved, moved_full = (t.direction - t.initial_direction for t in (tokens, reference))
+        cosine = torch.nn.functional.cosine_similarity(moved.flatten(), moved_full.flatten(), dim=0).item()
+        assert cosine > 0.9, (name, cosine)  # the gradient reaches the learned rows through the int8 layers
+    first_loss_change = abs(logged["8bit"][0] - logged["full"][0]) / logged["full"][0]
+    assert 0 < first_loss_change < 0.02, first_loss_change
+
+
+class CountDeviceReads(TorchDispatchMode):
+    """Counts tensor-to-Python reads (.item(), bool(), float()): each one is a host-device sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_the_training_loop_reads_the_device_only_at_logging_steps(family, tiny_sdxl, tiny_sana, tmp_path, monkeypatch):
+    script, model = SCRIPTS[family], tiny_sdxl if family == "sdxl" else tiny_sana
+    counter, reads_at_step, log_reads = CountDeviceReads(), [], []
+    original_gradient, original_read = script.data_gradient, script.StepLogs.read
+
+    def data_gradient(*args, **kwargs):
+        reads_at_step.append(counter.reads)
+        return original_gradient(*args, **kwargs)
+
+    def read(self):
+        records = original_read(self)
+        log_reads.append([step for step, _, _ in records])
+        return records
+
+    monkeypatch.setattr(script, "data_gradient", data_gradient)
+    monkeypatch.setattr(script.StepLogs, "read", read)
+    with counter:
+        train_run(family, model, tmp_path / "out", "--max_train_steps", "7", "--logging_steps", "3")
+    assert len(reads_at_step) == 7 and reads_at_step[-1] == reads_at_step[0]  # no .item() between steps 1 and 7
+    assert log_reads == [[1, 2, 3], [4, 5, 6], [7]]  # the logs reach the host every 3 steps and at the end
+
+
+def test_benchmark_runs_on_cpu_with_the_tiny_models_and_reports_every_field(tmp_path):
+    output = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--family", "sdxl", "--config", "tiny",
+               "--device", "cpu", "--steps", "2", "--warmup", "1", "--compile_backend", "aot_eager",
+               "--output", str(output)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["family"] == "sdxl" and report["config"] == "tiny" and report["device_type"] == "cpu"
+    assert report["batch_size"] == 4 and report["resolution"] == 64 and report["steps"] == 2
+    assert set(report["versions"]) >= {"torch", "diffusers", "transformers"}
+    rows = {row["variant"]: row for row in report["results"]}
+    assert list(rows) == ["floor", "dti", "dti+cache", "ti+cache", "dti+cache+compile", "dti+gc", "dti+gc+cache",
+                          "dti+gc+cache+8bit"]  # fmt: skip
+    for row in rows.values():
+        assert row["median_s"] > 0 and row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["images_per_s"] == pytest.approx(4 / row["median_s"])
+        assert row["ratio_to_floor"] == pytest.approx(row["median_s"] / rows["floor"]["median_s"])
+        assert row["peak_memory_gib"] is None and row["fraction_of_peak"] is None  # CPU: no device counters
+    # FLOPs: the step adds the text encoders (and the VAE without the cache) to the floor; checkpointing recomputes.
+    flops = {name: row["tflop_per_step"] for name, row in rows.items()}
+    assert 0 < flops["floor"] < flops["dti+cache"] < flops["dti"] < flops["dti+gc"]
+    assert flops["dti+cache+compile"] == flops["dti+cache"] and flops["dti+gc+cache+8bit"] == flops["dti+gc+cache"]
+    # Every DTI variant follows the same stream from the same seed: the same loss after the timed steps.
+    for name in ("dti+cache", "dti+gc", "dti+gc+cache", "dti+cache+compile"):
+        assert rows[name]["loss_rel_diff_vs_dti"] < 1e-5, name
+    assert rows["dti+gc+cache+8bit"]["loss_rel_diff_vs_dti"] < 0.02
+    table = proc.stdout.splitlines()
+    assert table[0].startswith("sdxl tiny | 64 px | batch 4") and table[1].split()[:3] == ["variant", "median", "s"]
+    assert [line.split()[0] for line in table[3:]] == list(rows)

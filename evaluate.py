@@ -22,6 +22,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 import sys
 import textwrap
@@ -696,10 +697,16 @@ def metrics_csv(runs, metrics):
     return buffer.getvalue()
 
 
-def nice_range(values):
+def nice_axis(values, ticks=5):
+    """A padded axis around values with ticks at multiples of 1, 2 or 5 x 10^k: (low, high, ticks, decimals)."""
     low, high = min(values), max(values)
     pad = max(high - low, 0.02) * 0.15
-    return low - pad, high + pad
+    raw = (high - low + 2 * pad) / ticks
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first, last = math.floor((low - pad) / step), math.ceil((high + pad) / step)
+    decimals = max(0, -math.floor(math.log10(step)))
+    return first * step, last * step, [k * step for k in range(first, last + 1)], decimals
 
 
 def scatter_plot(points, size=720):
@@ -708,8 +715,8 @@ def scatter_plot(points, size=720):
     image = Image.new("RGB", (size, size), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     left, top, right, bottom = 80, 40, size - 30, size - 70
-    x_range = nice_range([v for _, x, _ in points for v in (x["mean"], *x["ci95"])])
-    y_range = nice_range([v for _, _, y in points for v in (y["mean"], *y["ci95"])])
+    *x_range, x_ticks, x_decimals = nice_axis([v for _, x, _ in points for v in (x["mean"], *x["ci95"])])
+    *y_range, y_ticks, y_decimals = nice_axis([v for _, _, y in points for v in (y["mean"], *y["ci95"])])
 
     def to_px(x, y):
         fx = (x - x_range[0]) / (x_range[1] - x_range[0])
@@ -717,15 +724,14 @@ def scatter_plot(points, size=720):
         return left + fx * (right - left), bottom - fy * (bottom - top)
 
     draw.rectangle([left, top, right, bottom], outline="black")
-    for k in range(6):
-        x = x_range[0] + k / 5 * (x_range[1] - x_range[0])
-        y = y_range[0] + k / 5 * (y_range[1] - y_range[0])
+    for x in x_ticks:
         px, _ = to_px(x, y_range[0])
-        _, py = to_px(x_range[0], y)
         draw.line([px, bottom, px, bottom + 5], fill="black")
-        draw.text((px, bottom + 8), f"{x:.3f}", fill="black", font=font, anchor="ma")
+        draw.text((px, bottom + 8), f"{x:.{x_decimals}f}", fill="black", font=font, anchor="ma")
+    for y in y_ticks:
+        _, py = to_px(x_range[0], y)
         draw.line([left - 5, py, left, py], fill="black")
-        draw.text((left - 8, py), f"{y:.3f}", fill="black", font=font, anchor="rm")
+        draw.text((left - 8, py), f"{y:.{y_decimals}f}", fill="black", font=font, anchor="rm")
     draw.text(((left + right) / 2, size - 30), "image similarity (DINOv2)", fill="black", font=font, anchor="ma")
     draw.text((left, top - 25), "text similarity (SigLIP)", fill="black", font=font)
     draw.text((right, top - 25), "mean and 95% interval per run", fill="gray", font=font, anchor="ra")

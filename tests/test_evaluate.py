@@ -151,6 +151,16 @@ def test_bootstrap_and_aggregation_on_known_numbers():
                                                                                        "images")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("values", "ticks", "decimals"),
+    [([0.2146, 0.2166], [0.21, 0.212, 0.214, 0.216, 0.218, 0.22], 3), ([0.3, 0.7], [0.2, 0.4, 0.6, 0.8], 1)],
+)
+def test_plot_axes_cover_the_values_with_round_ticks(values, ticks, decimals):
+    low, high, got, got_decimals = evaluate.nice_axis(values)
+    assert got == pytest.approx(ticks) and (low, high) == (got[0], got[-1]) and got_decimals == decimals
+    assert low < min(values) and max(values) < high
+
+
 def test_prompts_put_the_token_and_the_class_word_in_the_slot(runs, tiny_sdxl, evaluators, tmp_path):
     assert evaluate.make_prompts(["a {} in the jungle", "a red {}"], ROBOT, "toy") == [
         {"index": 0, "template": "a {} in the jungle", "prompt": f"a {ROBOT} in the jungle",

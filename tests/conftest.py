@@ -113,6 +113,28 @@ def run_commands(commands, workers=3):
         return dict(pool.map(run, commands.items()))
 
 
+def run_script_cases(script, cases, workers=2):
+    """Run {name: args} as `python script *args` would (offline); returns {name: CompletedProcess}.
+
+    The first case runs as its own subprocess; on Linux the others go through tests/cli_driver.py, which imports once
+    and forks a fresh process per case, with the same exit status, stdout and stderr."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.cli_driver import run_cases
+
+    if not sys.platform.startswith("linux"):
+        return run_commands({name: [str(script), *args] for name, args in cases.items()})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    (first, first_args), *rest = cases.items()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        command = [sys.executable, str(script), *first_args]
+        plain = pool.submit(subprocess.run, command, capture_output=True, text=True, env=env, timeout=300)
+        forked = pool.submit(run_cases, script, dict(rest), workers=workers, env=env) if rest else None
+        results = {first: plain.result(), **(forked.result() if forked else {})}
+    return {name: results[name] for name in cases}
+
+
 def assert_one_line_error(proc, expected):
     """A failed run: non-zero exit, no traceback, and a last line 'error: ...' that holds `expected`."""
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

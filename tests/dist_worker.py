@@ -20,8 +20,8 @@ def main():
     history = []
     original_step = script.DirectionalTokens.step
 
-    def recording_step(self, lr):
-        original_step(self, lr)
+    def recording_step(self, lr, only_if=None):
+        original_step(self, lr, only_if)
         history.append(self.direction.detach().cpu().clone())
 
     script.DirectionalTokens.step = recording_step

@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import infer
-from tests.conftest import REPO, assert_one_line_error, run_commands, training_args
+from tests.conftest import REPO, assert_one_line_error, run_script_cases, training_args
 
 ROBOT, CAT = "<toy-robot>", "<toy-cat>"
 
@@ -244,15 +244,16 @@ def infer_error_runs(runs, tiny_sdxl, tmp_path_factory):
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     substitutions = {"WIDTH40": str(tmp_path / "w40.safetensors"), "ROBOTWORD": str(tmp_path / "robot.safetensors"),
                      "OTHERPIPE": str(other)}  # fmt: skip
-    commands = {}
+    argvs = {}
     for name, (extra, _) in ERROR_CASES.items():
         extra = [substitutions.get(x, x) for x in extra]
         argv = ["--pretrained_model_name_or_path", str(tiny_sdxl), "--prompt", "a photo", "--output_dir",
                 str(tmp_path / "out"), *extra]  # fmt: skip
         if "--embeddings" not in extra:
             argv += ["--embeddings", str(runs["root"] / "sdxl-robot")]
-        commands[name] = [str(REPO / "infer.py"), *argv]
-    results = {name: (proc, ERROR_CASES[name][1]) for name, proc in run_commands(commands).items()}
+        argvs[name] = argv
+    procs = run_script_cases(REPO / "infer.py", argvs)
+    results = {name: (proc, ERROR_CASES[name][1]) for name, proc in procs.items()}
     results["out"] = tmp_path / "out"
     return results
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_dti_sana as dti
-from tests.conftest import REPO, assert_one_line_error, run_commands, torchrun_ranks, training_args
+from tests.conftest import REPO, assert_one_line_error, run_script_cases, torchrun_ranks, training_args
 
 PLACEHOLDER = "<toy-robot>"
 
@@ -212,11 +212,9 @@ def sana_error_runs(tiny_sana, tiny_sdxl, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sana-errors")
     cases = {**ERROR_CASES, "an SDXL model": (["--pretrained_model_name_or_path", str(tiny_sdxl)], "SanaPipeline")}
     outputs = {name: tmp_path / f"out-{i}" for i, name in enumerate(cases)}
-    commands = {
-        name: [str(REPO / "train_dti_sana.py"), *training_args(tiny_sana, outputs[name], *extra)]
-        for name, (extra, _) in cases.items()
-    }
-    return {name: (proc, cases[name][1], outputs[name]) for name, proc in run_commands(commands).items()}
+    argvs = {name: training_args(tiny_sana, outputs[name], *extra) for name, (extra, _) in cases.items()}
+    runs = run_script_cases(REPO / "train_dti_sana.py", argvs)
+    return {name: (proc, cases[name][1], outputs[name]) for name, proc in runs.items()}
 
 
 @pytest.mark.parametrize("name", [*ERROR_CASES, "an SDXL model"])

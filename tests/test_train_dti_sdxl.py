@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train_dti_sdxl as dti
-from tests.conftest import ASSETS, REPO, assert_one_line_error, run_commands, torchrun_ranks, training_args
+from tests.conftest import ASSETS, REPO, assert_one_line_error, run_script_cases, torchrun_ranks, training_args
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PLACEHOLDER = "<toy-robot>"
@@ -522,16 +522,14 @@ ERROR_CASE_NAMES = [
 
 @pytest.fixture(scope="module")
 def error_runs(tiny_sdxl, tmp_path_factory):
-    """Run every error case as a user would (a subprocess), once."""
+    """Run every error case as a user would (`python train_dti_sdxl.py ...`), once."""
     tmp_path = tmp_path_factory.mktemp("errors")
     cases = error_cases(tmp_path, tiny_sdxl)
     assert list(cases) == ERROR_CASE_NAMES
     outputs = {name: tmp_path / f"out-{i}" for i, name in enumerate(cases)}
-    commands = {
-        name: [str(REPO / "train_dti_sdxl.py"), *training_args(tiny_sdxl, outputs[name], *extra)]
-        for name, (extra, _) in cases.items()
-    }
-    return {name: (proc, cases[name][1], outputs[name]) for name, proc in run_commands(commands).items()}
+    argvs = {name: training_args(tiny_sdxl, outputs[name], *extra) for name, (extra, _) in cases.items()}
+    runs = run_script_cases(REPO / "train_dti_sdxl.py", argvs)
+    return {name: (proc, cases[name][1], outputs[name]) for name, proc in runs.items()}
 
 
 @pytest.mark.parametrize("name", ERROR_CASE_NAMES)

@@ -51,12 +51,27 @@ def build_tiny_dinov2(seed=0):
 
 def build_tiny_siglip_tokenizer():
     """A T5Tokenizer with SigLIP's layout: <pad>=0, </s>=1 (also the padding), <unk>=2, then words and characters."""
-    from transformers import T5Tokenizer
+    import transformers
 
     characters = string.ascii_letters + string.digits + string.punctuation
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [(f"▁{word}", -2.0) for word in WORDS] + [("▁", -3.0)] + [(c, -5.0) for c in characters]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, pad_token="</s>", model_max_length=SIGLIP_TEXT_LENGTH)
+    options = {"extra_ids": 0, "pad_token": "</s>", "model_max_length": SIGLIP_TEXT_LENGTH}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return transformers.T5Tokenizer(vocab=vocab, **options)
+    # transformers 4: the tokenizers-backed class is T5TokenizerFast, given the backend transformers 5 builds
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    metaspace = {"replacement": "▁", "prepend_scheme": "always", "split": True}
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
+    )
+    backend.decoder = decoders.Metaspace(**metaspace)
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return transformers.T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", **options)
 
 
 def build_tiny_siglip(seed=0):

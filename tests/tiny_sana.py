@@ -98,17 +98,25 @@ def _train_vocab():
 
 def build_tiny_tokenizer():
     """A GemmaTokenizer (tokenizers-backed) with Gemma's special ids, BOS prepended and right padding."""
-    from transformers import GemmaTokenizer
+    import transformers
 
     vocab, merges = _train_vocab()
-    tokenizer = GemmaTokenizer(
-        vocab=vocab,
-        merges=merges,
-        add_bos_token=True,
-        add_eos_token=False,
-        padding_side="right",
-        model_max_length=1_000_000,
-    )
+    options = {"add_bos_token": True, "add_eos_token": False, "padding_side": "right", "model_max_length": 1_000_000}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer = transformers.GemmaTokenizer(vocab=vocab, merges=merges, **options)
+    else:  # transformers 4: the tokenizers-backed class is GemmaTokenizerFast, given the same backend
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+        backend = Tokenizer(
+            models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+        )
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        special = dict(
+            zip(("pad_token", "eos_token", "bos_token", "unk_token", "mask_token"), SPECIAL_TOKENS, strict=True)
+        )
+        tokenizer = transformers.GemmaTokenizerFast(tokenizer_object=backend, **special, **options)
     for word in WORDS:
         for text in (word, "a " + word):
             if len(tokenizer.tokenize(text)) != len(text.split()):

@@ -938,7 +938,7 @@ def encode_prompt(text_encoder, text, max_sequence_length):
     max_sequence_length - 1 (SanaPipeline.encode_prompt). Returns embeds [B, L, d] and mask [B, L]."""
     device = text_encoder.device
     ids, mask = text["input_ids"].to(device), text["attention_mask"].to(device)
-    hidden_states = text_encoder(ids, attention_mask=mask)[0]
+    hidden_states = text_encoder(ids, attention_mask=mask, use_cache=False)[0]  # no key-value cache in training
     select = [0] + list(range(-max_sequence_length + 1, 0))
     return hidden_states[:, select], mask[:, select]
 

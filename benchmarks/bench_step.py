@@ -57,7 +57,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H100 PCIe": 756.0, "H100 NVL"
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = train_dti_sdxl.OneLineErrorParser(
         description="Time the DTI training step against the denoiser's forward + input-gradient backward.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -153,3 +153,17 @@ def test_benchmark_runs_on_cpu_with_the_tiny_models_and_reports_every_field(tmp_
     table = proc.stdout.splitlines()
     assert table[0].startswith("sdxl tiny | 64 px | batch 4") and table[1].split()[:3] == ["variant", "median", "s"]
     assert [line.split()[0] for line in table[3:]] == list(rows)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [(["--config", "nope"], "--config nope: no folder benchmarks/configs/nope"), (["--steps", "0"], "--steps")],
+)
+def test_benchmark_bad_input_is_one_line(argv, expected, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_step
+
+    with pytest.raises(SystemExit) as stopped:
+        bench_step.parse_args(["--device", "cpu", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0]

@@ -2,6 +2,7 @@
 
 import re
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,8 +161,13 @@ def test_wandb_offline_run_holds_the_logged_keys_and_run_name(run, family, monke
     _, out = run(family, "--report_to", "wandb", "--run_name", f"dti-{family}-test", "--num_validation_images", "1")
     (run_dir,) = (out / "logs" / "wandb").glob("offline-run-*")
     (records,) = run_dir.glob("run-*.wandb")
-    data = records.read_bytes()
-    for key in (b"loss", b"lr", b"text_encoder/norm", b"text_encoder/cos_prior", b"text_encoder/angle_deg",
-                f"dti-{family}-test".encode(), b"validation"):  # fmt: skip
+    keys = (b"loss", b"lr", b"text_encoder/norm", b"text_encoder/cos_prior", b"text_encoder/angle_deg",
+            f"dti-{family}-test".encode(), b"validation")  # fmt: skip
+    for _ in range(60):  # wandb's service process may still be writing the offline file when the run has ended
+        data = records.read_bytes()
+        if all(key in data for key in keys):
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in data, key
     assert list((run_dir / "files" / "media").rglob("*.png")), "the validation images were logged"

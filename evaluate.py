@@ -55,9 +55,9 @@ def parse_args(input_args=None):
         description="Score learned DTI / TI tokens: DINOv2 image similarity and SigLIP text similarity, side by side.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL or SANA diffusers checkpoint.")
-    parser.add_argument("--revision", default=None, help="Revision of the model.")
-    parser.add_argument("--variant", default=None, help="Weight variant of the model, e.g. fp16.")
+    infer.add_pipeline_arguments(
+        parser, dtype_help="Of the pipeline (auto: bfloat16 on CUDA, float32 on CPU); evaluation models run in float32."
+    )
     parser.add_argument(
         "--embeddings",
         nargs="+",
@@ -93,23 +93,6 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts of the set.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="One image per prompt and seed.")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: 25 (SDXL), 20 (SANA).")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
-    parser.add_argument("--height", type=int, default=None, help="Default: the model's.")
-    parser.add_argument("--width", type=int, default=None, help="Default: the model's.")
-    parser.add_argument("--negative_prompt", default=None, help="Negative prompt.")
-    parser.add_argument(
-        "--scheduler",
-        choices=["default", "dpm", "euler"],
-        default="default",
-        help="default: DPM-Solver++ for SDXL (as the paper samples), the checkpoint's own sampler for SANA.",
-    )
-    parser.add_argument(
-        "--complex_human_instruction",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="SANA: prepend the pipeline's complex human instruction; auto follows each run's metadata.",
-    )
     parser.add_argument(
         "--rescale",
         default=None,
@@ -142,11 +125,6 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help="Resamples of the 95%% percentile bootstrap intervals."
     )
-    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                        help="Of the pipeline (auto: bfloat16 on CUDA, float32 on CPU); evaluation models run in "
-                        "float32.")  # fmt: skip
-    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
-    parser.add_argument("--enable_model_cpu_offload", action="store_true", help="Offload idle models to the CPU.")
     parser.add_argument("--output_dir", default="evaluation", help="Where images, metrics and plots go.")
     return parser.parse_args(input_args)
 

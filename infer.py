@@ -36,14 +36,39 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def add_pipeline_arguments(parser, dtype_help="auto: bfloat16 on CUDA, float32 on CPU."):
+    """The flags that load a pipeline and sample from it; evaluate.py shares them."""
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL or SANA diffusers checkpoint.")
+    parser.add_argument("--revision", default=None, help="Revision of the model.")
+    parser.add_argument("--variant", default=None, help="Weight variant of the model, e.g. fp16.")
+    parser.add_argument("--negative_prompt", default=None, help="Negative prompt.")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: 25 (SDXL), 20 (SANA).")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--height", type=int, default=None, help="Default: the model's.")
+    parser.add_argument("--width", type=int, default=None, help="Default: the model's.")
+    parser.add_argument(
+        "--scheduler",
+        choices=["default", "dpm", "euler"],
+        default="default",
+        help="default: DPM-Solver++ for SDXL (as the paper samples), the checkpoint's own sampler for SANA.",
+    )
+    parser.add_argument(
+        "--complex_human_instruction",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="SANA: prepend the pipeline's complex human instruction; auto follows the embeddings' metadata.",
+    )
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto", help=dtype_help)
+    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument("--enable_model_cpu_offload", action="store_true", help="Offload idle models to the CPU.")
+
+
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
         description="Generate with learned DTI / TI tokens on SDXL and SANA.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL or SANA diffusers checkpoint.")
-    parser.add_argument("--revision", default=None, help="Revision of the model.")
-    parser.add_argument("--variant", default=None, help="Weight variant of the model, e.g. fp16.")
+    add_pipeline_arguments(parser)
     parser.add_argument(
         "--embeddings",
         nargs="+",
@@ -55,29 +80,8 @@ def parse_args(input_args=None):
     parser.add_argument("--token", default=None, help="Token to use for a single file that does not name one.")
     parser.add_argument("--prompt", action="append", default=[], help="A prompt; repeat the flag for several.")
     parser.add_argument("--prompt_file", default=None, help="A text file with one prompt per line.")
-    parser.add_argument("--negative_prompt", default=None, help="Negative prompt.")
     parser.add_argument("--num_images_per_prompt", type=int, default=1, help="Images per prompt (seeds seed+i).")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: 25 (SDXL), 20 (SANA).")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
-    parser.add_argument("--height", type=int, default=None, help="Default: the model's.")
-    parser.add_argument("--width", type=int, default=None, help="Default: the model's.")
     parser.add_argument("--seed", type=int, default=0, help="Image i of every prompt uses seed + i.")
-    parser.add_argument(
-        "--scheduler",
-        choices=["default", "dpm", "euler"],
-        default="default",
-        help="default: DPM-Solver++ for SDXL (as the paper samples), the checkpoint's own sampler for SANA.",
-    )
-    parser.add_argument(
-        "--complex_human_instruction",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="SANA: prepend the pipeline's complex human instruction; auto follows the embedding's metadata.",
-    )
-    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                        help="auto: bfloat16 on CUDA, float32 on CPU.")  # fmt: skip
-    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
-    parser.add_argument("--enable_model_cpu_offload", action="store_true", help="Offload idle models to the CPU.")
     parser.add_argument(
         "--interpolate",
         nargs=2,

@@ -53,7 +53,7 @@ THUMBNAIL = 128  # largest side of an image in the contact sheets, px
 def parse_args(input_args=None):
     parser = infer.OneLineErrorParser(
         description="Score learned DTI / TI tokens: DINOv2 image similarity and SigLIP text similarity, side by side.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=infer.HelpFormatter,
     )
     infer.add_pipeline_arguments(
         parser, dtype_help="Of the pipeline (auto: bfloat16 on CUDA, float32 on CPU); evaluation models run in float32."
@@ -398,6 +398,7 @@ def generation_settings(args, family, dtype_name, concept):
         "width": args.width,
         "negative_prompt": args.negative_prompt,
         "complex_human_instruction": args.complex_human_instruction,
+        "pooled_output": infer.pooled_output(args, [concept]) if family == "sdxl" else None,
         "rescale": args.rescale,
         "dtype": dtype_name,
         "token": concept.token,
@@ -468,6 +469,8 @@ def generate_missing(jobs, args, family, device, dtype_name, settings):
                 continue
             name = put_token(pipe, family, job.concept, loaded, tables, args.rescale)
             instruction = infer.sana_instruction(args, [job.concept]) if family == "sana" else None
+            if family == "sdxl":
+                infer.set_pooled_output(pipe, wanted["pooled_output"])
             (job.folder / "images").mkdir(parents=True, exist_ok=True)
             write_atomically(job.folder / "generation.json", json.dumps(wanted, indent=2))
             for entry in job.prompts:

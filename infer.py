@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from packaging import version
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -29,6 +30,17 @@ TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 COMBINED_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 DEFAULT_STEPS = {"sdxl": 25, "sana": 20}
 TRAINING_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every fixed default written one way, 'Default: X.' after the text (as in the training scripts); switches and
+    None defaults (explained in the text) get none."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if default is None or default is False or default == argparse.SUPPRESS or default == [] or "Default:" in text:
+            return text
+        return f"{text} Default: {'on' if default is True else '%(default)s'}."
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -58,6 +70,13 @@ def add_pipeline_arguments(parser, dtype_help="auto: bfloat16 on CUDA, float32 o
         default="auto",
         help="SANA: prepend the pipeline's complex human instruction; auto follows the embeddings' metadata.",
     )
+    parser.add_argument(
+        "--pooled_output",
+        choices=["auto", "eos", "argmax"],
+        default="auto",
+        help="SDXL: where CLIP pools the text embedding. eos: at the end-of-text token (as SDXL was trained); argmax: "
+        "as the checkpoint's config says; auto follows the embeddings' metadata (eos when there is none).",
+    )
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto", help=dtype_help)
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     parser.add_argument("--enable_model_cpu_offload", action="store_true", help="Offload idle models to the CPU.")
@@ -66,7 +85,7 @@ def add_pipeline_arguments(parser, dtype_help="auto: bfloat16 on CUDA, float32 o
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
         description="Generate with learned DTI / TI tokens on SDXL and SANA.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_pipeline_arguments(parser)
     parser.add_argument(
@@ -130,7 +149,7 @@ def read_embedding_file(path, token=None):
     name = token or metadata.get("placeholder_token") or state.get("name") or f"<{path.stem}>"
     if "string_to_param" in state:  # A1111 .pt
         state = {name: state["string_to_param"]["*"]}
-    elif "emb_params" in state:  # A1111 .safetensors
+    elif "emb_params" in state:  # kohya's (sd-scripts) .safetensors layout
         state = {name: state["emb_params"]}
     if set(state) & set(COMBINED_KEYS):
         return name, {COMBINED_KEYS[k]: v.float().reshape(-1, v.shape[-1]) for k, v in state.items()}, metadata
@@ -331,8 +350,9 @@ def load_pipeline(args, family, dtype, device):
     import diffusers
 
     pipeline_class = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.SanaPipeline
+    dtype_keyword = "dtype" if version.parse(diffusers.__version__).release >= (0, 40) else "torch_dtype"
     pipe = pipeline_class.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=dtype
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **{dtype_keyword: dtype}
     )
     schedulers = {
         "sdxl": {"default": "DPMSolverMultistepScheduler", "dpm": "DPMSolverMultistepScheduler",
@@ -347,6 +367,29 @@ def load_pipeline(args, family, dtype, device):
     else:
         pipe.to(device)
     return pipe
+
+
+def pooled_output(args, concepts):
+    """SDXL: 'eos' or 'argmax', from --pooled_output or, with auto, from the embeddings' metadata. Files without
+    metadata pool at end-of-text (what ComfyUI and A1111 do); files of training scripts older than the
+    --pooled_output flag were trained with the config's pooling (argmax)."""
+    if args.pooled_output != "auto":
+        return args.pooled_output
+    recorded = {
+        c.token: c.metadata.get("pooled_output", "argmax" if "script_version" in c.metadata else "eos")
+        for c in concepts
+    }
+    if len(set(recorded.values())) > 1:
+        found = ", ".join(f"{token}: {how}" for token, how in recorded.items())
+        raise ValueError(f"--embeddings were trained with different pooled outputs ({found}); pass --pooled_output.")
+    return next(iter(recorded.values()), "eos")
+
+
+def set_pooled_output(pipe, how):
+    """Make both CLIP encoders of an SDXL pipeline pool at the end-of-text token (eos) or as their config says."""
+    for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+        eos = tokenizer.eos_token_id if how == "eos" else encoder.config.eos_token_id
+        getattr(encoder, "text_model", encoder).eos_token_id = eos  # what the pooling reads (transformers 4, 5)
 
 
 def slug(text, length=48):
@@ -464,6 +507,9 @@ def main(args):
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     instruction = sana_instruction(args, concepts) if family == "sana" else None
+    pooling = pooled_output(args, concepts) if family == "sdxl" else None
+    if pooling:
+        set_pooled_output(pipe, pooling)
     seeds = [args.seed + i for i in range(args.num_images_per_prompt)]
     records, frames = [], []
     for p, prompt in enumerate(prompts):
@@ -484,6 +530,7 @@ def main(args):
         "scheduler": type(pipe.scheduler).__name__,
         "num_inference_steps": args.num_inference_steps or DEFAULT_STEPS[family],
         "complex_human_instruction": instruction,
+        "pooled_output": pooling,
         "settings": settings,
         "embeddings": [
             {

@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -110,6 +111,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3}
 DEFAULT_KAPPA = 5e-5
 DEFAULT_VALIDATION_PROMPT = "a {} with Japanese modern city street in the background"
+ZERO_PAD_SCALE, ZERO_PAD_MAX = 2.0, 15  # --zero_pad: n ~ Exponential(scale 2), rounded down, clipped to [0, 15]
 TEXT_ENCODERS = ("text_encoder",)
 CHECKPOINT_STATE = "dti_state.json"
 VALIDATION_INFERENCE_STEPS = 20  # SanaPipeline's default
@@ -135,11 +137,16 @@ def parse_token_scale(value):
 
 
 # Copied from train_dti_sdxl.HelpFormatter
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show '(default: X)' only where there is a fixed default; None defaults are explained in the help text."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Every fixed default written one way, 'Default: X.' after the text; switches (off unless given) and None
+    defaults (explained in the text) get none."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        text = (action.help or "").replace(" (default: %(default)s)", "")  # BooleanOptionalAction's, Python < 3.13
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "Default:" in text:
+            return text
+        return f"{text} Default: {'on' if default is True else '%(default)s'}."
 
 
 # Copied from train_dti_sdxl.OneLineErrorParser
@@ -390,6 +397,21 @@ def parse_args(input_args=None):
         "--complex_human_instruction",
         action="store_true",
         help="Prepend SanaPipeline's complex human instruction to training prompts (recorded in the metadata).",
+    )
+    sana.add_argument(
+        "--zero_pad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="The authors' positional augmentation: prefix each training prompt with n pad tokens whose embedding is "
+        f"zero, n ~ Exponential(scale {ZERO_PAD_SCALE:g}) rounded down, at most {ZERO_PAD_MAX}; --no-zero_pad turns "
+        "it off.",
+    )
+    sana.add_argument(
+        "--initializer_form",
+        choices=["in_prompt", "bare"],
+        default="in_prompt",
+        help="Which Gemma piece of the class word gives the prior and initial rows. in_prompt: the piece a prompt "
+        "holds ('▁robot'), what inference feeds. bare: the word alone ('robot'), as the authors' code takes it.",
     )
     sana.add_argument(
         "--weighting_scheme",
@@ -861,10 +883,11 @@ def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
 
 
 # Copied from train_dti_sdxl.initializer_token_ids
-def initializer_token_ids(tokenizer, initializer_token, num_vectors):
-    """The initializer's token ids as inside a prompt (after a space), one per learned vector: k = n by default,
-    or one token repeated k times."""
-    ids = tokenizer(" " + initializer_token, add_special_tokens=False).input_ids
+def initializer_token_ids(tokenizer, initializer_token, num_vectors, in_prompt=True):
+    """The initializer's token ids, one per learned vector: k = n by default, or one token repeated k times.
+    in_prompt: the pieces the word is inside a prompt, after a space (Gemma: "▁robot"); else those of the bare word
+    (Gemma: "robot", as the authors' code takes it). CLIP gives the same ids either way."""
+    ids = tokenizer((" " if in_prompt else "") + initializer_token, add_special_tokens=False).input_ids
     ids = [i for i in ids if tokenizer.decode([i]).strip()]  # a lone word-boundary token carries no meaning
     if (
         tokenizer.unk_token_id is not None
@@ -943,6 +966,33 @@ def encode_prompt(text_encoder, text, max_sequence_length):
     return hidden_states[:, select], mask[:, select]
 
 
+def add_zero_pad_row(text_encoder, pad_id):
+    """--zero_pad: give the frozen table a row of zeros at pad_id (the id after the new tokens); it is never learned
+    and Gemma's sqrt(d) scaling keeps it zero. Done before the learned tokens are attached."""
+    if text_encoder.get_input_embeddings().weight.shape[0] <= pad_id:
+        text_encoder.resize_token_embeddings(pad_id + 1, mean_resizing=False)
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[pad_id] = 0
+    return pad_id
+
+
+def zero_pad_counts(seed, positions):
+    """--zero_pad: the number of pad tokens of each sample, keyed by (seed, stream position) like every other draw."""
+    draws = [random.Random(stable_seed(seed, "zero_pad", int(p))).expovariate(1 / ZERO_PAD_SCALE) for p in positions]
+    return [min(int(draw), ZERO_PAD_MAX) for draw in draws]
+
+
+def zero_pad(text, counts, pad_id):
+    """Insert counts[b] attended pad ids right after sample b's BOS: the prompt shifts right, the length stays (the
+    end of the padding falls off). text: {"input_ids": [B, L], "attention_mask": [B, L]}."""
+    ids, mask = text["input_ids"].clone(), text["attention_mask"].clone()
+    for b, n in enumerate(counts):
+        if n:
+            ids[b, 1 + n :], mask[b, 1 + n :] = text["input_ids"][b, 1:-n], text["attention_mask"][b, 1:-n]
+            ids[b, 1 : 1 + n], mask[b, 1 : 1 + n] = pad_id, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 # Copied from train_dti_sdxl.keyed_generators
 def keyed_generators(seed, positions, device):
     """One torch.Generator per sample, seeded from (seed, stream position): the noise of a sample never depends
@@ -950,9 +1000,11 @@ def keyed_generators(seed, positions, device):
     return [torch.Generator(device).manual_seed(stable_seed(seed, "noise", int(p))) for p in positions]
 
 
-def training_loss(batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler, vae_scale, seed, args):
-    """SANA's rectified-flow loss of one batch, as diffusers' SANA training examples compute it.
-    latent_mean: [B, C, H/32, W/32] DC-AE latents (deterministic: latent_std is zero)."""
+def training_loss(
+    batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler, vae_scale, seed, args, zero_pad_id=None
+):
+    """SANA's rectified-flow loss of one batch, as diffusers' SANA training examples compute it, the prompts
+    zero-padded when zero_pad_id is given. latent_mean: [B, C, H/32, W/32] DC-AE latents (latent_std is zero)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
     device, dtype = latent_mean.device, transformer.dtype
@@ -967,7 +1019,10 @@ def training_loss(batch, latent_mean, latent_std, transformer, text_encoders, no
     sigmas = noise_scheduler.sigmas.to(device)[indices].reshape(-1, 1, 1, 1)
     noisy_latents = (1.0 - sigmas) * latents + sigmas * noise
 
-    prompt_embeds, prompt_mask = encode_prompt(text_encoders[0], batch["text"], args.max_sequence_length)
+    text = batch["text"]
+    if zero_pad_id is not None:
+        text = zero_pad(text, zero_pad_counts(seed, batch["position"].tolist()), zero_pad_id)
+    prompt_embeds, prompt_mask = encode_prompt(text_encoders[0], text, args.max_sequence_length)
     model_pred = transformer(
         hidden_states=noisy_latents.to(dtype),
         encoder_hidden_states=prompt_embeds.to(dtype),
@@ -1113,6 +1168,8 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix=""):
     metadata |= {
         "max_sequence_length": str(args.max_sequence_length),
         "complex_human_instruction": json.dumps(complex_human_instruction(args)),
+        "zero_pad": json.dumps(args.zero_pad),
+        "initializer_form": args.initializer_form,
     }
     vectors = learned["text_encoder"].embeddings().detach().float().cpu().contiguous()
     file_name = f"learned_embeds{suffix}.safetensors"
@@ -1148,12 +1205,19 @@ def hub_token(args):
 
 # Copied from train_dti_sdxl.base_model_license
 def base_model_license(args):
-    """The base model's license from its model card, where it can be read; else None."""
-    from huggingface_hub import ModelCard
+    """The base model's license from its model card: a local folder's README.md, or the Hub's card of a Hub id
+    (never asked for under HF_HUB_OFFLINE=1); None where there is none."""
+    from huggingface_hub import ModelCard, constants
 
+    path = Path(args.pretrained_model_name_or_path)
+    if path.is_dir() and not (path / "README.md").is_file():
+        return None
+    if not path.is_dir() and constants.HF_HUB_OFFLINE:
+        return None
     try:
-        return ModelCard.load(args.pretrained_model_name_or_path).data.license
-    except Exception:  # no card, no network: the card then simply has no license field
+        card = path / "README.md" if path.is_dir() else args.pretrained_model_name_or_path
+        return ModelCard.load(card).data.license
+    except Exception:  # an unreadable card, no network: the card then simply has no license field
         return None
 
 
@@ -1266,6 +1330,8 @@ image = pipe(prompt, complex_human_instruction=instruction).images[0]
 
 {training_table(args, learned, num_processes)}| max_sequence_length | {args.max_sequence_length} |
 | complex human instruction | {"on" if args.complex_human_instruction else "off"} |
+| zero-embedding pad prefix | {"on" if args.zero_pad else "off"} |
+| class-word piece | {args.initializer_form} |
 
 ## Validation images
 
@@ -1499,8 +1565,30 @@ def check_trackers(report_to):
             raise ValueError(f"--report_to {report_to} needs {package}: pip install {package}.") from error
 
 
+# Copied from train_dti_sdxl.TqdmLogHandler
+class TqdmLogHandler(logging.StreamHandler):
+    """Log lines written through tqdm, so that they appear above the progress bar instead of over it."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # as logging.StreamHandler does: a failed log line must not stop the run
+            self.handleError(record)
+
+
+# Copied from train_dti_sdxl.quiet_library_noise
+def quiet_library_noise():
+    """Silence library messages that no user can act on: bitsandbytes' CPU 4-bit kernel notice (no 4-bit layer is
+    used here) and transformers' notice that image processors fall back to PIL without torchvision."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage()
+    )
+
+
 # Copied from train_dti_sdxl.make_accelerator
 def make_accelerator(args):
+    quiet_library_noise()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -1511,8 +1599,14 @@ def make_accelerator(args):
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[TqdmLogHandler()])  # fmt: skip
+    state = accelerator.state
+    logger.info(
+        f"{state.num_processes} process(es) ({state.distributed_type.value}), this one #{state.process_index} on "
+        f"{state.device}, mixed precision {state.mixed_precision}.",
+        main_process_only=False,
+    )
     if accelerator.num_processes != world_size:
         raise ValueError(f"WORLD_SIZE is {world_size} but accelerate runs {accelerator.num_processes} process(es).")
     if args.allow_tf32:
@@ -1520,10 +1614,28 @@ def make_accelerator(args):
     return accelerator
 
 
+# Copied from train_dti_sdxl.start_trackers
+def start_trackers(accelerator, args, project):
+    """Start the --report_to trackers (main process) with the run's flags as their config. wandb takes its config at
+    init (accelerate 1.10's offline wandb would start a second run to add it) and honours a user's WANDB_DIR."""
+    if not accelerator.is_main_process or args.report_to == "none":
+        return
+    logging_dir = Path(args.output_dir) / args.logging_dir
+    logging_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    wandb_kwargs = {"config": config, "name": args.run_name}
+    if not os.environ.get("WANDB_DIR"):
+        wandb_kwargs["dir"] = str(logging_dir)
+    accelerator.init_trackers(project, init_kwargs={"wandb": wandb_kwargs})
+    for tracker in accelerator.trackers:
+        if tracker.name != "wandb":
+            tracker.store_init_configuration(config)
+
+
 # Copied from train_dti_sdxl.add_concept_tokens
-def add_concept_tokens(args, tokenizers):
+def add_concept_tokens(args, tokenizers, in_prompt=True):
     """Add the placeholder to every tokenizer. Returns (initializer ids, placeholder ids) per tokenizer."""
-    init_ids = [initializer_token_ids(tokenizer, args.initializer_token, args.num_vectors) for tokenizer in tokenizers]
+    init_ids = [initializer_token_ids(t, args.initializer_token, args.num_vectors, in_prompt) for t in tokenizers]
     if len({len(ids) for ids in init_ids}) > 1:
         raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the tokenizers.")
     placeholder_ids = [add_placeholder_tokens(t, args.placeholder_token, len(init_ids[0])) for t in tokenizers]
@@ -1549,17 +1661,20 @@ def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed):
 
 
 # Copied from train_dti_sdxl.freeze
-def freeze(models, accelerator, weight_dtype, gradient_checkpointing):
-    """Frozen models on the device in the mixed-precision dtype (the VAE in fp32 under fp16, where it overflows)."""
+def freeze(models, accelerator, weight_dtype, gradient_checkpointing, fp32=()):
+    """Frozen models on the device in the mixed-precision dtype, except those named in fp32 (and the VAE under fp16,
+    where it overflows)."""
     for name, module in models.items():
         module.requires_grad_(False)
-        dtype = torch.float32 if name == "vae" and weight_dtype == torch.float16 else weight_dtype
-        module.to(accelerator.device, dtype=dtype)
+        dtype = torch.float32 if name in fp32 or (name == "vae" and weight_dtype == torch.float16) else weight_dtype
+        # diffusers' .to(dtype) warns about fp32 modules even when a model has none: cast those models as torch does
+        cast = module.to if getattr(module, "_keep_in_fp32_modules", None) else partial(torch.nn.Module.to, module)
+        cast(accelerator.device, dtype=dtype)
         if gradient_checkpointing and name != "vae":
             if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
                 module.enable_gradient_checkpointing()
-            else:  # transformers models
-                module.gradient_checkpointing_enable()
+            else:  # transformers models (activation_checkpointing_enable is the name from transformers 5 on)
+                (getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable)()
             module.train()  # checkpointing is active in train mode only; these models have no dropout
 
 
@@ -1702,11 +1817,22 @@ def report_steps(step_logs, guard, accelerator, progress):
     for step, finite, logs in records:
         guard.record(step, finite)
         accelerator.log(logs, step=step)
-    if records:
-        logs = records[-1][2]
+    if records:  # the bar shows the last logging step's values (they are read every --logging_steps)
+        step, _, logs = records[-1]
         progress.set_postfix(
-            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}"
-        )
+            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}",
+            at_step=step,
+        )  # fmt: skip
+
+
+# Copied from train_dti_sdxl.run_summary
+def run_summary(args, started):
+    """One line: what the run wrote where, and how long it took."""
+    output_dir = Path(args.output_dir)
+    files = sorted(p.name for p in output_dir.glob("*.safetensors") if "-steps-" not in p.name)
+    files += [name for name in ("README.md", "validation/", "checkpoint-*/") if list(output_dir.glob(name))]
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    return f"Done in {minutes}m{seconds:02d}s: wrote {', '.join(files)} in {output_dir}."
 
 
 # Copied from train_dti_sdxl.quantize_8bit
@@ -1732,6 +1858,7 @@ def quantize_8bit(model):
 
 
 def main(args):
+    started = time.monotonic()
     validate_sana_args(validate_args(args))
     check_trackers(args.report_to)
     token = hub_token(args)
@@ -1741,7 +1868,7 @@ def main(args):
 
     # Tokens and data first: their errors are cheap to find, the models are not.
     tokenizers, model_index = load_tokenizers(args)
-    init_ids, placeholder_ids = add_concept_tokens(args, tokenizers)
+    init_ids, placeholder_ids = add_concept_tokens(args, tokenizers, in_prompt=args.initializer_form == "in_prompt")
     num_vectors = len(init_ids[0])
     images = (
         load_dataset_images(args) if args.dataset_name else load_training_images(args.train_data_dir, args.resolution)
@@ -1757,12 +1884,13 @@ def main(args):
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
     # The learned tokens in fp32; every other weight frozen in the mixed-precision dtype.
+    zero_pad_id = add_zero_pad_row(text_encoders[0], placeholder_ids[0][-1] + 1) if args.zero_pad else None
     learned, vocabulary_mean_norms = attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed)
     models = {"transformer": transformer, "vae": vae, "text_encoder": text_encoders[0]}
     if args.quantize_frozen == "8bit":
         swapped = sum(quantize_8bit(model) for model in (transformer, *text_encoders))
         logger.info(f"--quantize_frozen 8bit: {swapped} linear layers of the transformer and text encoder in int8.")
-    freeze(models, accelerator, weight_dtype, args.gradient_checkpointing)
+    freeze(models, accelerator, weight_dtype, args.gradient_checkpointing, fp32=("vae",))  # the DC-AE in fp32
     learned.to(accelerator.device)
     denoiser = torch.compile(transformer, backend=args.compile_backend) if args.compile else transformer
 
@@ -1776,7 +1904,11 @@ def main(args):
     optimizer = accelerator.prepare(optimizer)  # the fp16 grad scaler, when there is one
     accelerator.register_for_checkpointing(learned, lr_scheduler)
     instruction = complex_human_instruction(args)
-    identity = checkpoint_identity(args, num_vectors) | {"complex_human_instruction": instruction}
+    identity = checkpoint_identity(args, num_vectors) | {
+        "complex_human_instruction": instruction,
+        "zero_pad": args.zero_pad,
+        "initializer_form": args.initializer_form,
+    }
     global_step, seed = resume(args, accelerator, identity, seed)
 
     templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
@@ -1788,12 +1920,7 @@ def main(args):
     batches = batch_stream(args, dataset, accelerator, global_step)
     samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
 
-    if accelerator.is_main_process:
-        if args.report_to != "none":
-            (Path(args.output_dir) / args.logging_dir).mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        init_kwargs = {"wandb": {"dir": str(Path(args.output_dir) / args.logging_dir), "name": args.run_name}}
-        accelerator.init_trackers("dti-sana", config=config, init_kwargs=init_kwargs)
+    start_trackers(accelerator, args, "dti-sana")
     norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in learned.items() if args.method == "dti")
     logger.info(
         f"***** {args.method.upper()} on SANA ***** {len(images)} images x {args.repeats} repeats | {num_vectors} "
@@ -1807,7 +1934,7 @@ def main(args):
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     loss_fn = partial(training_loss, transformer=denoiser, text_encoders=text_encoders, noise_scheduler=noise_scheduler,
-                      vae_scale=vae.config.scaling_factor, seed=seed, args=args)  # fmt: skip
+                      vae_scale=vae.config.scaling_factor, seed=seed, args=args, zero_pad_id=zero_pad_id)  # fmt: skip
     guard, logs = NonFiniteGuard(args.max_nonfinite_steps), StepLogs(learned)
     with StopRequest() as stop:
         while global_step < args.max_train_steps:
@@ -1861,6 +1988,7 @@ def main(args):
         if args.push_to_hub:
             push_to_hub(args, repo_id, token)
     accelerator.end_training()
+    logger.info(run_summary(args, started))
     return SimpleNamespace(learned=learned, components=components, placeholder_ids=placeholder_ids, seed=seed)
 
 

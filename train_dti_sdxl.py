@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -110,6 +111,8 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 EMBEDDING_FILES = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}
 COMBINED_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 CHECKPOINT_STATE = "dti_state.json"
+# The line that makes a StableDiffusionXLPipeline pool CLIP-G at end-of-text (--pooled_output eos), as training did.
+POOL_AT_END_OF_TEXT = "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  # end-of-text"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,11 +133,16 @@ def parse_token_scale(value):
     return scale
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show '(default: X)' only where there is a fixed default; None defaults are explained in the help text."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Every fixed default written one way, 'Default: X.' after the text; switches (off unless given) and None
+    defaults (explained in the text) get none."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        text = (action.help or "").replace(" (default: %(default)s)", "")  # BooleanOptionalAction's, Python < 3.13
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "Default:" in text:
+            return text
+        return f"{text} Default: {'on' if default is True else '%(default)s'}."
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -158,6 +166,14 @@ def parse_args(input_args=None):
     )
     model.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the model.")
     model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
+    model.add_argument(
+        "--pooled_output",
+        choices=["eos", "argmax"],
+        default="eos",
+        help="Where CLIP-G's pooled text embedding is taken. eos: at the end-of-text token, as SDXL was trained and "
+        "as ComfyUI, A1111 and kohya pool. argmax: as the checkpoint's config says (the published eos_token_id 2 "
+        "pools at argmax(input_ids), the new token): the legacy behaviour of plain diffusers and the authors' runs.",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", type=str, default=None, help="Folder with 3-6 images of the concept.")
@@ -801,10 +817,11 @@ def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
     return ids
 
 
-def initializer_token_ids(tokenizer, initializer_token, num_vectors):
-    """The initializer's token ids as inside a prompt (after a space), one per learned vector: k = n by default,
-    or one token repeated k times."""
-    ids = tokenizer(" " + initializer_token, add_special_tokens=False).input_ids
+def initializer_token_ids(tokenizer, initializer_token, num_vectors, in_prompt=True):
+    """The initializer's token ids, one per learned vector: k = n by default, or one token repeated k times.
+    in_prompt: the pieces the word is inside a prompt, after a space (Gemma: "▁robot"); else those of the bare word
+    (Gemma: "robot", as the authors' code takes it). CLIP gives the same ids either way."""
+    ids = tokenizer((" " if in_prompt else "") + initializer_token, add_special_tokens=False).input_ids
     ids = [i for i in ids if tokenizer.decode([i]).strip()]  # a lone word-boundary token carries no meaning
     if (
         tokenizer.unk_token_id is not None
@@ -851,6 +868,14 @@ def make_learned_tokens(args, text_encoder, init_ids, seed, name, vocabulary_siz
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def set_pooled_output(text_encoder, tokenizer, pooled_output):
+    """Where a CLIP encoder pools: eos pools at the first end-of-text token whatever the config says; argmax
+    restores the config's pooling. The published SDXL configs say eos_token_id 2, with which transformers pools
+    at argmax(input_ids): the end-of-text token for ordinary prompts, the new token once a prompt holds one."""
+    eos = tokenizer.eos_token_id if pooled_output == "eos" else text_encoder.config.eos_token_id
+    getattr(text_encoder, "text_model", text_encoder).eos_token_id = eos  # what the pooling reads (transformers 4, 5)
+
+
 def tokenize_prompt(tokenizers, prompt):
     """Token ids of both CLIP tokenizers, padded to 77 as StableDiffusionXLPipeline.encode_prompt pads them."""
     return {
@@ -860,8 +885,8 @@ def tokenize_prompt(tokenizers, prompt):
 
 
 def encode_prompt(text_encoders, text):
-    """SDXL text conditioning: penultimate hidden states of both encoders concatenated, CLIP-G's pooled output.
-    text: {"input_ids": [B, 77], "input_ids_2": [B, 77]}."""
+    """SDXL text conditioning: penultimate hidden states of both encoders concatenated, CLIP-G's pooled output
+    (pooled where set_pooled_output says). text: {"input_ids": [B, 77], "input_ids_2": [B, 77]}."""
     hidden_states = []
     for text_encoder, ids in zip(text_encoders, (text["input_ids"], text["input_ids_2"]), strict=True):
         output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
@@ -1027,7 +1052,7 @@ def embedding_metadata(args, learned, vocabulary_mean_norms, step):
 def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix=""):
     """Write the spec's output files: one {"<tok>": [k, d]} file per encoder and the combined {clip_l, clip_g}."""
     output_dir = Path(args.output_dir)
-    metadata = embedding_metadata(args, learned, vocabulary_mean_norms, step)
+    metadata = embedding_metadata(args, learned, vocabulary_mean_norms, step) | {"pooled_output": args.pooled_output}
     vectors = {name: tokens.embeddings().detach().float().cpu().contiguous() for name, tokens in learned.items()}
     files = {f"{EMBEDDING_FILES[name]}{suffix}.safetensors": {args.placeholder_token: v} for name, v in vectors.items()}
     files[f"{concept_name(args.placeholder_token)}{suffix}.safetensors"] = {
@@ -1061,12 +1086,19 @@ def hub_token(args):
 
 
 def base_model_license(args):
-    """The base model's license from its model card, where it can be read; else None."""
-    from huggingface_hub import ModelCard
+    """The base model's license from its model card: a local folder's README.md, or the Hub's card of a Hub id
+    (never asked for under HF_HUB_OFFLINE=1); None where there is none."""
+    from huggingface_hub import ModelCard, constants
 
+    path = Path(args.pretrained_model_name_or_path)
+    if path.is_dir() and not (path / "README.md").is_file():
+        return None
+    if not path.is_dir() and constants.HF_HUB_OFFLINE:
+        return None
     try:
-        return ModelCard.load(args.pretrained_model_name_or_path).data.license
-    except Exception:  # no card, no network: the card then simply has no license field
+        card = path / "README.md" if path.is_dir() else args.pretrained_model_name_or_path
+        return ModelCard.load(card).data.license
+    except Exception:  # an unreadable card, no network: the card then simply has no license field
         return None
 
 
@@ -1134,6 +1166,7 @@ def save_model_card(args, learned, step, num_processes, repo_id):
     token, name = args.placeholder_token, concept_name(args.placeholder_token)
     prompt = f"a painting of {token} in the style of Van Gogh"
     images = "".join(f"![{w['text']}]({w['output']['url']})\n" for w in widget)
+    pooling_line = POOL_AT_END_OF_TEXT + "\n" if args.pooled_output == "eos" else ""
     body = f"""
 # {token}: a DTI concept for {args.pretrained_model_name_or_path}
 
@@ -1148,8 +1181,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 base_model = "{args.pretrained_model_name_or_path}"
-pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch.float16).to("cuda")
-pipe.load_textual_inversion(
+pipe = StableDiffusionXLPipeline.from_pretrained(base_model, dtype=torch.float16).to("cuda")
+{pooling_line}pipe.load_textual_inversion(
     "{repo_id}", weight_name="learned_embeds.safetensors", token="{token}",
     text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
 )
@@ -1165,7 +1198,8 @@ ComfyUI: put `{name}.safetensors` in `models/embeddings/` and write `embedding:{
 
 ## Training
 
-{training_table(args, learned, num_processes)}
+{training_table(args, learned, num_processes)}| pooled text embedding | {args.pooled_output} |
+
 ## Validation images
 
 {images or "No validation images were made (--num_validation_images 0)."}
@@ -1282,8 +1316,9 @@ def load_tokenizers(args):
     return tokenizers
 
 
-def load_models(args):
-    """The frozen SDXL components, fp32 (cast later, after the vocabulary statistics are taken)."""
+def load_models(args, tokenizers):
+    """The frozen SDXL components, fp32 (cast later, after the vocabulary statistics are taken), CLIP pooling as
+    --pooled_output says."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -1298,6 +1333,8 @@ def load_models(args):
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
     except (OSError, ValueError) as error:
         raise ValueError(f"--pretrained_model_name_or_path {path!r}: a component failed to load ({error}).") from error
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
+        set_pooled_output(text_encoder, tokenizer, args.pooled_output)
     return text_encoders, vae, unet, noise_scheduler
 
 
@@ -1384,7 +1421,27 @@ def check_trackers(report_to):
             raise ValueError(f"--report_to {report_to} needs {package}: pip install {package}.") from error
 
 
+class TqdmLogHandler(logging.StreamHandler):
+    """Log lines written through tqdm, so that they appear above the progress bar instead of over it."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # as logging.StreamHandler does: a failed log line must not stop the run
+            self.handleError(record)
+
+
+def quiet_library_noise():
+    """Silence library messages that no user can act on: bitsandbytes' CPU 4-bit kernel notice (no 4-bit layer is
+    used here) and transformers' notice that image processors fall back to PIL without torchvision."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage()
+    )
+
+
 def make_accelerator(args):
+    quiet_library_noise()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -1395,8 +1452,14 @@ def make_accelerator(args):
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[TqdmLogHandler()])  # fmt: skip
+    state = accelerator.state
+    logger.info(
+        f"{state.num_processes} process(es) ({state.distributed_type.value}), this one #{state.process_index} on "
+        f"{state.device}, mixed precision {state.mixed_precision}.",
+        main_process_only=False,
+    )
     if accelerator.num_processes != world_size:
         raise ValueError(f"WORLD_SIZE is {world_size} but accelerate runs {accelerator.num_processes} process(es).")
     if args.allow_tf32:
@@ -1404,9 +1467,26 @@ def make_accelerator(args):
     return accelerator
 
 
-def add_concept_tokens(args, tokenizers):
+def start_trackers(accelerator, args, project):
+    """Start the --report_to trackers (main process) with the run's flags as their config. wandb takes its config at
+    init (accelerate 1.10's offline wandb would start a second run to add it) and honours a user's WANDB_DIR."""
+    if not accelerator.is_main_process or args.report_to == "none":
+        return
+    logging_dir = Path(args.output_dir) / args.logging_dir
+    logging_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    wandb_kwargs = {"config": config, "name": args.run_name}
+    if not os.environ.get("WANDB_DIR"):
+        wandb_kwargs["dir"] = str(logging_dir)
+    accelerator.init_trackers(project, init_kwargs={"wandb": wandb_kwargs})
+    for tracker in accelerator.trackers:
+        if tracker.name != "wandb":
+            tracker.store_init_configuration(config)
+
+
+def add_concept_tokens(args, tokenizers, in_prompt=True):
     """Add the placeholder to every tokenizer. Returns (initializer ids, placeholder ids) per tokenizer."""
-    init_ids = [initializer_token_ids(tokenizer, args.initializer_token, args.num_vectors) for tokenizer in tokenizers]
+    init_ids = [initializer_token_ids(t, args.initializer_token, args.num_vectors, in_prompt) for t in tokenizers]
     if len({len(ids) for ids in init_ids}) > 1:
         raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the tokenizers.")
     placeholder_ids = [add_placeholder_tokens(t, args.placeholder_token, len(init_ids[0])) for t in tokenizers]
@@ -1430,17 +1510,20 @@ def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed):
     return learned, vocabulary_mean_norms
 
 
-def freeze(models, accelerator, weight_dtype, gradient_checkpointing):
-    """Frozen models on the device in the mixed-precision dtype (the VAE in fp32 under fp16, where it overflows)."""
+def freeze(models, accelerator, weight_dtype, gradient_checkpointing, fp32=()):
+    """Frozen models on the device in the mixed-precision dtype, except those named in fp32 (and the VAE under fp16,
+    where it overflows)."""
     for name, module in models.items():
         module.requires_grad_(False)
-        dtype = torch.float32 if name == "vae" and weight_dtype == torch.float16 else weight_dtype
-        module.to(accelerator.device, dtype=dtype)
+        dtype = torch.float32 if name in fp32 or (name == "vae" and weight_dtype == torch.float16) else weight_dtype
+        # diffusers' .to(dtype) warns about fp32 modules even when a model has none: cast those models as torch does
+        cast = module.to if getattr(module, "_keep_in_fp32_modules", None) else partial(torch.nn.Module.to, module)
+        cast(accelerator.device, dtype=dtype)
         if gradient_checkpointing and name != "vae":
             if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
                 module.enable_gradient_checkpointing()
-            else:  # transformers models
-                module.gradient_checkpointing_enable()
+            else:  # transformers models (activation_checkpointing_enable is the name from transformers 5 on)
+                (getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable)()
             module.train()  # checkpointing is active in train mode only; these models have no dropout
 
 
@@ -1575,11 +1658,21 @@ def report_steps(step_logs, guard, accelerator, progress):
     for step, finite, logs in records:
         guard.record(step, finite)
         accelerator.log(logs, step=step)
-    if records:
-        logs = records[-1][2]
+    if records:  # the bar shows the last logging step's values (they are read every --logging_steps)
+        step, _, logs = records[-1]
         progress.set_postfix(
-            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}"
-        )
+            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}",
+            at_step=step,
+        )  # fmt: skip
+
+
+def run_summary(args, started):
+    """One line: what the run wrote where, and how long it took."""
+    output_dir = Path(args.output_dir)
+    files = sorted(p.name for p in output_dir.glob("*.safetensors") if "-steps-" not in p.name)
+    files += [name for name in ("README.md", "validation/", "checkpoint-*/") if list(output_dir.glob(name))]
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    return f"Done in {minutes}m{seconds:02d}s: wrote {', '.join(files)} in {output_dir}."
 
 
 def quantize_8bit(model):
@@ -1604,6 +1697,7 @@ def quantize_8bit(model):
 
 
 def main(args):
+    started = time.monotonic()
     validate_args(args)
     check_trackers(args.report_to)
     token = hub_token(args)
@@ -1621,7 +1715,7 @@ def main(args):
     if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
         logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
     check_output_dir(args)
-    text_encoders, vae, unet, noise_scheduler = load_models(args)
+    text_encoders, vae, unet, noise_scheduler = load_models(args, tokenizers)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % vae_factor:
         raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
@@ -1647,7 +1741,7 @@ def main(args):
     )
     optimizer = accelerator.prepare(optimizer)  # the fp16 grad scaler, when there is one
     accelerator.register_for_checkpointing(learned, lr_scheduler)
-    identity = checkpoint_identity(args, num_vectors)
+    identity = checkpoint_identity(args, num_vectors) | {"pooled_output": args.pooled_output}
     global_step, seed = resume(args, accelerator, identity, seed)
 
     templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
@@ -1659,12 +1753,7 @@ def main(args):
     batches = batch_stream(args, dataset, accelerator, global_step)
     samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
 
-    if accelerator.is_main_process:
-        if args.report_to != "none":
-            (Path(args.output_dir) / args.logging_dir).mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        init_kwargs = {"wandb": {"dir": str(Path(args.output_dir) / args.logging_dir), "name": args.run_name}}
-        accelerator.init_trackers("dti-sdxl", config=config, init_kwargs=init_kwargs)
+    start_trackers(accelerator, args, "dti-sdxl")
     norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in learned.items() if args.method == "dti")
     logger.info(
         f"***** {args.method.upper()} on SDXL ***** {len(images)} images x {args.repeats} repeats | {num_vectors} "
@@ -1732,6 +1821,7 @@ def main(args):
         if args.push_to_hub:
             push_to_hub(args, repo_id, token)
     accelerator.end_training()
+    logger.info(run_summary(args, started))
     return SimpleNamespace(learned=learned, components=components, placeholder_ids=placeholder_ids, seed=seed)
 
 

@@ -168,6 +168,7 @@ def test_output_files_load_with_diffusers_and_match_training_text_features(train
         row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(PLACEHOLDER)]
         assert torch.equal(row, load_file(out / f"{file}.safetensors")[PLACEHOLDER][0])
     prompt = f"a photo of a {PLACEHOLDER} on a table"
+    exec(dti.POOL_AT_END_OF_TEXT)  # the README's line: the pipeline pools at end-of-text, as training did
     embeds, _, pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
     tokenizers = [result.components["tokenizer"], result.components["tokenizer_2"]]
     text = {key: torch.tensor([ids]) for key, ids in dti.tokenize_prompt(tokenizers, prompt).items()}

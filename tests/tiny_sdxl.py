@@ -3,7 +3,8 @@
     python -m tests.tiny_sdxl /tmp/tiny-sdxl
 
 The tokenizers use the real CLIP BPE vocabulary (49,408 tokens, committed under tests/fixtures/clip_tokenizer),
-so words tokenize exactly as in stabilityai/stable-diffusion-xl-base-1.0. The two text encoders have different
+so words tokenize exactly as in stabilityai/stable-diffusion-xl-base-1.0; every config and tokenizer field that
+changes behaviour takes the published value (tests/fixtures/README.md lists them). The two text encoders have different
 widths (32 and 48) so that a mix-up of encoder 1 and encoder 2 fails loudly. The VAE downsamples by 8, like SDXL's.
 """
 
@@ -21,7 +22,16 @@ TEXT_ENCODER_2_WIDTH = 48
 TEXT_ENCODER_2_PROJECTION = 32
 
 
-def _clip_config(width, projection_dim=None):
+# The special ids of the text encoder configs published with stabilityai/stable-diffusion-xl-base-1.0 (both encoders):
+# the legacy CLIP ids, with which transformers pools at argmax(input_ids). "fixed" are the tokenizer's own ids (49406,
+# 49407), which make transformers pool at the first end-of-text token; tests build both from the same weights.
+SPECIAL_IDS = {
+    "published": {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+    "fixed": {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1},
+}
+
+
+def _clip_config(width, hidden_act, projection_dim=None, special_ids="published"):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -32,10 +42,9 @@ def _clip_config(width, projection_dim=None):
         num_attention_heads=4,
         max_position_embeddings=77,
         projection_dim=projection_dim or width,
-        hidden_act="gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
+        hidden_act=hidden_act,  # published: quick_gelu (CLIP ViT-L), gelu (OpenCLIP bigG)
+        layer_norm_eps=1e-5,
+        **SPECIAL_IDS[special_ids],
     )
 
 
@@ -50,8 +59,9 @@ def _tokenizer(pad_token):
     )
 
 
-def build_tiny_sdxl(seed=0):
-    """Return a StableDiffusionXLPipeline with random weights (about 6M parameters, 2 MB of UNet)."""
+def build_tiny_sdxl(seed=0, special_ids="published"):
+    """Return a StableDiffusionXLPipeline with random weights (about 6M parameters, 2 MB of UNet); special_ids
+    picks the text encoders' bos/eos/pad ids (see SPECIAL_IDS), which leaves the weights unchanged."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -87,8 +97,10 @@ def build_tiny_sdxl(seed=0):
     )
     scheduler_config = json.loads((FIXTURES / "sdxl_scheduler_config.json").read_text())
     scheduler = EulerDiscreteScheduler.from_config(scheduler_config)
-    text_encoder = CLIPTextModel(_clip_config(TEXT_ENCODER_WIDTH))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(TEXT_ENCODER_2_WIDTH, TEXT_ENCODER_2_PROJECTION))
+    text_encoder = CLIPTextModel(_clip_config(TEXT_ENCODER_WIDTH, "quick_gelu", special_ids=special_ids))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _clip_config(TEXT_ENCODER_2_WIDTH, "gelu", TEXT_ENCODER_2_PROJECTION, special_ids=special_ids)
+    )
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -113,10 +125,10 @@ def _write_clip_tokenizer(folder, pad_token):
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def save_tiny_sdxl(output_dir, seed=0):
+def save_tiny_sdxl(output_dir, seed=0, special_ids="published"):
     """Build the tiny pipeline and save it like the published SDXL checkpoints are stored; return the folder."""
     output_dir = Path(output_dir)
-    build_tiny_sdxl(seed).save_pretrained(output_dir)
+    build_tiny_sdxl(seed, special_ids).save_pretrained(output_dir)
     _write_clip_tokenizer(output_dir / "tokenizer", "<|endoftext|>")
     _write_clip_tokenizer(output_dir / "tokenizer_2", "!")
     return output_dir

@@ -74,9 +74,10 @@ def test_everything_but_the_new_rows_stays_bit_identical(train_sana, tiny_sana):
         trained, original = result.components[name].state_dict(), getattr(pretrained, name).state_dict()
         assert trained.keys() == original.keys()
         for key, tensor in original.items():
-            if key.endswith("embed_tokens.weight"):
-                assert trained[key].shape[0] == tensor.shape[0] + 1
+            if key.endswith("embed_tokens.weight"):  # one row for the token, one zero row for --zero_pad
+                assert trained[key].shape[0] == tensor.shape[0] + 2
                 assert torch.equal(trained[key][: tensor.shape[0]], tensor), f"{name}.{key}"
+                assert torch.count_nonzero(trained[key][-1]) == 0
             else:
                 assert torch.equal(trained[key], tensor), f"{name}.{key}"
     assert [n for n, _ in result.learned.named_parameters()] == ["text_encoder.direction"]

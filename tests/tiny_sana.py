@@ -149,6 +149,7 @@ def build_tiny_sana(seed=0):
         patch_size=1,
         norm_elementwise_affine=False,
         norm_eps=1e-6,
+        qk_norm="rms_norm_across_heads",  # SANA 1.5 (SANA1.5_1.6B_1024px_diffusers); SANA 1.0 has none
     )
     vae = AutoencoderDC(
         in_channels=3,

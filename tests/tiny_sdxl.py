@@ -10,6 +10,7 @@ widths (32 and 48) so that a mix-up of encoder 1 and encoder 2 fails loudly. The
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -138,8 +139,17 @@ def main():
     parser = argparse.ArgumentParser(description="Write a tiny random-weight SDXL pipeline to a folder.")
     parser.add_argument("output_dir", help="Folder to write the pipeline to (model_index.json and components).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    parser.add_argument(
+        "--special_ids",
+        choices=sorted(SPECIAL_IDS),
+        default="published",
+        help="The text encoders' bos/eos/pad ids: as published (0, 2, 1) or the tokenizer's own (49406, 49407, 1).",
+    )
     args = parser.parse_args()
-    print(save_tiny_sdxl(args.output_dir, args.seed))
+    # transformers' notice that image processors fall back to PIL without torchvision: nothing to act on here
+    noise = logging.getLogger("transformers.utils.import_utils")
+    noise.addFilter(lambda record: "requires torchvision" not in record.getMessage())
+    print(save_tiny_sdxl(args.output_dir, args.seed, args.special_ids))
 
 
 if __name__ == "__main__":

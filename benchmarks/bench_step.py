@@ -290,6 +290,9 @@ def dti_step(family, models, flags, opts, accelerator, images):
     tokenizers = [copy.deepcopy(t) for t in models["tokenizers"]]
     init_ids, placeholder_ids = script.add_concept_tokens(args, tokenizers)
     learned, _ = script.attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, args.seed)
+    if family == "sdxl":  # pooled at end-of-text, as the script's default --pooled_output eos
+        for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
+            script.set_pooled_output(text_encoder, tokenizer, "eos")
     if args.quantize_frozen == "8bit":
         for model in (denoiser, *text_encoders):
             script.quantize_8bit(model)
@@ -297,7 +300,7 @@ def dti_step(family, models, flags, opts, accelerator, images):
         set_checkpointing(model, False)
     frozen = {DENOISER[family]: denoiser, "vae": vae} | {f"text_encoder_{i}": m for i, m in enumerate(text_encoders)}
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
-    script.freeze(frozen, accelerator, weight_dtype, args.gradient_checkpointing)
+    script.freeze(frozen, accelerator, weight_dtype, args.gradient_checkpointing, fp32=("vae",) * (family == "sana"))
     learned.to(accelerator.device)
     training_denoiser = torch.compile(denoiser, backend=args.compile_backend) if args.compile else denoiser
 

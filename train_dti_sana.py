@@ -1581,9 +1581,11 @@ def quiet_library_noise():
     """Silence library messages that no user can act on: bitsandbytes' CPU 4-bit kernel notice (no 4-bit layer is
     used here) and transformers' notice that image processors fall back to PIL without torchvision."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    logging.getLogger("transformers.utils.import_utils").addFilter(
-        lambda record: "requires torchvision" not in record.getMessage()
-    )
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if not any(getattr(f, "name", None) == "no-torchvision-notice" for f in notices.filters):  # once per process
+        drop = logging.Filter("no-torchvision-notice")
+        drop.filter = lambda record: "requires torchvision" not in record.getMessage()
+        notices.addFilter(drop)
 
 
 # Copied from train_dti_sdxl.make_accelerator

@@ -214,3 +214,41 @@ def error_runs(tmp_path_factory):
 def test_bad_crossinit_input_gives_one_line_error_before_any_model_loads(error_runs, key):
     proc, expected = error_runs[key]
     assert_one_line_error(proc, expected)
+
+
+def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(train, tiny_sdxl, tmp_path):
+    import signal
+
+    from tests.test_reliability import SimpleProc, start, wait_for
+
+    flags = ["--method", "crossinit", "--crossinit_lambda", "0.5", "--max_train_steps", "12", "--save_steps", "1",
+             "--checkpointing_steps", "100", "--repeats", "1"]  # fmt: skip
+    straight, _ = train(*flags, output_dir=tmp_path / "straight")
+    out = tmp_path / "interrupted"
+    proc = start("sdxl", tiny_sdxl, out, *flags)
+    wait_for(out / "learned_embeds-steps-3.safetensors", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert_one_line_error(SimpleProc(proc.returncode, stderr), "--resume_from_checkpoint latest")
+    proc = start("sdxl", tiny_sdxl, out, *flags, "--resume_from_checkpoint", "latest")
+    assert proc.wait(timeout=300) == 0, proc.communicate()[1][-2000:]
+    for name, file in (
+        ("text_encoder", "learned_embeds.safetensors"),
+        ("text_encoder_2", "learned_embeds_2.safetensors"),
+    ):
+        assert torch.equal(load_file(out / file)[PLACEHOLDER], straight.learned[name].embeddings().detach())
+
+
+def test_two_processes_end_identical_and_equal_a_single_process_run(train, tiny_sdxl, tmp_path):
+    from tests.conftest import torchrun_ranks
+
+    flags = ["--method", "crossinit", "--crossinit_lambda", "0.5", "--learning_rate", "0.05"]
+    argv = training_args(tiny_sdxl, tmp_path / "ddp", "--train_batch_size", "1", *flags)
+    ranks = torchrun_ranks("train_dti_sdxl", argv, tmp_path / "dump", port=29537)
+    result, _ = train("--train_batch_size", "2", *flags, output_dir=tmp_path / "single")
+    for name in ("text_encoder", "text_encoder_2"):
+        assert torch.equal(ranks[0]["final"][name], ranks[1]["final"][name])
+        single = result.learned[name].embeddings().detach()
+        start = result.learned[name].initial_rows
+        assert not torch.allclose(single, start)
+        assert torch.allclose(single, ranks[0]["final"][name], atol=1e-5 * single.norm().item())

@@ -252,3 +252,21 @@ def test_two_processes_end_identical_and_equal_a_single_process_run(train, tiny_
         start = result.learned[name].initial_rows
         assert not torch.allclose(single, start)
         assert torch.allclose(single, ranks[0]["final"][name], atol=1e-5 * single.norm().item())
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def test_evaluate_tables_and_infer_report_name_the_method():
+    import evaluate
+    import infer
+
+    metadata = {"method": "crossinit", "crossinit_lambda": "1e-05", "token_scale": "free", "kappa": "0.0"}
+    concept = SimpleNamespace(metadata=metadata, vectors={"clip_l": torch.ones(1, 4)})
+    info = evaluate.run_info(concept, None)
+    assert (info["method"], info["norm"], info["kappa"]) == ("crossinit (lambda 1e-05)", "free", "0.0")
+    assert infer.method_summary(metadata) == "method crossinit (crossinit_lambda 1e-05)"
+    assert infer.method_summary({"method": "dti", "token_scale": "mean", "kappa": "0.0001"}) == (
+        "method dti (token_scale mean, kappa 0.0001)"
+    )
+    assert infer.method_summary({}) == "method unknown (no training metadata)"

@@ -629,11 +629,14 @@ def score(jobs, args, device, output_dir):
 
 
 def run_info(concept, rescale):
-    """Method, norm and kappa of a run from its safetensors metadata, and the measured norms of its vectors."""
+    """Method (with crossinit's lambda), norm and kappa of a run from its safetensors metadata, and the measured norms
+    of its vectors."""
     metadata = concept.metadata
-    norm = metadata.get("token_scale", "?")
+    norm, method = metadata.get("token_scale", "?"), metadata.get("method", "?")
+    if method == "crossinit":  # the baseline's one setting, as kappa is DTI's
+        method = f"crossinit (lambda {metadata.get('crossinit_lambda', '?')})"
     return {
-        "method": metadata.get("method", "?"),
+        "method": method,
         "norm": f"{norm}, rescaled to {rescale}" if rescale else norm,
         "kappa": metadata.get("kappa", "?"),
         "vector_norms": {key: v.norm(dim=-1).mean().item() for key, v in concept.vectors.items()},

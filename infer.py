@@ -114,7 +114,9 @@ def parse_args(input_args=None):
         default=None,
         help="Rescale loaded vectors to the mean, min or max norm of the vocabulary, or to a number (TI-rescaled).",
     )
-    parser.add_argument("--report", action="store_true", help="Print norm, norm percentile and nearest words.")
+    parser.add_argument(
+        "--report", action="store_true", help="Print the method, norm, norm percentile and nearest words."
+    )
     parser.add_argument("--output_dir", default="generations", help="Where images and generations.json go.")
     return parser.parse_args(input_args)
 
@@ -303,6 +305,16 @@ def rescale(vectors, table, how):
     norms = norms[norms > 0]
     target = float(how) if how not in ("mean", "min", "max") else getattr(norms, how)().item()
     return F.normalize(vectors.float(), dim=-1) * target
+
+
+def method_summary(metadata):
+    """How a token was learned, from its metadata: the method and its setting (m* and kappa, or crossinit's lambda)."""
+    method = metadata.get("method")
+    if method is None:
+        return "method unknown (no training metadata)"
+    settings = {"dti": ("token_scale", "kappa"), "ti": (), "crossinit": ("crossinit_lambda",)}.get(method, ())
+    details = ", ".join(f"{key} {metadata[key]}" for key in settings if key in metadata)
+    return f"method {method}" + (f" ({details})" if details else "")
 
 
 def report(vectors, table, tokenizer, top=5):
@@ -494,6 +506,7 @@ def main(args):
         loaded[concept.token] = vectors
         if args.report:
             reports[concept.token] = {e: report(v, tables[e], tokenizers[e]) for e, v in vectors.items()}
+            print(f"{concept.token}: {method_summary(concept.metadata)}")
             for encoder, rows in reports[concept.token].items():
                 for j, row in enumerate(rows):
                     nearest = ", ".join(f"{word} ({cos:.3f})" for word, cos in row["nearest"])

@@ -104,8 +104,9 @@ STYLE_TEMPLATES = [
 ]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3}
+DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3, "crossinit": 5e-3}
 DEFAULT_KAPPA = 1e-4
+DEFAULT_CROSSINIT_LAMBDA = 1e-5
 DEFAULT_VALIDATION_PROMPT = "a {} with Japanese modern city street in the background"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 EMBEDDING_FILES = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}
@@ -224,9 +225,11 @@ def parse_args(input_args=None):
     dti = parser.add_argument_group("DTI")
     dti.add_argument(
         "--method",
-        choices=["dti", "ti"],
+        choices=["dti", "ti", "crossinit"],
         default="dti",
-        help="dti: fixed norm, direction on the sphere. ti: plain Textual Inversion (AdamW on the raw rows).",
+        help="dti: fixed norm, direction on the sphere. ti: plain Textual Inversion (AdamW on the raw rows). "
+        "crossinit: the CrossInit baseline (AdamW on raw rows that start at the text encoder's output for the "
+        "initializer, pulled back to it by --crossinit_lambda).",
     )
     dti.add_argument(
         "--optimizer",
@@ -257,6 +260,13 @@ def parse_args(input_args=None):
         choices=["token", "random", "mean"],
         default="token",
         help="dti only. Initial direction: the class word, a seeded random direction, or the mean vocabulary row.",
+    )
+    dti.add_argument(
+        "--crossinit_lambda",
+        type=float,
+        default=None,
+        help="crossinit only. Weight of the pull toward the start: lambda * mean over the k x d elements of "
+        f"(rows - initial rows)^2 is added to the loss (per text encoder). Default: {DEFAULT_CROSSINIT_LAMBDA}.",
     )
 
     train = parser.add_argument_group("training")
@@ -297,7 +307,8 @@ def parse_args(input_args=None):
         "--learning_rate",
         type=float,
         default=None,
-        help="Step size; with rsgd one step turns each direction by atan(lr). Default: 1e-2 for dti, 5e-3 for ti.",
+        help="Step size; with rsgd one step turns each direction by atan(lr). Default: 1e-2 for dti, 5e-3 for ti "
+        "and crossinit.",
     )
     train.add_argument(
         "--scale_lr",
@@ -402,9 +413,15 @@ def validate_args(args):
         args.learning_rate = DEFAULT_LEARNING_RATE[args.method]
     if args.kappa is None:
         args.kappa = DEFAULT_KAPPA if args.method == "dti" else 0.0
+    if args.crossinit_lambda is None:
+        args.crossinit_lambda = DEFAULT_CROSSINIT_LAMBDA if args.method == "crossinit" else 0.0
     checks = [
         (args.learning_rate > 0 and math.isfinite(args.learning_rate), "--learning_rate must be a positive number"),
         (args.kappa >= 0 and math.isfinite(args.kappa), "--kappa must be zero or positive"),
+        (
+            args.crossinit_lambda >= 0 and math.isfinite(args.crossinit_lambda),
+            "--crossinit_lambda must be zero or a positive number",
+        ),
         (0 <= args.beta < 1, "--beta must be in [0, 1)"),
         (args.resolution > 0 and args.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
         (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
@@ -420,7 +437,11 @@ def validate_args(args):
         (args.dataloader_num_workers >= 0, "--dataloader_num_workers must be zero or positive"),
         (args.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be at least 1"),
         (args.logging_steps >= 1, "--logging_steps must be at least 1"),
-        (args.method == "dti" or args.kappa == 0, "--kappa applies to --method dti only (plain TI has no prior)"),
+        (args.method == "dti" or args.kappa == 0, f"--kappa applies to --method dti only ({args.method} has no prior)"),
+        (
+            args.method == "crossinit" or args.crossinit_lambda == 0,
+            "--crossinit_lambda applies to --method crossinit only; drop it or add --method crossinit",
+        ),
         (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
         (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),
         (args.initializer_token.strip() != "", "--initializer_token must not be empty"),
@@ -428,10 +449,8 @@ def validate_args(args):
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{message}.")
-    if args.method == "ti" and args.optimizer != "rsgd":
-        logger.warning("--optimizer is ignored with --method ti (plain TI always uses AdamW).")
     if args.use_8bit_adam and args.method == "dti" and args.optimizer == "rsgd":
-        raise ValueError("--use_8bit_adam needs an AdamW mode: --optimizer adamw or --method ti.")
+        raise ValueError("--use_8bit_adam needs an AdamW mode: --optimizer adamw, --method ti or --method crossinit.")
     if args.quantize_frozen == "8bit":
         try:
             import bitsandbytes  # noqa: F401
@@ -444,6 +463,19 @@ def validate_args(args):
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise ValueError("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`.")
     return args
+
+
+def ignored_flags(args):
+    """Warnings for the DTI-only flags a baseline (--method ti or crossinit) ignores: it has no sphere and no norm."""
+    if args.method == "dti":
+        return []
+    defaults = {"--optimizer": (args.optimizer, "rsgd"), "--token_scale": (args.token_scale, "mean"),
+                "--beta": (args.beta, 0.0), "--init_method": (args.init_method, "token")}  # fmt: skip
+    return [
+        f"{flag} is ignored with --method {args.method} (it learns free rows with AdamW, without a fixed norm)."
+        for flag, (value, default) in defaults.items()
+        if value != default
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -751,6 +783,19 @@ class TextualInversionTokens(torch.nn.Module):
         return token_stats(self.rows, self.prior_direction, self.initial_rows)
 
 
+class CrossInitTokens(TextualInversionTokens):
+    """The CrossInit baseline: free rows [k, d] fp32, optimised by AdamW, that start at the text encoder's output for
+    the class word and are pulled back to that start by regularizer() = lambda * mean((rows - initial_rows)^2), the
+    mean over the k x d elements (its gradient: 2 lambda (rows - initial_rows) / (k d))."""
+
+    def __init__(self, prior_direction, initial_rows, crossinit_lambda):
+        super().__init__(prior_direction, initial_rows)
+        self.crossinit_lambda = crossinit_lambda
+
+    def regularizer(self):
+        return self.crossinit_lambda * (self.rows - self.initial_rows).square().mean()
+
+
 class RiemannianSGD(torch.optim.Optimizer):
     """Drives DirectionalTokens.step from an optimizer, so LR schedulers and the fp16 grad scaler work as usual."""
 
@@ -843,13 +888,31 @@ def initializer_token_ids(tokenizer, initializer_token, num_vectors, in_prompt=T
     )
 
 
-def make_learned_tokens(args, text_encoder, init_ids, seed, name, vocabulary_size):
-    """Build DirectionalTokens (dti) or TextualInversionTokens (ti) for one text encoder from its pretrained table
-    (the first vocabulary_size rows: the tokenizer's vocabulary before the new tokens)."""
+def content_positions(tokenizer, ids, initializer_token, num_vectors):
+    """Where the initializer's content tokens sit in its own tokenized prompt ids (not BOS, EOS, padding or a lone
+    word-boundary token), one position per learned vector (one token repeated k times, as for the rows)."""
+    special = set(tokenizer.all_special_ids)
+    positions = [i for i, t in enumerate(ids) if t not in special and tokenizer.decode([t]).strip()]
+    if len(positions) == num_vectors:
+        return positions
+    if len(positions) == 1:
+        return positions * num_vectors
+    raise ValueError(
+        f"--initializer_token {initializer_token!r} is {len(positions)} tokens when encoded alone but {num_vectors} "
+        f"inside a prompt; --method crossinit needs one vector per token: use a one-token initializer."
+    )
+
+
+def make_learned_tokens(args, text_encoder, init_ids, seed, name, vocabulary_size, contextual=None):
+    """Build DirectionalTokens (dti), TextualInversionTokens (ti) or CrossInitTokens (crossinit, from the contextual
+    vectors [k, d]) for one text encoder from its pretrained table (the first vocabulary_size rows: the tokenizer's
+    vocabulary before the new tokens)."""
     table = text_encoder.get_input_embeddings().weight.detach()[:vocabulary_size].float()
     prior = table[init_ids]
     if args.method == "ti":
         return TextualInversionTokens(prior, prior)
+    if args.method == "crossinit":
+        return CrossInitTokens(prior, contextual, args.crossinit_lambda)
     norms = vocabulary_norms(table)
     norm_scale = resolve_norm_scale(norms, args.token_scale)
     if args.init_method == "token":
@@ -892,6 +955,18 @@ def encode_prompt(text_encoders, text):
         output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
         hidden_states.append(output.hidden_states[-2])
     return torch.cat(hidden_states, dim=-1), output.text_embeds
+
+
+def encode_initializer(args, tokenizers, text_encoders, num_vectors):
+    """CrossInit's start, {encoder: [k, d] fp32}: each encoder's last hidden state (after its final layer norm) at the
+    initializer's content positions when the initializer alone is encoded as a prompt (<bos> word <eos> pad...)."""
+    text, vectors = tokenize_prompt(tokenizers, args.initializer_token), {}
+    for name, tokenizer, text_encoder, ids in zip(TEXT_ENCODERS, tokenizers, text_encoders, text.values(), strict=True):
+        positions = content_positions(tokenizer, ids, args.initializer_token, num_vectors)
+        with torch.no_grad():
+            hidden_states = text_encoder(torch.tensor([ids], device=text_encoder.device)).last_hidden_state
+        vectors[name] = hidden_states[0, positions].float()
+    return vectors
 
 
 def keyed_generators(seed, positions, device):
@@ -1037,6 +1112,7 @@ def embedding_metadata(args, learned, vocabulary_mean_norms, step):
         "kappa": repr(args.kappa),
         "beta": repr(args.beta if args.method == "dti" and args.optimizer == "rsgd" else 0.0),
         "learning_rate": repr(args.learning_rate),
+        **({"crossinit_lambda": repr(args.crossinit_lambda)} if args.method == "crossinit" else {}),
         "steps": str(step),
         "resolution": str(args.resolution),
         "script": Path(__file__).name,
@@ -1145,11 +1221,23 @@ def model_card_header(args, family, step, extra_tags=()):
     return f"---\n{data.to_yaml()}\n---\n", widget
 
 
+def method_description(args):
+    """How the vectors were learned, one clause for the model card."""
+    return {
+        "dti": "Directional Textual Inversion (DTI, arXiv 2512.13672): its norm is fixed to the mean norm of the "
+        "vocabulary and only its direction was learned",
+        "ti": "plain Textual Inversion, the baseline of DTI (arXiv 2512.13672): AdamW on free rows, norm unconstrained",
+        "crossinit": "CrossInit, a baseline of DTI (arXiv 2512.13672): free rows started at the text encoder's output "
+        f"for the class word, learned with AdamW and pulled back to that start (lambda {args.crossinit_lambda:g})",
+    }[args.method]
+
+
 def training_table(args, learned, num_processes):
     rows = [("method", f"{args.method}" + (f" ({args.optimizer})" if args.method == "dti" else " (AdamW)"))]
     rows += [
         (f"norm m* ({name})", f"{tokens.norm_scale:.6g}") for name, tokens in learned.items() if args.method == "dti"
     ]
+    rows += [("crossinit lambda", f"{args.crossinit_lambda:g}")] if args.method == "crossinit" else []
     rows += [
         ("kappa", f"{args.kappa:g}"),
         ("steps", str(args.max_train_steps)),
@@ -1170,9 +1258,8 @@ def save_model_card(args, learned, step, num_processes, repo_id):
     body = f"""
 # {token}: a DTI concept for {args.pretrained_model_name_or_path}
 
-`{token}` is a concept token learned with Directional Textual Inversion (DTI, arXiv 2512.13672) on both SDXL text
-encoders, from the class word "{args.initializer_token}": its norm is fixed to the mean norm of the vocabulary and only
-its direction was learned. The files load with diffusers' `load_textual_inversion`, in ComfyUI and in A1111.
+`{token}` is a concept token learned on both SDXL text encoders from the class word "{args.initializer_token}" with
+{method_description(args)}. The files load with diffusers' `load_textual_inversion`, in ComfyUI and in A1111.
 
 ## Use it
 
@@ -1495,14 +1582,16 @@ def add_concept_tokens(args, tokenizers, in_prompt=True):
     return init_ids, placeholder_ids
 
 
-def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed):
-    """Build the learned tokens of each encoder from its pretrained table, then give the encoder rows and a hook
-    that feeds it the learned vectors. Returns (learned tokens by encoder, vocabulary mean norm by encoder)."""
+def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed, contextual=None):
+    """Build the learned tokens of each encoder from its pretrained table (crossinit: from the contextual vectors by
+    encoder), then give the encoder rows and a hook that feeds it the learned vectors. Returns (learned tokens by
+    encoder, vocabulary mean norm by encoder)."""
     learned, vocabulary_mean_norms = torch.nn.ModuleDict(), {}
     for name, text_encoder, ids, new_ids in zip(TEXT_ENCODERS, text_encoders, init_ids, placeholder_ids, strict=True):
         table = text_encoder.get_input_embeddings().weight
         vocabulary_mean_norms[name] = vocabulary_norms(table[: new_ids[0]]).mean().item()
-        learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name, new_ids[0])
+        start = contextual[name] if contextual else None
+        learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name, new_ids[0], start)
         if len(table) <= new_ids[-1]:  # a table padded beyond the tokenizer already has rows for the new ids
             text_encoder.resize_token_embeddings(new_ids[-1] + 1, mean_resizing=False)
         with torch.no_grad():  # the new rows matter only to code that reads the table; keep them meaningful
@@ -1595,12 +1684,14 @@ def batch_stream(args, dataset, accelerator, global_step):
 
 def data_gradient(batches, latents, loss_fn, learned, accelerator, accumulation_steps):
     """The data loss's gradient over one global batch, left in the learned tokens' .grad: accumulated over
-    micro-batches, averaged over processes. Returns the step's loss, a device tensor (no host sync)."""
+    micro-batches, averaged over processes; crossinit adds its regularizer's gradient (once per step: 1/accumulation
+    per micro-batch). Returns the step's data loss, a device tensor (no host sync)."""
     step_loss = torch.zeros((), device=accelerator.device)
     for _ in range(accumulation_steps):
         batch = next(batches)
         loss = loss_fn(batch, *latents(batch))
-        accelerator.backward(loss / accumulation_steps)
+        penalty = sum(t.regularizer() for t in learned.values() if isinstance(t, CrossInitTokens))
+        accelerator.backward((loss + penalty) / accumulation_steps)
         step_loss += loss.detach() / accumulation_steps
     if accelerator.num_processes > 1:
         for parameter in learned.parameters():
@@ -1704,6 +1795,8 @@ def main(args):
     check_trackers(args.report_to)
     token = hub_token(args)
     accelerator = make_accelerator(args)
+    for warning in ignored_flags(args):
+        logger.warning(warning)
     seed = resolve_seed(args, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -1724,8 +1817,10 @@ def main(args):
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
-    # The learned tokens in fp32; every other weight frozen in the mixed-precision dtype.
-    learned, vocabulary_mean_norms = attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed)
+    # The learned tokens in fp32 (crossinit: from the encoders' output for the initializer); every other weight
+    # frozen in the mixed-precision dtype.
+    start = encode_initializer(args, tokenizers, text_encoders, num_vectors) if args.method == "crossinit" else None
+    learned, vocabulary_mean_norms = attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed, start)
     models = {"unet": unet, "vae": vae, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]}
     if args.quantize_frozen == "8bit":
         swapped = sum(quantize_8bit(model) for model in (unet, *text_encoders))

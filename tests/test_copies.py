@@ -13,9 +13,9 @@ import sys
 from tests.conftest import REPO
 
 MARKER = re.compile(r"^# Copied from train_dti_sdxl\.(\w+)$")
-CORE = {"DirectionalTokens", "TextualInversionTokens", "RiemannianSGD", "inject_learned_tokens", "token_stats",
-        "vocabulary_norms", "resolve_norm_scale", "make_learned_tokens", "add_placeholder_tokens",
-        "initializer_token_ids", "placeholder_names", "placeholder_prompt_token"}  # fmt: skip
+CORE = {"DirectionalTokens", "TextualInversionTokens", "CrossInitTokens", "RiemannianSGD", "inject_learned_tokens",
+        "token_stats", "vocabulary_norms", "resolve_norm_scale", "make_learned_tokens", "add_placeholder_tokens",
+        "initializer_token_ids", "placeholder_names", "placeholder_prompt_token", "content_positions"}  # fmt: skip
 
 
 def definitions(source):

@@ -88,10 +88,15 @@ def test_sana_rows_start_at_gemmas_last_hidden_state_and_gemma_sees_them_times_s
     assert expected.shape[0] == 2 and tokens.initial_rows.shape == expected.shape
     assert torch.allclose(tokens.initial_rows, expected, rtol=1e-5, atol=1e-6)
     # The authors' CrossInit: the contextual vector is the raw row, so the encoder's input is it times sqrt(d).
-    embedding = result.components["text_encoder"].get_input_embeddings()
-    ids = torch.tensor([result.placeholder_ids[0]])
+    # What the first decoder layer receives (transformers 5 scales in the embedding module, 4.x in the model).
+    encoder, captured = result.components["text_encoder"], []
+    hook = encoder.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
     with torch.no_grad():
-        seen = embedding(ids)[0].float()
+        encoder(torch.tensor([result.placeholder_ids[0]]), use_cache=False)
+    hook.remove()
+    seen = captured[0][0].float()
     assert torch.allclose(seen, tokens.rows.detach() * math.sqrt(hidden_size), rtol=1e-5)
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
         assert f.metadata()["method"] == "crossinit"

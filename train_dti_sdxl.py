@@ -13,6 +13,9 @@ The outputs load with `pipe.load_textual_inversion(...)` in diffusers and in Com
 """
 
 import argparse
+import atexit
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -23,6 +26,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 from functools import partial
@@ -110,6 +114,8 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 EMBEDDING_FILES = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}
 COMBINED_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 CHECKPOINT_STATE = "dti_state.json"
+OUTPUT_LOCK = ".dti-train.lock"
+MIN_FREE_BYTES = 64 * 2**20  # embeddings and checkpoints take kilobytes; validation images and logs a few MB
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,6 +433,36 @@ def validate_args(args):
         raise ValueError("Give exactly one of --train_data_dir (a folder of images) and --dataset_name.")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise ValueError("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`.")
+    return args
+
+
+def check_inputs(args):
+    """The checks of numbers and paths that need no model, run before anything loads: optimizer numbers, the seed
+    range, the output paths and the folder or checkpoint named by --resume_from_checkpoint."""
+    finite = math.isfinite
+    checks = [
+        (0 <= args.adam_beta1 < 1, "--adam_beta1 must be in [0, 1)"),
+        (0 <= args.adam_beta2 < 1, "--adam_beta2 must be in [0, 1)"),
+        (
+            finite(args.adam_weight_decay) and args.adam_weight_decay >= 0,
+            "--adam_weight_decay must be zero or positive",
+        ),
+        (finite(args.adam_epsilon) and args.adam_epsilon >= 0, "--adam_epsilon must be zero or positive"),
+        (finite(args.beta), "--beta must be in [0, 1)"),
+        (args.lr_warmup_steps >= 0, "--lr_warmup_steps must be zero or positive"),
+        (args.seed is None or 0 <= args.seed < 2**32, "--seed must be in [0, 2**32 - 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}.")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file; give a folder.")
+    logging_dir = output_dir / args.logging_dir
+    if args.report_to != "none" and logging_dir.exists() and not logging_dir.is_dir():
+        raise ValueError(f"--logging_dir {logging_dir} is a file; give a folder.")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        find_checkpoint(args)  # a missing or damaged named checkpoint is refused now, not after the models load
     return args
 
 
@@ -766,6 +802,24 @@ def inject_learned_tokens(text_encoder, first_token_id, tokens):
     return text_encoder.get_input_embeddings().register_forward_hook(hook)
 
 
+def check_prompts_fit(args, tokenize, templates, placeholder_ids, num_vectors):
+    """Every learned vector must reach the text encoder: refuse a token whose expansion (<tok> <tok>_1 ...) is cut
+    off by the encoder's context in a training template or the validation prompt. tokenize: prompt -> {key: ids}."""
+    prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
+    prompts = [template.format(prompt_token) for template in templates]
+    if args.num_validation_images and args.placeholder_token in validation_prompt(args):
+        prompts.append(validation_prompt(args).replace(args.placeholder_token, prompt_token))
+    for prompt in prompts:
+        tokenized = tokenize(prompt)
+        keys = [key for key in tokenized if key.startswith("input_ids")]
+        for key, ids in zip(keys, placeholder_ids, strict=True):
+            if not set(ids) <= set(tokenized[key]):
+                raise ValueError(
+                    f"--num_vectors {num_vectors}: the prompt {prompt!r} does not fit the text encoder's context "
+                    f"({len(tokenized[key])} tokens) with every learned vector; use fewer vectors or a shorter prompt."
+                )
+
+
 def placeholder_names(placeholder_token, num_vectors):
     """diffusers' names of a k-vector token: <tok>, <tok>_1, ..., <tok>_{k-1}."""
     return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
@@ -937,6 +991,19 @@ class LatentCache:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def stop_if_disk_full(error, path):
+    """A full disk (or quota) while writing `path` stops the run in one line; other errors are left to the caller.
+    Writers that wrap the OSError (torch.save, safetensors) are recognised by the free space left."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(Path(path).parent).free < MIN_FREE_BYTES // 2
+    if full:
+        raise TrainingStopped(
+            f"The disk is full: {path} could not be written, the last complete checkpoint and embeddings in "
+            f"{Path(path).parent} are kept. Free some space, then resume with --resume_from_checkpoint latest."
+        ) from None
+
+
 def write_atomically(path, write):
     """Call write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
     path = Path(path)
@@ -947,6 +1014,9 @@ def write_atomically(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
         os.replace(tmp, path)
+    except Exception as error:
+        stop_if_disk_full(error, path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1036,6 +1106,17 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix=""):
     for file_name, tensors in files.items():
         write_atomically(output_dir / file_name, lambda tmp, t=tensors: save_file(t, tmp, metadata=metadata))
     logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(files)}).")
+
+
+def check_output_names(args):
+    """The combined file is named after the placeholder; refuse one that would overwrite the per-encoder files
+    (learned_embeds*.safetensors; compared without case, as some file systems do)."""
+    name = concept_name(args.placeholder_token)
+    if name.lower().startswith("learned_embeds"):
+        raise ValueError(
+            f"--placeholder_token {args.placeholder_token!r} would name the combined file {name}.safetensors, which "
+            "clashes with the learned_embeds files; choose another token."
+        )
 
 
 def hub_repo_id(args):
@@ -1191,41 +1272,105 @@ def list_checkpoints(output_dir):
     return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
 
 
+def file_digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def save_checkpoint(accelerator, args, step, seed, identity):
-    """accelerate state (learned tokens, optimizer, scheduler, RNG) in output_dir/checkpoint-<step>: kilobytes."""
+    """accelerate state (learned tokens, optimizer, scheduler, RNG) in output_dir/checkpoint-<step>: kilobytes.
+    Written under a temporary name with a manifest of its files (sizes, SHA-256) and renamed; only then are old
+    checkpoints beyond --checkpoints_total_limit removed, so a failed write never leaves fewer good checkpoints."""
     output_dir = Path(args.output_dir)
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp))
+        files = {p.relative_to(tmp).as_posix(): p for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {name: {"size": p.stat().st_size, "sha256": file_digest(p)} for name, p in files.items()}
+        state = {"step": step, "seed": seed, **identity, "files": manifest}
+        write_atomically(tmp / CHECKPOINT_STATE, lambda path: path.write_text(json.dumps(state, indent=2)))
+        old = output_dir / f".checkpoint-{step}.old"
+        if final.exists():  # a checkpoint of the same step from an earlier run: replaced, never left missing
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        stop_if_disk_full(error, final)
+        raise
+    logger.info(f"Saved {final}.")
     if args.checkpoints_total_limit is not None:
-        existing = [p for p in list_checkpoints(output_dir) if p.name != f"checkpoint-{step}"]
+        existing = [p for p in list_checkpoints(output_dir) if p != final]
         for folder in existing[: max(0, len(existing) + 1 - args.checkpoints_total_limit)]:
             logger.info(f"Removing {folder.name} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
             shutil.rmtree(folder)
-    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "seed": seed, **identity}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    logger.info(f"Saved {final}.")
 
 
-def find_checkpoint(args):
-    """The folder --resume_from_checkpoint names, or None for 'latest' in a fresh output_dir."""
+def checkpoint_damage(path):
+    """None if checkpoint folder `path` is complete, else what is wrong with it (a missing, cut or changed file).
+    Checkpoints written before the manifest existed are checked for their state file only."""
+    path = Path(path)
+    try:
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
+    except (OSError, ValueError):
+        return f"{CHECKPOINT_STATE} is missing or unreadable"
+    for name, expected in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{name} is {file.stat().st_size} bytes, {expected['size']} were written"
+        if file_digest(file) != expected["sha256"]:
+            return f"{name} has changed since it was written"
+    return None
+
+
+def find_checkpoint(args, identity=None):
+    """The folder --resume_from_checkpoint names, or None for 'latest' in a fresh output_dir. 'latest' is the newest
+    complete checkpoint (damaged newer ones are passed over with a warning); a named damaged one is refused, and so
+    is one made by another run (when `identity` is given)."""
+    checkpoint = choose_checkpoint(args)
+    if checkpoint is not None and identity is not None:
+        read_checkpoint_state(checkpoint, identity)
+    return checkpoint
+
+
+def choose_checkpoint(args):
+    """find_checkpoint's choice of folder, before the identity check."""
     if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
-        return checkpoints[-1] if checkpoints else None
+        for checkpoint in reversed(list_checkpoints(args.output_dir)):
+            damage = checkpoint_damage(checkpoint)
+            if damage is None:
+                return checkpoint
+            logger.warning(f"Passing over the damaged {checkpoint} ({damage}); trying the one before.")
+        logger.info(f"No complete checkpoint in {args.output_dir}: starting a new run.")
+        return None
     path = Path(args.resume_from_checkpoint)
     path = path if path.is_dir() else Path(args.output_dir) / args.resume_from_checkpoint
-    if not (path / CHECKPOINT_STATE).is_file():
+    if not path.is_dir():
         raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint there; use 'latest'.")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise ValueError(f"--resume_from_checkpoint {path} is damaged ({damage}); name another or use 'latest'.")
     return path
+
+
+def same_model(a, b):
+    """Whether two --pretrained_model_name_or_path values name the same model (a local folder written another way,
+    e.g. with a trailing slash or relative, is the same folder)."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return isinstance(a, str) and isinstance(b, str) and a.rstrip("/") == b.rstrip("/")
 
 
 def read_checkpoint_state(path, identity):
     state = json.loads((Path(path) / CHECKPOINT_STATE).read_text())
     for key, value in identity.items():
-        if state.get(key) != value:
+        same = same_model if key == "pretrained_model_name_or_path" else (lambda a, b: a == b)
+        if not same(state.get(key), value):
             raise ValueError(
                 f"--resume_from_checkpoint {path} was made with {key} {state.get(key)!r}, this run has {value!r}."
             )
@@ -1256,9 +1401,67 @@ def check_output_dir(args):
         probe = output_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
+        free = shutil.disk_usage(output_dir).free
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise ValueError(f"--output_dir {output_dir} cannot be written ({reason}); pick another folder.") from None
+    if free < MIN_FREE_BYTES:
+        raise ValueError(
+            f"--output_dir {output_dir}: only {free / 2**20:.0f} MiB free on its disk, {MIN_FREE_BYTES // 2**20} MiB "
+            "are needed; free some space or pick another folder."
+        )
+
+
+def process_start_time(pid):
+    """When process `pid` started (clock ticks since boot, Linux), to tell a live owner from a reused pid; else None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def lock_owner_alive(owner):
+    """Whether the process recorded in a lock file ({"pid", "start", "host"}) still runs."""
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process: cannot be checked, so assume it runs
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return owner.get("start") is None or owner.get("start") == process_start_time(pid)
+
+
+def claim_output_dir(args, accelerator):
+    """Refuse an --output_dir that a running training process uses; else mark it as this run's until exit. Only the
+    main process holds the lock; a lock left by a process that died is taken over."""
+    if not accelerator.is_main_process:
+        return
+    lock = Path(args.output_dir) / OUTPUT_LOCK
+    me = {"pid": os.getpid(), "start": process_start_time(os.getpid()), "host": socket.gethostname()}
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        owner = None
+    if isinstance(owner, dict) and owner.get("pid") != me["pid"] and lock_owner_alive(owner):
+        raise ValueError(
+            f"--output_dir {args.output_dir} is in use by training process {owner.get('pid')} on {owner.get('host')}; "
+            f"wait for it or pick another folder (delete {lock} if that process is gone)."
+        )
+    write_atomically(lock, lambda tmp: tmp.write_text(json.dumps(me)))
+
+    def release():
+        try:
+            if json.loads(lock.read_text()).get("pid") == me["pid"]:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+    atexit.register(release)
 
 
 def load_tokenizers(args):
@@ -1382,6 +1585,27 @@ def check_trackers(report_to):
             __import__(package)
         except ImportError as error:
             raise ValueError(f"--report_to {report_to} needs {package}: pip install {package}.") from error
+    if "wandb" in needed and not wandb_can_log():
+        raise ValueError(
+            f"--report_to {report_to}: wandb is not logged in; run `wandb login`, set WANDB_API_KEY, or set "
+            "WANDB_MODE=offline to log locally."
+        )
+
+
+def wandb_can_log():
+    """Whether wandb.init will run without asking for a key: offline or disabled mode, a key, or a netrc login."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return True
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def make_accelerator(args):
@@ -1464,9 +1688,8 @@ def make_optimizer(args, learned):
     )
 
 
-def resume(args, accelerator, identity, seed):
-    """Load --resume_from_checkpoint if any. Returns (global step, seed) to continue with."""
-    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+def resume(args, accelerator, checkpoint, identity, seed):
+    """Load the checkpoint find_checkpoint chose, if any. Returns (global step, seed) to continue with."""
     if checkpoint is None:
         return 0, seed
     state = read_checkpoint_state(checkpoint, identity)
@@ -1605,6 +1828,8 @@ def quantize_8bit(model):
 
 def main(args):
     validate_args(args)
+    check_inputs(args)
+    check_output_names(args)
     check_trackers(args.report_to)
     token = hub_token(args)
     accelerator = make_accelerator(args)
@@ -1615,12 +1840,18 @@ def main(args):
     tokenizers = load_tokenizers(args)
     init_ids, placeholder_ids = add_concept_tokens(args, tokenizers)
     num_vectors = len(init_ids[0])
+    templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+    tokenize = partial(tokenize_prompt, tokenizers)
+    check_prompts_fit(args, tokenize, templates, placeholder_ids, num_vectors)
     images = (
         load_dataset_images(args) if args.dataset_name else load_training_images(args.train_data_dir, args.resolution)
     )
     if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
         logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
     check_output_dir(args)
+    claim_output_dir(args, accelerator)
+    identity = checkpoint_identity(args, num_vectors)
+    checkpoint = find_checkpoint(args, identity) if args.resume_from_checkpoint else None
     text_encoders, vae, unet, noise_scheduler = load_models(args)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % vae_factor:
@@ -1647,12 +1878,9 @@ def main(args):
     )
     optimizer = accelerator.prepare(optimizer)  # the fp16 grad scaler, when there is one
     accelerator.register_for_checkpointing(learned, lr_scheduler)
-    identity = checkpoint_identity(args, num_vectors)
-    global_step, seed = resume(args, accelerator, identity, seed)
+    global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
 
-    templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
     prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
-    tokenize = partial(tokenize_prompt, tokenizers)
     dataset = DTIDataset(images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
                          templates, args.repeats, seed)  # fmt: skip
     latents = latent_source(args, dataset, vae)

@@ -107,6 +107,7 @@ STYLE_TEMPLATES = [
 ]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CONVERTIBLE_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "PA"}
 DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3}
 DEFAULT_KAPPA = 1e-4
 DEFAULT_VALIDATION_PROMPT = "a {} with Japanese modern city street in the background"
@@ -489,15 +490,40 @@ def to_rgb(image, resolution=None):
     image = ImageOps.exif_transpose(image)
     if resolution and min(image.size) >= 4 * resolution:
         image = image.reduce(min(image.size) // (2 * resolution))
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale
-        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
-    if image.mode in ("RGBA", "LA", "P", "PA"):
+    if image.mode.startswith(("I", "F")):  # 16- and 32-bit integer or float grayscale
+        image = Image.fromarray(gray_to_8bit(np.asarray(image)))
+    if image.mode not in CONVERTIBLE_MODES:  # PIL would convert LAB, HSV, ... channel by channel: wrong colours
+        raise ValueError(f"image mode {image.mode} cannot be converted to RGB faithfully; save it as RGB")
+    if image.mode in ("RGBA", "LA", "P", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         image = Image.new("RGB", rgba.size, (255, 255, 255))
         image.paste(rgba, mask=rgba.getchannel("A"))
     rgb = image.convert("RGB")
     rgb.info["original_size"] = (height, width)
     return rgb
+
+
+def gray_to_8bit(values):
+    """A 16- or 32-bit integer or float grayscale array as uint8: integers by the bit depth their values need (8,
+    16 or 32 bits), floats up to 1 as fractions of white, larger floats as 0-255 values (clipped)."""
+    is_float = values.dtype.kind == "f"
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0)
+    peak = values.max(initial=0)
+    if is_float and peak <= 1:
+        values = values * 255
+    elif not is_float and peak > 255:
+        values = values / 2 ** (8 if peak < 2**16 else 24)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def open_image(source, resolution):
+    """to_rgb of an image file or file object; a decompression bomb (more than twice PIL's pixel limit) raises
+    ValueError like any unreadable file."""
+    try:
+        with Image.open(source) as image:
+            return to_rgb(image, resolution)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"too many pixels for an image: {error}") from None
 
 
 def warn_small_images(images, resolution):
@@ -518,8 +544,7 @@ def load_training_images(train_data_dir, resolution):
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append((path, to_rgb(image, resolution)))
+            images.append((path, open_image(path, resolution)))
         except (OSError, ValueError) as error:
             logger.warning(f"Skipping {path}: not a readable image ({error}).")
     if not images:
@@ -550,11 +575,21 @@ def load_dataset_images(args):
         dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
     images = []
     for i, item in enumerate(dataset[args.image_column]):
-        source = item if isinstance(item, str) else (io.BytesIO(item["bytes"]) if item["bytes"] else item["path"])
-        with Image.open(source) as image:
-            images.append((f"{path.name or name}[{i}]", to_rgb(image, args.resolution)))
+        row = f"{path.name or name}[{i}]"
+        try:
+            if isinstance(item, dict) and (item.get("bytes") or item.get("path")):
+                source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+            elif isinstance(item, (str, bytes)) and item:
+                source = io.BytesIO(item) if isinstance(item, bytes) else item
+            else:
+                raise ValueError(f"a {type(item).__name__}, not an image")
+            images.append((row, open_image(source, args.resolution)))
+        except (OSError, ValueError) as error:
+            logger.warning(f"Skipping row {i} of --image_column {args.image_column!r}: not a readable image ({error}).")
     if not images:
-        raise ValueError(f"--dataset_name {name!r} has no images in its train split.")
+        raise ValueError(
+            f"--dataset_name {name!r}: no row of --image_column {args.image_column!r} holds a readable image."
+        )
     return warn_small_images(images, args.resolution)
 
 
@@ -1516,10 +1551,13 @@ class StopRequest:
         self.signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+            term_when_launcher_dies()
 
     def handle(self, signum, frame):
         if self.signal is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:  # a second Ctrl-C; a repeated SIGTERM changes nothing
+                raise KeyboardInterrupt
+            return
         self.signal = signal.Signals(signum).name
 
     def requested(self, accelerator, can_sync=True):
@@ -1537,6 +1575,29 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def term_when_launcher_dies():
+    """Under `accelerate launch` or torchrun (Linux): ask the kernel for a SIGTERM when the launcher exits. accelerate's
+    single-process launcher dies of a SIGTERM without passing it on; this way the run still saves and stops. Not under
+    a shell or nohup: a training process started from those must outlive them."""
+    parent = os.getppid()
+    try:
+        command = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    words = {Path(os.fsdecode(word)).name for word in command[:4]}
+    if not words & {"accelerate", "accelerate.commands.launch", "torchrun", "torch.distributed.run"}:
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class NonFiniteGuard:

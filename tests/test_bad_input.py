@@ -113,6 +113,9 @@ def bad_files(tmp_path_factory):
     }.items():
         save_file(state, root / name)
         files[name] = root / name
+    combined = {"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 64)}
+    save_file(combined, root / "combined.safetensors", metadata={"placeholder_token": TOKEN})
+    files["combined.safetensors"] = root / "combined.safetensors"
     files["garbage.pt"] = root / "garbage.pt"
     files["garbage.pt"].write_bytes(b"\x80\x04 this is no pickle")
     files["list.pt"] = root / "list.pt"
@@ -221,14 +224,18 @@ def test_wandb_without_a_login_is_refused_before_the_models_load(tiny_sdxl, tmp_
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc there
-    cases = {
-        family: training_args(model, tmp_path / family, "--report_to", report_to)
-        for family, model, report_to in (("sdxl", tiny_sdxl, "wandb"), ("sdxl_all", tiny_sdxl, "all"))
-    }
-    procs = run_script_cases(REPO / "train_dti_sdxl.py", cases)
-    for name, proc in procs.items():
-        assert_one_line_error(proc, "wandb is not logged in; run `wandb login`, set WANDB_API_KEY")
-        assert not (tmp_path / name).exists()
+    procs = run_script_cases(REPO / "train_dti_sdxl.py", {"wandb": training_args(tiny_sdxl, tmp_path / "out",
+                             "--report_to", "wandb")})  # fmt: skip
+    assert_one_line_error(procs["wandb"], "wandb is not logged in; run `wandb login`, set WANDB_API_KEY")
+    assert not (tmp_path / "out").exists()
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert train_dti_sdxl.wandb_can_log()
+    monkeypatch.delenv("NETRC")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert train_dti_sdxl.wandb_can_log()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,7 +268,7 @@ def test_bad_infer_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
     cases = {name: ([*map(str, specs)], expected) for name, (specs, expected) in embedding_cases(bad_files).items()}
     cases |= {
         "same_token_twice": ([good, str(copy)], f"{TOKEN} comes from both {good} and {copy}"),
-        "two_tokens_one_file_twice": ([str(bad_files["two.safetensors"])] * 2, "<a> comes from both"),
+        "per_encoder_and_combined": ([good, str(bad_files["combined.safetensors"])], f"{TOKEN} comes from both"),
     }
     argvs = {name: [*common, "--output_dir", str(tmp_path / name), "--embeddings", *specs] for name, (specs, _) in
              cases.items()}  # fmt: skip
@@ -349,12 +356,13 @@ def test_a_failed_checkpoint_write_keeps_the_last_complete_checkpoint(
         return result
 
     monkeypatch.setattr(script.Accelerator, "save_state", save_state)
-    flags = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "1", "--gradient_accumulation_steps", "1"]
+    flags = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "1", "--gradient_accumulation_steps", "1",
+             "--save_steps", "1"]  # fmt: skip
     with pytest.raises(script.TrainingStopped, match="The disk is full: .*checkpoint-2 could not be written"):
         script.main(script.parse_args(training_args(model, out, *flags)))
     assert [p.name for p in out.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))] == ["checkpoint-1"]
     assert complete(out / "checkpoint-1")
-    assert load_file(out / "learned_embeds.safetensors")[TOKEN].shape[0] == 1  # the embeddings are intact too
+    assert load_file(out / "learned_embeds-steps-1.safetensors")[TOKEN].shape[0] == 1  # so are the embeddings
 
 
 def test_rotation_removes_old_checkpoints_only_after_the_new_one_is_complete(train, monkeypatch):

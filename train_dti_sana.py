@@ -1124,19 +1124,28 @@ def stop_if_disk_full(error, path):
 # Copied from train_dti_sdxl.write_atomically
 def write_atomically(path, write):
     """Call write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_all_atomically({path: write})
+
+
+# Copied from train_dti_sdxl.write_all_atomically
+def write_all_atomically(writes):
+    """{path: write}: call every write(tmp_path) first, then rename them all, so a failure (a full disk) leaves the
+    previous set of files whole instead of a mix of old and new ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    renames = {Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp"): Path(path) for path in writes}
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
-        os.replace(tmp, path)
+        for tmp, write in zip(renames, writes.values(), strict=True):
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
+        for tmp, path in renames.items():
+            os.replace(tmp, path)
     except Exception as error:
-        stop_if_disk_full(error, path)
+        stop_if_disk_full(error, next(iter(renames.values())))
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in renames:
+            tmp.unlink(missing_ok=True)
 
 
 # Copied from train_dti_sdxl.validation_prompt

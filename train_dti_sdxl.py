@@ -1041,19 +1041,27 @@ def stop_if_disk_full(error, path):
 
 def write_atomically(path, write):
     """Call write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_all_atomically({path: write})
+
+
+def write_all_atomically(writes):
+    """{path: write}: call every write(tmp_path) first, then rename them all, so a failure (a full disk) leaves the
+    previous set of files whole instead of a mix of old and new ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    renames = {Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp"): Path(path) for path in writes}
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
-        os.replace(tmp, path)
+        for tmp, write in zip(renames, writes.values(), strict=True):
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
+        for tmp, path in renames.items():
+            os.replace(tmp, path)
     except Exception as error:
-        stop_if_disk_full(error, path)
+        stop_if_disk_full(error, next(iter(renames.values())))
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in renames:
+            tmp.unlink(missing_ok=True)
 
 
 def validation_prompt(args):
@@ -1138,8 +1146,9 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix=""):
     files[f"{concept_name(args.placeholder_token)}{suffix}.safetensors"] = {
         COMBINED_KEYS[name]: v for name, v in vectors.items()
     }
-    for file_name, tensors in files.items():
-        write_atomically(output_dir / file_name, lambda tmp, t=tensors: save_file(t, tmp, metadata=metadata))
+    write_all_atomically(
+        {output_dir / name: partial(save_file, tensors, metadata=metadata) for name, tensors in files.items()}
+    )
     logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(files)}).")
 
 

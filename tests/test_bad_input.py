@@ -463,3 +463,17 @@ def test_a_running_training_process_refuses_a_second_one(tiny_sdxl, tmp_path):
 def test_deep_grayscale_images_convert_by_their_range(mode, values, expected):
     image = Image.fromarray(values) if mode != "I;16" else Image.fromarray(values).convert("I;16")
     assert train_dti_sdxl.to_rgb(image).getpixel((0, 0)) == (expected,) * 3
+
+
+def test_a_full_disk_while_saving_embeddings_leaves_the_previous_set_whole(tmp_path):
+    files = {tmp_path / name: name.encode() for name in ("learned_embeds.safetensors", "toy-robot.safetensors")}
+    for path, data in files.items():
+        path.write_bytes(data)
+
+    def full(tmp):
+        raise OSError(28, "No space left on device")
+
+    writes = dict(zip(files, [lambda tmp: tmp.write_bytes(b"new"), full], strict=True))
+    with pytest.raises(train_dti_sdxl.TrainingStopped, match="The disk is full: .* are kept"):
+        train_dti_sdxl.write_all_atomically(writes)
+    assert {path: path.read_bytes() for path in files} == files and sorted(tmp_path.iterdir()) == sorted(files)

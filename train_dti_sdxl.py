@@ -1487,16 +1487,22 @@ def claim_output_dir(args, accelerator):
         return
     lock = Path(args.output_dir) / OUTPUT_LOCK
     me = {"pid": os.getpid(), "start": process_start_time(os.getpid()), "host": socket.gethostname()}
-    try:
-        owner = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        owner = None
-    if isinstance(owner, dict) and owner.get("pid") != me["pid"] and lock_owner_alive(owner):
-        raise ValueError(
-            f"--output_dir {args.output_dir} is in use by training process {owner.get('pid')} on {owner.get('host')}; "
-            f"wait for it or pick another folder (delete {lock} if that process is gone)."
-        )
-    write_atomically(lock, lambda tmp: tmp.write_text(json.dumps(me)))
+    for _ in range(3):  # created exclusively, so of two runs starting at once only one gets it
+        try:
+            with open(lock, "x") as file:
+                file.write(json.dumps(me))
+            break
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                owner = None
+            if isinstance(owner, dict) and owner.get("pid") != me["pid"] and lock_owner_alive(owner):
+                raise ValueError(
+                    f"--output_dir {args.output_dir} is in use by training process {owner.get('pid')} on "
+                    f"{owner.get('host')}; wait for it or pick another folder (delete {lock} if it is gone)."
+                ) from None
+            lock.unlink(missing_ok=True)  # a dead process's lock, or this process's own from an earlier run
 
     def release():
         try:

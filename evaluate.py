@@ -226,9 +226,8 @@ def reference_images(folder, flag):
         except ValueError as error:
             print(f"warning: skipping {error}", file=sys.stderr)
     if not readable:
-        raise ValueError(
-            f"{flag} {folder}: no readable reference images ({', '.join(IMAGE_EXTENSIONS)}) in this folder."
-        )
+        extensions, unreadable = ", ".join(IMAGE_EXTENSIONS), f" ({len(images)} could not be read)" if images else ""
+        raise ValueError(f"{flag} {folder}: no reference images ({extensions}) in this folder{unreadable}.")
     return readable
 
 

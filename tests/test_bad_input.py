@@ -303,8 +303,11 @@ def test_bad_evaluate_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
     flag_cases = {
         "seeds_negative": (["--seeds", "-1", "0"], "--seeds must be in [0, 2**32 - 1]"),
         "output_dir_is_a_file": (["--output_dir", str(bad_files["a_file"])], "is a file; give a folder"),
-        "bomb_references": (["--instance_data_dir", str(bad_files["bomb"])], "no readable reference images"),
-        "corrupt_references": (["--instance_data_dir", str(bad_files["corrupt"])], "no readable reference images"),
+        "bomb_references": (["--instance_data_dir", str(bad_files["bomb"])], "in this folder (1 could not be read)"),
+        "corrupt_references": (
+            ["--instance_data_dir", str(bad_files["corrupt"])],
+            "in this folder (1 could not be read)",
+        ),
         "device_unknown": (["--device", "gpu0"], "--device 'gpu0' is not a device"),
     }
     if not torch.cuda.is_available():

@@ -214,18 +214,29 @@ def read_json(path, flag):
 
 
 def reference_images(folder, flag):
+    """The readable reference images of a folder, checked before any model loads; unreadable ones (a decompression
+    bomb included) are skipped with a warning."""
     folder = Path(folder)
     images = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
-    if not images:
-        raise ValueError(f"{flag} {folder}: no reference images ({', '.join(IMAGE_EXTENSIONS)}) in this folder.")
-    return images
+    readable = []
+    for path in images:
+        try:
+            open_image(path)
+            readable.append(path)
+        except ValueError as error:
+            print(f"warning: skipping {error}", file=sys.stderr)
+    if not readable:
+        extensions, unreadable = ", ".join(IMAGE_EXTENSIONS), f" ({len(images)} could not be read)" if images else ""
+        raise ValueError(f"{flag} {folder}: no reference images ({extensions}) in this folder{unreadable}.")
+    return readable
 
 
 def open_image(path):
     try:
         with Image.open(path) as image:
+            image.seek(0)
             return ImageOps.exif_transpose(image).convert("RGB")
-    except OSError as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: cannot read the image ({error}).") from None
 
 
@@ -363,6 +374,8 @@ def check_numbers(args):
     counts = [args.batch_size, args.feature_batch_size, args.bootstrap]
     if min(counts) < 1 or (args.max_prompts is not None and args.max_prompts < 1):
         raise ValueError("--batch_size, --feature_batch_size, --bootstrap and --max_prompts must be at least 1.")
+    if not all(0 <= seed < 2**32 for seed in args.seeds):
+        raise ValueError(f"--seeds must be in [0, 2**32 - 1], got {' '.join(map(str, args.seeds))}.")
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}.")
     if args.rescale not in (None, "mean", "min", "max"):
@@ -757,10 +770,11 @@ def subject_info(subject):
 
 def main(args):
     check_numbers(args)
+    device = infer.check_device(args.device)
+    infer.check_output_dir(args.output_dir)
     jobs = dreambooth_plan(args) if args.benchmark else single_plan(args)
     family = infer.detect_family(args)
     check_evaluation_models(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     settings = [generation_settings(args, family, dtype_name, job.concept) for job in jobs]
     check_settings(jobs, settings)

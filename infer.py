@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from packaging import version
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 __version__ = "0.1.0"
 
@@ -136,29 +135,66 @@ class Concept:
     metadata: dict = field(default_factory=dict)
 
 
+def read_state(path):
+    """(tensors, metadata) of an embedding file; a file that is empty, cut or of another format is refused in one
+    line naming it. Old A1111 .pt files whose vectors sit in an nn.ParameterDict load (only that class is allowed)."""
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty")
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}  # noqa: SIM118
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors, pickle and zip errors: the file is not what its name says
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch (.pt / .bin)"
+        raise ValueError(f"--embeddings {path}: not a readable {kind} embedding file ({reason}).") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"--embeddings {path}: holds a {type(state).__name__}, not a dict of embeddings.")
+    return state, {}
+
+
+def vectors_of(path, key, tensor):
+    """A [k, d] fp32 copy of one stored embedding ([d], [k, d] or [1, k, d]); anything else is refused."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise ValueError(f"--embeddings {path}: {key!r} is not a float tensor of embeddings.")
+    if tensor.dim() == 3 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() not in (1, 2) or tensor.numel() == 0 or tensor.shape[-1] < 2:
+        raise ValueError(f"--embeddings {path}: {key!r} has shape {list(tensor.shape)}; expected [vectors, width].")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"--embeddings {path}: {key!r} holds values that are not finite.")
+    return tensor.detach().float().reshape(-1, tensor.shape[-1])
+
+
 def read_embedding_file(path, token=None):
     """Parse one embedding file: ours, diffusers', the SDXL clip_l/clip_g layout, A1111 .pt or .safetensors.
     Returns (token, {encoder or "width:<d>": [k, d]}, metadata)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--embeddings {path}: no such file.")
-    if path.suffix == ".safetensors":
-        state = load_file(path)
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    else:
-        state, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
+    state, metadata = read_state(path)
     name = token or metadata.get("placeholder_token") or state.get("name") or f"<{path.stem}>"
-    if "string_to_param" in state:  # A1111 .pt
-        state = {name: state["string_to_param"]["*"]}
+    if not isinstance(name, str):
+        name = f"<{path.stem}>"
+    if "string_to_param" in state:  # A1111 .pt (a dict, or an nn.ParameterDict in old files)
+        params = state["string_to_param"]
+        if "*" not in params:
+            raise ValueError(f"--embeddings {path}: an A1111 file without the '*' vectors.")
+        state = {name: params["*"]}
     elif "emb_params" in state:  # kohya's (sd-scripts) .safetensors layout
         state = {name: state["emb_params"]}
     if set(state) & set(COMBINED_KEYS):
-        return name, {COMBINED_KEYS[k]: v.float().reshape(-1, v.shape[-1]) for k, v in state.items()}, metadata
+        if not set(state) <= set(COMBINED_KEYS):
+            extra = sorted(set(state) - set(COMBINED_KEYS))
+            raise ValueError(f"--embeddings {path}: unexpected keys {extra} next to {sorted(COMBINED_KEYS)}.")
+        return name, {COMBINED_KEYS[k]: vectors_of(path, k, v) for k, v in state.items()}, metadata
     if len(state) != 1:
         raise ValueError(f"--embeddings {path}: expected one token, found keys {sorted(state)}.")
     ((key, tensor),) = state.items()
-    return token or key, {f"width:{tensor.shape[-1]}": tensor.float().reshape(-1, tensor.shape[-1])}, metadata
+    vectors = vectors_of(path, key, tensor)
+    return token or key, {f"width:{vectors.shape[-1]}": vectors}, metadata
 
 
 def embedding_files(spec, weight_name):
@@ -196,6 +232,12 @@ def load_embeddings(specs, weight_name=None, token=None):
         for file in embedding_files(spec, weight_name):
             name, vectors, metadata = read_embedding_file(file, token)
             concept = concepts.setdefault(name, Concept(name))
+            widths = {v.shape[-1] for v in concept.vectors.values()}
+            if widths & {v.shape[-1] for v in vectors.values()}:  # the same encoder's vectors twice: refuse
+                raise ValueError(
+                    f"--embeddings: {name} comes from both {', '.join(concept.sources)} and {file}; give one of them "
+                    "(or rename one with --token)."
+                )
             concept.vectors.update(vectors)
             concept.sources.append(str(file))
             concept.metadata = concept.metadata or metadata
@@ -468,7 +510,31 @@ def inspect_default(function, name):
     return inspect.signature(function).parameters[name].default
 
 
+def check_device(device):
+    """The --device to use (default: cuda if available, else cpu); one that this machine lacks is refused now."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(kind, True):
+        raise ValueError(f"--device {device}: this machine has no {kind.upper()} device that torch can use; use cpu.")
+    return device
+
+
+def check_output_dir(output_dir, flag="--output_dir"):
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder.")
+
+
 def main(args):
+    if not (args.seed >= 0 and args.seed + args.num_images_per_prompt <= 2**32):
+        raise ValueError("--seed must be in [0, 2**32 - 1], with room for --num_images_per_prompt seeds after it.")
+    device = check_device(args.device)
+    check_output_dir(args.output_dir)
     if args.num_images_per_prompt < 1 or args.interpolation_steps < 2:
         raise ValueError("--num_images_per_prompt must be at least 1 and --interpolation_steps at least 2.")
     if args.rescale not in (None, "mean", "min", "max"):
@@ -481,7 +547,6 @@ def main(args):
     if not prompts and not args.report:
         raise ValueError("Nothing to do: give --prompt, --prompt_file or --report.")
     family = detect_family(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = load_pipeline(args, family, getattr(torch, dtype_name), device)
 

@@ -16,6 +16,9 @@ SanaPipeline has no load_textual_inversion: see README.md for the loader.
 """
 
 import argparse
+import atexit
+import contextlib
+import errno
 import hashlib
 import inspect
 import io
@@ -27,6 +30,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -108,6 +112,7 @@ STYLE_TEMPLATES = [
 ]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CONVERTIBLE_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "PA"}
 DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3, "crossinit": 5e-3}
 DEFAULT_KAPPA = 5e-5
 DEFAULT_CROSSINIT_LAMBDA = 1e-5
@@ -115,6 +120,8 @@ DEFAULT_VALIDATION_PROMPT = "a {} with Japanese modern city street in the backgr
 ZERO_PAD_SCALE, ZERO_PAD_MAX = 2.0, 15  # --zero_pad: n ~ Exponential(scale 2), rounded down, clipped to [0, 15]
 TEXT_ENCODERS = ("text_encoder",)
 CHECKPOINT_STATE = "dti_state.json"
+OUTPUT_LOCK = ".dti-train.lock"
+MIN_FREE_BYTES = 64 * 2**20  # embeddings and checkpoints take kilobytes; validation images and logs a few MB
 VALIDATION_INFERENCE_STEPS = 20  # SanaPipeline's default
 
 
@@ -514,6 +521,37 @@ def ignored_flags(args):
     ]
 
 
+# Copied from train_dti_sdxl.check_inputs
+def check_inputs(args):
+    """The checks of numbers and paths that need no model, run before anything loads: optimizer numbers, the seed
+    range, the output paths and the folder or checkpoint named by --resume_from_checkpoint."""
+    finite = math.isfinite
+    checks = [
+        (0 <= args.adam_beta1 < 1, "--adam_beta1 must be in [0, 1)"),
+        (0 <= args.adam_beta2 < 1, "--adam_beta2 must be in [0, 1)"),
+        (
+            finite(args.adam_weight_decay) and args.adam_weight_decay >= 0,
+            "--adam_weight_decay must be zero or positive",
+        ),
+        (finite(args.adam_epsilon) and args.adam_epsilon >= 0, "--adam_epsilon must be zero or positive"),
+        (finite(args.beta), "--beta must be in [0, 1)"),
+        (args.lr_warmup_steps >= 0, "--lr_warmup_steps must be zero or positive"),
+        (args.seed is None or 0 <= args.seed < 2**32, "--seed must be in [0, 2**32 - 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}.")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file; give a folder.")
+    logging_dir = output_dir / args.logging_dir
+    if args.report_to != "none" and logging_dir.exists() and not logging_dir.is_dir():
+        raise ValueError(f"--logging_dir {logging_dir} is a file; give a folder.")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        find_checkpoint(args)  # a missing or damaged named checkpoint is refused now, not after the models load
+    return args
+
+
 def validate_sana_args(args):
     """The SANA-specific checks."""
     if args.placeholder_token != args.placeholder_token.lower():
@@ -551,15 +589,42 @@ def to_rgb(image, resolution=None):
     image = ImageOps.exif_transpose(image)
     if resolution and min(image.size) >= 4 * resolution:
         image = image.reduce(min(image.size) // (2 * resolution))
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale
-        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
-    if image.mode in ("RGBA", "LA", "P", "PA"):
+    if image.mode.startswith(("I", "F")):  # 16- and 32-bit integer or float grayscale
+        image = Image.fromarray(gray_to_8bit(np.asarray(image)))
+    if image.mode not in CONVERTIBLE_MODES:  # PIL would convert LAB, HSV, ... channel by channel: wrong colours
+        raise ValueError(f"image mode {image.mode} cannot be converted to RGB faithfully; save it as RGB")
+    if image.mode in ("RGBA", "LA", "P", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         image = Image.new("RGB", rgba.size, (255, 255, 255))
         image.paste(rgba, mask=rgba.getchannel("A"))
     rgb = image.convert("RGB")
     rgb.info["original_size"] = (height, width)
     return rgb
+
+
+# Copied from train_dti_sdxl.gray_to_8bit
+def gray_to_8bit(values):
+    """A 16- or 32-bit integer or float grayscale array as uint8: integers by the bit depth their values need (8,
+    16 or 32 bits), floats up to 1 as fractions of white, larger floats as 0-255 values (clipped)."""
+    is_float = values.dtype.kind == "f"
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0)
+    peak = values.max(initial=0)
+    if is_float and peak <= 1:
+        values = values * 255
+    elif not is_float and peak > 255:
+        values = values / 2 ** (8 if peak < 2**16 else 24)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+# Copied from train_dti_sdxl.open_image
+def open_image(source, resolution):
+    """to_rgb of an image file or file object; a decompression bomb (more than twice PIL's pixel limit) raises
+    ValueError like any unreadable file."""
+    try:
+        with Image.open(source) as image:
+            return to_rgb(image, resolution)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"too many pixels for an image: {error}") from None
 
 
 # Copied from train_dti_sdxl.warn_small_images
@@ -582,8 +647,7 @@ def load_training_images(train_data_dir, resolution):
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append((path, to_rgb(image, resolution)))
+            images.append((path, open_image(path, resolution)))
         except (OSError, ValueError) as error:
             logger.warning(f"Skipping {path}: not a readable image ({error}).")
     if not images:
@@ -615,11 +679,21 @@ def load_dataset_images(args):
         dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
     images = []
     for i, item in enumerate(dataset[args.image_column]):
-        source = item if isinstance(item, str) else (io.BytesIO(item["bytes"]) if item["bytes"] else item["path"])
-        with Image.open(source) as image:
-            images.append((f"{path.name or name}[{i}]", to_rgb(image, args.resolution)))
+        row = f"{path.name or name}[{i}]"
+        try:
+            if isinstance(item, dict) and (item.get("bytes") or item.get("path")):
+                source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+            elif isinstance(item, (str, bytes)) and item:
+                source = io.BytesIO(item) if isinstance(item, bytes) else item
+            else:
+                raise ValueError(f"a {type(item).__name__}, not an image")
+            images.append((row, open_image(source, args.resolution)))
+        except (OSError, ValueError) as error:
+            logger.warning(f"Skipping row {i} of --image_column {args.image_column!r}: not a readable image ({error}).")
     if not images:
-        raise ValueError(f"--dataset_name {name!r} has no images in its train split.")
+        raise ValueError(
+            f"--dataset_name {name!r}: no row of --image_column {args.image_column!r} holds a readable image."
+        )
     return warn_small_images(images, args.resolution)
 
 
@@ -891,6 +965,25 @@ def inject_learned_tokens(text_encoder, first_token_id, tokens):
     return text_encoder.get_input_embeddings().register_forward_hook(hook)
 
 
+# Copied from train_dti_sdxl.check_prompts_fit
+def check_prompts_fit(args, tokenize, templates, placeholder_ids, num_vectors):
+    """Every learned vector must reach the text encoder: refuse a token whose expansion (<tok> <tok>_1 ...) is cut
+    off by the encoder's context in a training template or the validation prompt. tokenize: prompt -> {key: ids}."""
+    prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
+    prompts = [template.format(prompt_token) for template in templates]
+    if args.num_validation_images and args.placeholder_token in validation_prompt(args):
+        prompts.append(validation_prompt(args).replace(args.placeholder_token, prompt_token))
+    for prompt in prompts:
+        tokenized = tokenize(prompt)
+        keys = [key for key in tokenized if key.startswith("input_ids")]
+        for key, ids in zip(keys, placeholder_ids, strict=True):
+            if not set(ids) <= set(tokenized[key]):
+                raise ValueError(
+                    f"--num_vectors {num_vectors}: the prompt {prompt!r} does not fit the text encoder's context "
+                    f"({len(tokenized[key])} tokens) with every learned vector; use fewer vectors or a shorter prompt."
+                )
+
+
 # Copied from train_dti_sdxl.placeholder_names
 def placeholder_names(placeholder_token, num_vectors):
     """diffusers' names of a k-vector token: <tok>, <tok>_1, ..., <tok>_{k-1}."""
@@ -1144,6 +1237,20 @@ class LatentCache:
         return self.mean[index, flip], self.std[index, flip]
 
 
+# Copied from train_dti_sdxl.stop_if_disk_full
+def stop_if_disk_full(error, path):
+    """A full disk (or quota) while writing `path` stops the run in one line; other errors are left to the caller.
+    Writers that wrap the OSError (torch.save, safetensors) are recognised by the free space left."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(Path(path).parent).free < MIN_FREE_BYTES // 2
+    if full:
+        raise TrainingStopped(
+            f"The disk is full: {path} could not be written, the last complete checkpoint and embeddings in "
+            f"{Path(path).parent} are kept. Free some space, then resume with --resume_from_checkpoint latest."
+        ) from None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation and saving
 # ----------------------------------------------------------------------------------------------------------------
@@ -1152,16 +1259,28 @@ class LatentCache:
 # Copied from train_dti_sdxl.write_atomically
 def write_atomically(path, write):
     """Call write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_all_atomically({path: write})
+
+
+# Copied from train_dti_sdxl.write_all_atomically
+def write_all_atomically(writes):
+    """{path: write}: call every write(tmp_path) first, then rename them all, so a failure (a full disk) leaves the
+    previous set of files whole instead of a mix of old and new ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    renames = {Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp"): Path(path) for path in writes}
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
-        os.replace(tmp, path)
+        for tmp, write in zip(renames, writes.values(), strict=True):
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
+        for tmp, path in renames.items():
+            os.replace(tmp, path)
+    except Exception as error:
+        stop_if_disk_full(error, next(iter(renames.values())))
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in renames:
+            tmp.unlink(missing_ok=True)
 
 
 # Copied from train_dti_sdxl.validation_prompt
@@ -1453,44 +1572,112 @@ def list_checkpoints(output_dir):
     return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
 
 
+# Copied from train_dti_sdxl.file_digest
+def file_digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 # Copied from train_dti_sdxl.save_checkpoint
 def save_checkpoint(accelerator, args, step, seed, identity):
-    """accelerate state (learned tokens, optimizer, scheduler, RNG) in output_dir/checkpoint-<step>: kilobytes."""
+    """accelerate state (learned tokens, optimizer, scheduler, RNG) in output_dir/checkpoint-<step>: kilobytes.
+    Written under a temporary name with a manifest of its files (sizes, SHA-256) and renamed; only then are old
+    checkpoints beyond --checkpoints_total_limit removed, so a failed write never leaves fewer good checkpoints."""
     output_dir = Path(args.output_dir)
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp))
+        files = {p.relative_to(tmp).as_posix(): p for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {name: {"size": p.stat().st_size, "sha256": file_digest(p)} for name, p in files.items()}
+        state = {"step": step, "seed": seed, **identity, "files": manifest}
+        write_atomically(tmp / CHECKPOINT_STATE, lambda path: path.write_text(json.dumps(state, indent=2)))
+        old = output_dir / f".checkpoint-{step}.old"
+        if final.exists():  # a checkpoint of the same step from an earlier run: replaced, never left missing
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        stop_if_disk_full(error, final)
+        raise
+    logger.info(f"Saved {final}.")
     if args.checkpoints_total_limit is not None:
-        existing = [p for p in list_checkpoints(output_dir) if p.name != f"checkpoint-{step}"]
+        existing = [p for p in list_checkpoints(output_dir) if p != final]
         for folder in existing[: max(0, len(existing) + 1 - args.checkpoints_total_limit)]:
             logger.info(f"Removing {folder.name} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
             shutil.rmtree(folder)
-    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "seed": seed, **identity}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    logger.info(f"Saved {final}.")
+
+
+# Copied from train_dti_sdxl.checkpoint_damage
+def checkpoint_damage(path):
+    """None if checkpoint folder `path` is complete, else what is wrong with it (a missing, cut or changed file).
+    Checkpoints written before the manifest existed are checked for their state file only."""
+    path = Path(path)
+    try:
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
+    except (OSError, ValueError):
+        return f"{CHECKPOINT_STATE} is missing or unreadable"
+    for name, expected in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{name} is {file.stat().st_size} bytes, {expected['size']} were written"
+        if file_digest(file) != expected["sha256"]:
+            return f"{name} has changed since it was written"
+    return None
 
 
 # Copied from train_dti_sdxl.find_checkpoint
-def find_checkpoint(args):
-    """The folder --resume_from_checkpoint names, or None for 'latest' in a fresh output_dir."""
+def find_checkpoint(args, identity=None):
+    """The folder --resume_from_checkpoint names, or None for 'latest' in a fresh output_dir. 'latest' is the newest
+    complete checkpoint (damaged newer ones are passed over with a warning); a named damaged one is refused, and so
+    is one made by another run (when `identity` is given)."""
+    checkpoint = choose_checkpoint(args)
+    if checkpoint is not None and identity is not None:
+        read_checkpoint_state(checkpoint, identity)
+    return checkpoint
+
+
+# Copied from train_dti_sdxl.choose_checkpoint
+def choose_checkpoint(args):
+    """find_checkpoint's choice of folder, before the identity check."""
     if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
-        return checkpoints[-1] if checkpoints else None
+        for checkpoint in reversed(list_checkpoints(args.output_dir)):
+            damage = checkpoint_damage(checkpoint)
+            if damage is None:
+                return checkpoint
+            logger.warning(f"Passing over the damaged {checkpoint} ({damage}); trying the one before.")
+        logger.info(f"No complete checkpoint in {args.output_dir}: starting a new run.")
+        return None
     path = Path(args.resume_from_checkpoint)
     path = path if path.is_dir() else Path(args.output_dir) / args.resume_from_checkpoint
-    if not (path / CHECKPOINT_STATE).is_file():
+    if not path.is_dir():
         raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint there; use 'latest'.")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise ValueError(f"--resume_from_checkpoint {path} is damaged ({damage}); name another or use 'latest'.")
     return path
+
+
+# Copied from train_dti_sdxl.same_model
+def same_model(a, b):
+    """Whether two --pretrained_model_name_or_path values name the same model (a local folder written another way,
+    e.g. with a trailing slash or relative, is the same folder)."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return isinstance(a, str) and isinstance(b, str) and a.rstrip("/") == b.rstrip("/")
 
 
 # Copied from train_dti_sdxl.read_checkpoint_state
 def read_checkpoint_state(path, identity):
     state = json.loads((Path(path) / CHECKPOINT_STATE).read_text())
     for key, value in identity.items():
-        if state.get(key) != value:
+        same = same_model if key == "pretrained_model_name_or_path" else (lambda a, b: a == b)
+        if not same(state.get(key), value):
             raise ValueError(
                 f"--resume_from_checkpoint {path} was made with {key} {state.get(key)!r}, this run has {value!r}."
             )
@@ -1522,9 +1709,76 @@ def check_output_dir(args):
         probe = output_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
+        free = shutil.disk_usage(output_dir).free
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise ValueError(f"--output_dir {output_dir} cannot be written ({reason}); pick another folder.") from None
+    if free < MIN_FREE_BYTES:
+        raise ValueError(
+            f"--output_dir {output_dir}: only {free / 2**20:.0f} MiB free on its disk, {MIN_FREE_BYTES // 2**20} MiB "
+            "are needed; free some space or pick another folder."
+        )
+
+
+# Copied from train_dti_sdxl.process_start_time
+def process_start_time(pid):
+    """When process `pid` started (clock ticks since boot, Linux), to tell a live owner from a reused pid; else None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+# Copied from train_dti_sdxl.lock_owner_alive
+def lock_owner_alive(owner):
+    """Whether the process recorded in a lock file ({"pid", "start", "host"}) still runs."""
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process: cannot be checked, so assume it runs
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return owner.get("start") is None or owner.get("start") == process_start_time(pid)
+
+
+# Copied from train_dti_sdxl.claim_output_dir
+def claim_output_dir(args, accelerator):
+    """Refuse an --output_dir that a running training process uses; else mark it as this run's until exit. Only the
+    main process holds the lock; a lock left by a process that died is taken over."""
+    if not accelerator.is_main_process:
+        return
+    lock = Path(args.output_dir) / OUTPUT_LOCK
+    me = {"pid": os.getpid(), "start": process_start_time(os.getpid()), "host": socket.gethostname()}
+    for _ in range(3):  # created exclusively, so of two runs starting at once only one gets it
+        try:
+            with open(lock, "x") as file:
+                file.write(json.dumps(me))
+            break
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                owner = None
+            if isinstance(owner, dict) and owner.get("pid") != me["pid"] and lock_owner_alive(owner):
+                raise ValueError(
+                    f"--output_dir {args.output_dir} is in use by training process {owner.get('pid')} on "
+                    f"{owner.get('host')}; wait for it or pick another folder (delete {lock} if it is gone)."
+                ) from None
+            lock.unlink(missing_ok=True)  # a dead process's lock, or this process's own from an earlier run
+
+    def release():
+        try:
+            if json.loads(lock.read_text()).get("pid") == me["pid"]:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+    atexit.register(release)
 
 
 def load_tokenizers(args):
@@ -1584,10 +1838,13 @@ class StopRequest:
         self.signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+            term_when_launcher_dies()
 
     def handle(self, signum, frame):
         if self.signal is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:  # a second Ctrl-C; a repeated SIGTERM changes nothing
+                raise KeyboardInterrupt
+            return
         self.signal = signal.Signals(signum).name
 
     def requested(self, accelerator, can_sync=True):
@@ -1605,6 +1862,30 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# Copied from train_dti_sdxl.term_when_launcher_dies
+def term_when_launcher_dies():
+    """Under `accelerate launch` or torchrun (Linux): ask the kernel for a SIGTERM when the launcher exits. accelerate's
+    single-process launcher dies of a SIGTERM without passing it on; this way the run still saves and stops. Not under
+    a shell or nohup: a training process started from those must outlive them."""
+    parent = os.getppid()
+    try:
+        command = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    words = {Path(os.fsdecode(word)).name for word in command[:4]}
+    if not words & {"accelerate", "accelerate.commands.launch", "torchrun", "torch.distributed.run"}:
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # Copied from train_dti_sdxl.NonFiniteGuard
@@ -1656,6 +1937,28 @@ def check_trackers(report_to):
             __import__(package)
         except ImportError as error:
             raise ValueError(f"--report_to {report_to} needs {package}: pip install {package}.") from error
+    if "wandb" in needed and not wandb_can_log():
+        raise ValueError(
+            f"--report_to {report_to}: wandb is not logged in; run `wandb login`, set WANDB_API_KEY, or set "
+            "WANDB_MODE=offline to log locally."
+        )
+
+
+# Copied from train_dti_sdxl.wandb_can_log
+def wandb_can_log():
+    """Whether wandb.init will run without asking for a key: offline or disabled mode, a key, or a netrc login."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return True
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 # Copied from train_dti_sdxl.TqdmLogHandler
@@ -1797,9 +2100,8 @@ def make_optimizer(args, learned):
 
 
 # Copied from train_dti_sdxl.resume
-def resume(args, accelerator, identity, seed):
-    """Load --resume_from_checkpoint if any. Returns (global step, seed) to continue with."""
-    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+def resume(args, accelerator, checkpoint, identity, seed):
+    """Load the checkpoint find_checkpoint chose, if any. Returns (global step, seed) to continue with."""
     if checkpoint is None:
         return 0, seed
     state = read_checkpoint_state(checkpoint, identity)
@@ -1959,6 +2261,7 @@ def quantize_8bit(model):
 def main(args):
     started = time.monotonic()
     validate_sana_args(validate_args(args))
+    check_inputs(args)
     check_trackers(args.report_to)
     token = hub_token(args)
     accelerator = make_accelerator(args)
@@ -1971,12 +2274,25 @@ def main(args):
     tokenizers, model_index = load_tokenizers(args)
     init_ids, placeholder_ids = add_concept_tokens(args, tokenizers, in_prompt=args.initializer_form == "in_prompt")
     num_vectors = len(init_ids[0])
+    templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+    instruction = complex_human_instruction(args)
+    tokenize = partial(tokenize_prompt, tokenizers[0], args.max_sequence_length, instruction)
+    fit_length = max(2, args.max_sequence_length - ZERO_PAD_MAX * args.zero_pad)  # --zero_pad pushes prompts right
+    fit = partial(tokenize_prompt, tokenizers[0], fit_length, instruction)
+    check_prompts_fit(args, fit, templates, placeholder_ids, num_vectors)
     images = (
         load_dataset_images(args) if args.dataset_name else load_training_images(args.train_data_dir, args.resolution)
     )
     if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
         logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
     check_output_dir(args)
+    claim_output_dir(args, accelerator)
+    identity = checkpoint_identity(args, num_vectors) | {
+        "complex_human_instruction": instruction,
+        "zero_pad": args.zero_pad,
+        "initializer_form": args.initializer_form,
+    }
+    checkpoint = find_checkpoint(args, identity) if args.resume_from_checkpoint else None
     text_encoders, vae, transformer, noise_scheduler, sampler = load_models(args, model_index)
     vae_factor = 2 ** (len(vae.config.encoder_block_out_channels) - 1)
     if args.resolution % vae_factor:
@@ -2006,17 +2322,9 @@ def main(args):
     )
     optimizer = accelerator.prepare(optimizer)  # the fp16 grad scaler, when there is one
     accelerator.register_for_checkpointing(learned, lr_scheduler)
-    instruction = complex_human_instruction(args)
-    identity = checkpoint_identity(args, num_vectors) | {
-        "complex_human_instruction": instruction,
-        "zero_pad": args.zero_pad,
-        "initializer_form": args.initializer_form,
-    }
-    global_step, seed = resume(args, accelerator, identity, seed)
+    global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
 
-    templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
     prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
-    tokenize = partial(tokenize_prompt, tokenizers[0], args.max_sequence_length, instruction)
     dataset = DTIDataset(images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
                          templates, args.repeats, seed)  # fmt: skip
     latents = latent_source(args, dataset, vae)

@@ -1,0 +1,482 @@
+"""Bad input and faults, table-driven, for the four scripts: each case is a command line, its exit status, the one
+line it must end with, and the check that its output folder is left as it was. The cases run through
+tests/cli_driver.py (one import, one fork per case). Faults that need a patched function run in-process below."""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import train_dti_sana
+import train_dti_sdxl
+from tests.conftest import ASSETS, REPO, assert_one_line_error, run_script_cases, training_args
+
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
+TOKEN = "<toy-robot>"
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file under folder (None if the folder does not exist)."""
+    if not folder.exists():
+        return None
+    if folder.is_file():
+        return hashlib.sha256(folder.read_bytes()).hexdigest()
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def unchanged(before, after):
+    """The folder is as it was; a folder that did not exist may now exist, empty (made by the writability check)."""
+    return after == before or (before is None and after == {})
+
+
+def busy_lock(folder):
+    """A lock file of a live process (this test process) in folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = {"pid": os.getpid(), "start": train_dti_sdxl.process_start_time(os.getpid()), "host": socket.gethostname()}
+    (folder / train_dti_sdxl.OUTPUT_LOCK).write_text(json.dumps(owner))
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def damaged_checkpoint(folder, step, how):
+    """A checkpoint-<step> whose manifest names a file that is missing or was cut short."""
+    checkpoint = folder / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    data = b"0123456789"
+    state = {"step": step, "seed": 0, "files": {"random_states_0.pkl": {"size": 10, "sha256": "0" * 64}}}
+    if how == "cut":
+        (checkpoint / "random_states_0.pkl").write_bytes(data[:5])
+    if how == "changed":
+        (checkpoint / "random_states_0.pkl").write_bytes(data[::-1])
+    if how != "no state":
+        (checkpoint / train_dti_sdxl.CHECKPOINT_STATE).write_text(json.dumps(state))
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Image folders and data sets no image of which can be used, and broken embedding files."""
+    root = tmp_path_factory.mktemp("bad-files")
+    folders = {name: root / name for name in ("bomb", "lab", "corrupt")}
+    for folder in folders.values():
+        folder.mkdir()
+    Image.new("1", (13400, 13400)).save(folders["bomb"] / "bomb.png")  # 179.6 M pixels, 22 kB
+    Image.new("LAB", (64, 64)).save(folders["lab"] / "lab.tif")
+    (folders["corrupt"] / "cut.png").write_bytes((ASSETS / sorted(os.listdir(ASSETS))[0]).read_bytes()[:200])
+    files = dict(folders)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image_struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    columns = {
+        "strings": pa.array(["not an image", "neither"]),
+        "numbers": pa.array([1, 2]),
+        "corrupt": pa.array([{"bytes": b"\x89PNG garbage", "path": None}] * 2),
+        "empty": pa.array([{"bytes": None, "path": None}] * 2, image_struct),
+    }
+    for name, column in columns.items():
+        files[f"data-{name}"] = root / f"{name}.parquet"
+        pq.write_table(pa.table({"image": column}), files[f"data-{name}"])
+    good = torch.randn(1, 32)
+    files["empty.safetensors"] = root / "empty.safetensors"
+    files["empty.safetensors"].write_bytes(b"")
+    files["text.safetensors"] = root / "text.safetensors"
+    files["text.safetensors"].write_text("not a safetensors file\n")
+    save_file({TOKEN: good}, root / "good.safetensors")
+    files["good.safetensors"] = root / "good.safetensors"
+    files["cut.safetensors"] = root / "cut.safetensors"
+    files["cut.safetensors"].write_bytes((root / "good.safetensors").read_bytes()[:-40])
+    for name, state in {
+        "3d.safetensors": {TOKEN: torch.randn(2, 2, 32)},
+        "int.safetensors": {TOKEN: torch.ones(1, 32, dtype=torch.int64)},
+        "nan.safetensors": {TOKEN: torch.full((1, 32), float("nan"))},
+        "keys.safetensors": {"clip_l": good, "clip_g": torch.randn(1, 64), "extra": good.clone()},
+        "two.safetensors": {"<a>": good, "<b>": good.clone()},
+        "scalar.safetensors": {TOKEN: torch.ones(())},
+    }.items():
+        save_file(state, root / name)
+        files[name] = root / name
+    combined = {"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 64)}
+    save_file(combined, root / "combined.safetensors", metadata={"placeholder_token": TOKEN})
+    files["combined.safetensors"] = root / "combined.safetensors"
+    files["garbage.pt"] = root / "garbage.pt"
+    files["garbage.pt"].write_bytes(b"\x80\x04 this is no pickle")
+    files["list.pt"] = root / "list.pt"
+    torch.save([good], files["list.pt"])
+    files["nostar.pt"] = root / "nostar.pt"
+    torch.save({"string_to_param": {"x": good}, "name": "nostar"}, files["nostar.pt"])
+    files["a_file"] = root / "a-file.txt"
+    files["a_file"].write_text("a file, not a folder\n")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training scripts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def training_cases(family, bad):
+    """{name: (extra flags, prepare(output_dir) or None, exit status, expected text of the last line)}."""
+    data = ["--train_data_dir"]
+    cases = {
+        "adam_beta1_one": (["--adam_beta1", "1.0"], None, 1, "--adam_beta1 must be in [0, 1)"),
+        "adam_beta2_negative": (["--adam_beta2", "-0.1"], None, 1, "--adam_beta2 must be in [0, 1)"),
+        "adam_beta2_nan": (["--adam_beta2", "nan"], None, 1, "--adam_beta2 must be in [0, 1)"),
+        "weight_decay_nan": (["--adam_weight_decay", "nan"], None, 1, "--adam_weight_decay must be zero or positive"),
+        "weight_decay_negative": (["--adam_weight_decay", "-1"], None, 1, "--adam_weight_decay must be zero or"),
+        "epsilon_inf": (["--adam_epsilon", "inf"], None, 1, "--adam_epsilon must be zero or positive"),
+        "epsilon_negative": (["--adam_epsilon=-1e-8"], None, 1, "--adam_epsilon must be zero or positive"),
+        "warmup_negative": (["--lr_warmup_steps", "-1"], None, 1, "--lr_warmup_steps must be zero or positive"),
+        "seed_negative": (["--seed", "-1"], None, 1, "--seed must be in [0, 2**32 - 1]"),
+        "seed_too_large": (["--seed", str(2**32)], None, 1, "--seed must be in [0, 2**32 - 1]"),
+        "output_dir_is_a_file": ([], "file", 1, "is a file; give a folder"),
+        "resume_missing": (["--resume_from_checkpoint", "checkpoint-7"], None, 1, "no checkpoint there"),
+        "resume_missing_file": (
+            ["--resume_from_checkpoint", "checkpoint-5"], "missing", 1,
+            "checkpoint-5 is damaged (random_states_0.pkl is missing)",
+        ),
+        "resume_cut_file": (
+            ["--resume_from_checkpoint", "checkpoint-5"], "cut", 1,
+            "checkpoint-5 is damaged (random_states_0.pkl is 5 bytes, 10 were written)",
+        ),
+        "resume_changed_file": (
+            ["--resume_from_checkpoint", "checkpoint-5"], "changed", 1, "random_states_0.pkl has changed",
+        ),
+        "resume_without_state": (
+            ["--resume_from_checkpoint", "checkpoint-5"], "no state", 1, "dti_state.json is missing or unreadable",
+        ),
+        "busy_output_dir": ([], "busy", 1, "is in use by training process"),
+        "bomb_only": ([*data, str(bad["bomb"])], None, 1, "holds no readable image"),
+        "lab_only": ([*data, str(bad["lab"])], None, 1, "holds no readable image"),
+        "corrupt_only": ([*data, str(bad["corrupt"])], None, 1, "holds no readable image"),
+    }  # fmt: skip
+    for kind in ("strings", "numbers", "corrupt", "empty"):
+        flags = ["--dataset_name", str(bad[f"data-{kind}"])]
+        cases[f"dataset_{kind}"] = (flags, None, 1, "no row of --image_column 'image' holds a readable image")
+    if family == "sdxl":
+        too_many = ["--initializer_token", "robot", "--num_vectors", "80"]
+        cases["num_vectors_beyond_context"] = (too_many, None, 1, "--num_vectors 80: the prompt")
+        for token in ("<learned_embeds>", "<Learned_Embeds_2>", "<learned_embeds-steps-5>"):
+            cases[f"placeholder_{token}"] = (["--placeholder_token", token], None, 1, "clashes with the learned_embeds")
+    else:
+        short = ["--max_sequence_length", "12", "--num_vectors", "10"]
+        cases["num_vectors_beyond_context"] = (short, None, 1, "--num_vectors 10: the prompt")
+    return cases
+
+
+def prepare(how, out):
+    if how == "file":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("a file\n")
+    elif how == "busy":
+        busy_lock(out)
+    elif how in ("missing", "cut", "changed", "no state"):
+        damaged_checkpoint(out, 5, how)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_bad_training_input_ends_in_one_line_and_leaves_the_output_folder(
+    family, bad_files, tiny_sdxl, tiny_sana, tmp_path
+):
+    model = tiny_sdxl if family == "sdxl" else tiny_sana
+    cases = training_cases(family, bad_files)
+    argvs, before = {}, {}
+    for name, (extra, how, _, _) in cases.items():
+        out = tmp_path / name
+        prepare(how, out)
+        before[name] = snapshot(out)
+        argv = training_args(model, out, *extra)
+        if "--dataset_name" in extra:  # one data source only
+            at = argv.index("--train_data_dir")
+            argv = argv[:at] + argv[at + 2 :]
+        argvs[name] = argv
+    procs = run_script_cases(REPO / f"train_dti_{family}.py", argvs)
+    for name, (_, _, status, expected) in cases.items():
+        assert procs[name].returncode == status, (name, procs[name].stderr[-2000:])
+        assert_one_line_error(procs[name], expected)
+        assert "*****" not in procs[name].stderr, name  # refused before the models load (the banner follows them)
+        assert unchanged(before[name], snapshot(tmp_path / name)), name
+    for name in ("bomb_only", "lab_only", "corrupt_only"):
+        assert "Skipping" in procs[name].stderr, name
+    assert "image mode LAB cannot be converted" in procs["lab_only"].stderr
+    assert "too many pixels" in procs["bomb_only"].stderr
+    assert "Skipping row 1 of --image_column 'image'" in procs["dataset_strings"].stderr
+
+
+def test_wandb_without_a_login_is_refused_before_the_models_load(tiny_sdxl, tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc there
+    procs = run_script_cases(REPO / "train_dti_sdxl.py", {"wandb": training_args(tiny_sdxl, tmp_path / "out",
+                             "--report_to", "wandb")})  # fmt: skip
+    assert_one_line_error(procs["wandb"], "wandb is not logged in; run `wandb login`, set WANDB_API_KEY")
+    assert not (tmp_path / "out").exists()
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert train_dti_sdxl.wandb_can_log()
+    monkeypatch.delenv("NETRC")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert train_dti_sdxl.wandb_can_log()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infer.py and evaluate.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def embedding_cases(bad):
+    """{name: (--embeddings values, expected text)}, shared by infer.py and evaluate.py."""
+    return {
+        "empty_file": ([bad["empty.safetensors"]], "not a readable safetensors embedding file (the file is empty)"),
+        "not_safetensors": ([bad["text.safetensors"]], "not a readable safetensors embedding file"),
+        "cut_safetensors": ([bad["cut.safetensors"]], "not a readable safetensors embedding file"),
+        "three_dimensions": ([bad["3d.safetensors"]], "has shape [2, 2, 32]; expected [vectors, width]"),
+        "scalar": ([bad["scalar.safetensors"]], "has shape []; expected [vectors, width]"),
+        "integer_vectors": ([bad["int.safetensors"]], "is not a float tensor of embeddings"),
+        "nan_vectors": ([bad["nan.safetensors"]], "holds values that are not finite"),
+        "unexpected_keys": ([bad["keys.safetensors"]], "unexpected keys ['extra'] next to ['clip_g', 'clip_l']"),
+        "garbage_pt": ([bad["garbage.pt"]], "not a readable torch (.pt / .bin) embedding file"),
+        "list_pt": ([bad["list.pt"]], "holds a list, not a dict of embeddings"),
+        "a1111_without_star": ([bad["nostar.pt"]], "an A1111 file without the '*' vectors"),
+    }
+
+
+def test_bad_infer_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
+    good = str(bad_files["good.safetensors"])
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(good, copy)
+    common = ["--pretrained_model_name_or_path", str(tiny_sdxl), "--prompt", f"a {TOKEN}", "--device", "cpu"]
+    cases = {name: ([*map(str, specs)], expected) for name, (specs, expected) in embedding_cases(bad_files).items()}
+    cases |= {
+        "same_token_twice": ([good, str(copy)], f"{TOKEN} comes from both {good} and {copy}"),
+        "per_encoder_and_combined": ([good, str(bad_files["combined.safetensors"])], f"{TOKEN} comes from both"),
+    }
+    argvs = {name: [*common, "--output_dir", str(tmp_path / name), "--embeddings", *specs] for name, (specs, _) in
+             cases.items()}  # fmt: skip
+    flag_cases = {
+        "device_unknown": (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+        "seed_negative": (["--seed", "-1"], "--seed must be in [0, 2**32 - 1]"),
+        "seed_beyond_range": (["--seed", str(2**32 - 1), "--num_images_per_prompt", "2"], "--seed must be in"),
+        "output_dir_is_a_file": (["--output_dir", str(bad_files["a_file"])], "is a file; give a folder"),
+    }
+    if not torch.cuda.is_available():
+        flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")
+    for name, (flags, expected) in flag_cases.items():
+        argvs[name] = [*common, "--output_dir", str(tmp_path / name), "--embeddings", good, *flags]
+        cases[name] = (None, expected)
+    procs = run_script_cases(REPO / "infer.py", argvs)
+    for name, (_, expected) in cases.items():
+        assert procs[name].returncode == 1, (name, procs[name].stderr[-2000:])
+        assert_one_line_error(procs[name], expected)
+        assert not (tmp_path / name).exists(), name  # nothing written
+    assert bad_files["a_file"].read_text() == "a file, not a folder\n"
+
+
+def test_bad_evaluate_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
+    good = str(bad_files["good.safetensors"])
+    common = ["--pretrained_model_name_or_path", str(tiny_sdxl), "--image_encoder", "none", "--text_encoder", "none",
+              "--device", "cpu", "--instance_data_dir", str(ASSETS)]  # fmt: skip
+    argvs, expected = {}, {}
+    for name, (specs, text) in embedding_cases(bad_files).items():
+        if name in ("empty_file", "three_dimensions", "garbage_pt", "nan_vectors"):
+            argvs[name] = [*common, "--output_dir", str(tmp_path / name), "--embeddings", *map(str, specs)]
+            expected[name] = text
+    flag_cases = {
+        "seeds_negative": (["--seeds", "-1", "0"], "--seeds must be in [0, 2**32 - 1]"),
+        "output_dir_is_a_file": (["--output_dir", str(bad_files["a_file"])], "is a file; give a folder"),
+        "bomb_references": (["--instance_data_dir", str(bad_files["bomb"])], "in this folder (1 could not be read)"),
+        "corrupt_references": (
+            ["--instance_data_dir", str(bad_files["corrupt"])],
+            "in this folder (1 could not be read)",
+        ),
+        "device_unknown": (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    }
+    if not torch.cuda.is_available():
+        flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")
+    for name, (flags, text) in flag_cases.items():
+        argvs[name] = [*common, "--output_dir", str(tmp_path / name), "--embeddings", good, *flags]
+        expected[name] = text
+    procs = run_script_cases(REPO / "evaluate.py", argvs)
+    for name, text in expected.items():
+        assert procs[name].returncode == 1, (name, procs[name].stderr[-2000:])
+        assert_one_line_error(procs[name], text)
+        assert not (tmp_path / name).exists(), name
+    assert "warning: skipping" in procs["bomb_references"].stderr
+
+
+def test_an_old_a1111_file_with_a_parameter_dict_loads(tmp_path):
+    import infer
+
+    vectors = torch.randn(2, 32)
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors.clone())})
+    torch.save({"string_to_param": params, "name": "old-style", "string_to_token": {"*": 265}}, tmp_path / "old.pt")
+    token, loaded, _ = infer.read_embedding_file(tmp_path / "old.pt")
+    assert token == "old-style" and torch.equal(loaded["width:32"], vectors)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults: failed writes, damaged checkpoints, a busy output folder, image modes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def complete(folder):
+    return train_dti_sdxl.checkpoint_damage(folder) is None
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_a_failed_checkpoint_write_keeps_the_last_complete_checkpoint(
+    family, tiny_sdxl, tiny_sana, tmp_path, monkeypatch
+):
+    """--checkpoints_total_limit 1: the write of checkpoint-2 fails (a full disk); checkpoint-1 stays, complete."""
+    script, model = SCRIPTS[family], tiny_sdxl if family == "sdxl" else tiny_sana
+    out, calls = tmp_path / "out", []
+    original = script.Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        result = original(self, output_dir, **kwargs)
+        if len(calls) == 2:  # the second checkpoint's files are written, then the disk is full
+            raise OSError(28, "No space left on device")
+        return result
+
+    monkeypatch.setattr(script.Accelerator, "save_state", save_state)
+    flags = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "1", "--gradient_accumulation_steps", "1",
+             "--save_steps", "1"]  # fmt: skip
+    with pytest.raises(script.TrainingStopped, match="The disk is full: .*checkpoint-2 could not be written"):
+        script.main(script.parse_args(training_args(model, out, *flags)))
+    assert [p.name for p in out.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))] == ["checkpoint-1"]
+    assert complete(out / "checkpoint-1")
+    assert load_file(out / "learned_embeds-steps-1.safetensors")[TOKEN].shape[0] == 1  # so are the embeddings
+
+
+def test_rotation_removes_old_checkpoints_only_after_the_new_one_is_complete(train, monkeypatch):
+    seen = []
+    original = train_dti_sdxl.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if os.path.basename(path).startswith("checkpoint-"):
+            seen.append(sorted(p for p in os.listdir(os.path.dirname(path)) if p.startswith("checkpoint-")))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_dti_sdxl.shutil, "rmtree", rmtree)
+    _, out = train("--checkpointing_steps", "1", "--checkpoints_total_limit", "1")
+    assert seen == [["checkpoint-1", "checkpoint-2"], ["checkpoint-2", "checkpoint-3"]]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"] and complete(out / "checkpoint-3")
+
+
+def test_a_full_disk_is_found_before_the_models_load(train, monkeypatch):
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(train_dti_sdxl.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    loaded = []
+    monkeypatch.setattr(train_dti_sdxl, "load_models", lambda args: loaded.append(1))
+    with pytest.raises(ValueError, match=r"only 10 MiB free on its disk, 64 MiB are needed"):
+        train()
+    assert not loaded
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_a_damaged_newest_checkpoint_is_passed_over_and_the_resume_is_exact(
+    family, tiny_sdxl, tiny_sana, tmp_path, caplog
+):
+    """Checkpoints at steps 2 and 4 of 6; checkpoint-4's RNG state is cut short. 'latest' resumes from checkpoint-2
+    with a warning and ends bit-identical to an uninterrupted run; naming checkpoint-4 is refused."""
+    script, model = SCRIPTS[family], tiny_sdxl if family == "sdxl" else tiny_sana
+    flags = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "1"]
+    straight = script.main(script.parse_args(training_args(model, tmp_path / "straight", *flags)))
+    out = tmp_path / "out"
+    script.main(script.parse_args(training_args(model, out, *flags[:1], "4", *flags[2:])))
+    rng = out / "checkpoint-4" / "random_states_0.pkl"
+    rng.write_bytes(rng.read_bytes()[:-7])
+    with pytest.raises(ValueError, match=r"checkpoint-4 is damaged \(random_states_0.pkl is \d+ bytes, \d+ were"):
+        script.main(script.parse_args(training_args(model, out, *flags, "--resume_from_checkpoint", "checkpoint-4")))
+    with caplog.at_level("WARNING"):
+        script.main(script.parse_args(training_args(model, out, *flags, "--resume_from_checkpoint", "latest")))
+    assert "Passing over the damaged" in caplog.text and "checkpoint-4" in caplog.text
+    expected = straight.learned["text_encoder"].embeddings().detach()
+    assert torch.equal(load_file(out / "learned_embeds.safetensors")[TOKEN], expected)
+
+
+def test_the_same_model_written_another_way_resumes(train, tiny_sdxl):
+    _, out = train("--checkpointing_steps", "1", "--max_train_steps", "1")
+    args = training_args(tiny_sdxl, out, "--resume_from_checkpoint", "latest", "--max_train_steps", "2")
+    args[args.index(str(tiny_sdxl))] = str(tiny_sdxl) + "/"
+    train_dti_sdxl.main(train_dti_sdxl.parse_args(args))
+    assert (out / "learned_embeds.safetensors").is_file()
+
+
+def test_a_stale_lock_is_taken_over_and_released(train, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {"pid": dead_pid(), "start": "1", "host": socket.gethostname()}
+    (out / train_dti_sdxl.OUTPUT_LOCK).write_text(json.dumps(stale))
+    train(output_dir=out)
+    assert (out / "learned_embeds.safetensors").is_file()
+    assert json.loads((out / train_dti_sdxl.OUTPUT_LOCK).read_text())["pid"] == os.getpid()  # held until exit
+    assert not train_dti_sdxl.lock_owner_alive(stale)
+
+
+def test_a_running_training_process_refuses_a_second_one(tiny_sdxl, tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, str(REPO / "train_dti_sdxl.py"), *training_args(tiny_sdxl, out, "--max_train_steps", "400",
+            "--save_steps", "1", "--repeats", "1")]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        from tests.test_reliability import wait_for
+
+        wait_for(out / "learned_embeds-steps-1.safetensors", first)
+        second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+        assert_one_line_error(second, f"is in use by training process {first.pid}")
+    finally:
+        first.terminate()
+        first.communicate(timeout=120)
+    assert not (out / train_dti_sdxl.OUTPUT_LOCK).exists()  # released at exit
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "expected"),
+    [
+        ("I;16", np.full((4, 4), 65535, np.uint16), 255),
+        ("I", np.full((4, 4), 40000, np.int32), 156),
+        ("I", np.full((4, 4), 2**31 - 1, np.int32), 128),
+        ("I", np.full((4, 4), 200, np.int32), 200),
+        ("F", np.full((4, 4), 0.5, np.float32), 128),
+        ("F", np.full((4, 4), 100.0, np.float32), 100),
+    ],
+)
+def test_deep_grayscale_images_convert_by_their_range(mode, values, expected):
+    image = Image.fromarray(values) if mode != "I;16" else Image.fromarray(values).convert("I;16")
+    assert train_dti_sdxl.to_rgb(image).getpixel((0, 0)) == (expected,) * 3
+
+
+def test_a_full_disk_while_saving_embeddings_leaves_the_previous_set_whole(tmp_path):
+    files = {tmp_path / name: name.encode() for name in ("learned_embeds.safetensors", "toy-robot.safetensors")}
+    for path, data in files.items():
+        path.write_bytes(data)
+
+    def full(tmp):
+        raise OSError(28, "No space left on device")
+
+    writes = dict(zip(files, [lambda tmp: tmp.write_bytes(b"new"), full], strict=True))
+    with pytest.raises(train_dti_sdxl.TrainingStopped, match="The disk is full: .* are kept"):
+        train_dti_sdxl.write_all_atomically(writes)
+    assert {path: path.read_bytes() for path in files} == files and sorted(tmp_path.iterdir()) == sorted(files)

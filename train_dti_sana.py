@@ -1963,11 +1963,14 @@ def wandb_can_log():
 
 # Copied from train_dti_sdxl.TqdmLogHandler
 class TqdmLogHandler(logging.StreamHandler):
-    """Log lines written through tqdm, so that they appear above the progress bar instead of over it."""
+    """In a terminal, log lines are written through tqdm, so that they appear above the progress bar instead of
+    over it; elsewhere (a log file, a pipe) as plain lines, without redrawing the bar each time."""
 
     def emit(self, record):
+        if not self.stream.isatty():
+            return super().emit(record)
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(self.format(record), file=self.stream)
         except Exception:  # as logging.StreamHandler does: a failed log line must not stop the run
             self.handleError(record)
 

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from tests.conftest import REPO
 
@@ -36,3 +37,67 @@ def test_the_quick_try_is_offline_and_quiet(tmp_path):
     done = [line for line in lines if "Done in " in line]
     assert len(done) == 1 and "learned_embeds.safetensors" in done[0] and "out-tiny" in done[0], lines[-5:]
     assert {p.name for p in (tmp_path / "out-tiny").iterdir()} >= {"learned_embeds.safetensors", "README.md"}
+
+
+class RecordingAccelerator:
+    is_main_process = True
+
+    def __init__(self):
+        self.trackers, self.calls = [], []
+
+    def init_trackers(self, project, config=None, init_kwargs=None):
+        self.calls.append((project, config, init_kwargs))
+
+
+def test_wandb_gets_its_config_at_init_and_honours_wandb_dir(tmp_path, monkeypatch):
+    import train_dti_sdxl
+
+    args = train_dti_sdxl.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
+                                      "--placeholder_token", "<t>", "--initializer_token", "dog",
+                                      "--output_dir", str(tmp_path / "out"), "--report_to", "wandb"])  # fmt: skip
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    accelerator = RecordingAccelerator()
+    train_dti_sdxl.start_trackers(accelerator, args, "dti-sdxl")
+    ((project, config, init_kwargs),) = accelerator.calls
+    assert project == "dti-sdxl" and config is None  # no store_init_configuration: accelerate 1.10 would restart
+    assert init_kwargs["wandb"]["config"]["placeholder_token"] == "<t>"
+    assert init_kwargs["wandb"]["dir"] == str(tmp_path / "out" / "logs")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    accelerator = RecordingAccelerator()
+    train_dti_sdxl.start_trackers(accelerator, args, "dti-sdxl")
+    assert "dir" not in accelerator.calls[0][2]["wandb"]
+
+
+def test_the_base_model_license_is_read_from_disk_and_the_hub_is_not_asked_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import train_dti_sdxl
+
+    model = tmp_path / "model"
+    model.mkdir()
+    args = SimpleNamespace(pretrained_model_name_or_path=str(model))
+    assert train_dti_sdxl.base_model_license(args) is None  # a local folder without a card
+    (model / "README.md").write_text("---\nlicense: openrail++\n---\n# a model\n")
+    assert train_dti_sdxl.base_model_license(args) == "openrail++"
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load", no_network)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_id = SimpleNamespace(pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0")
+    assert train_dti_sdxl.base_model_license(hub_id) is None
+
+
+def test_help_writes_defaults_one_way():
+    for script in ("train_dti_sdxl.py", "train_dti_sana.py", "infer.py", "evaluate.py"):
+        text = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True).stdout
+        flat = " ".join(text.split())
+        assert "(default" not in flat, script
+        assert "Default: False" not in flat and "Default: None" not in flat, script
+    sdxl = " ".join(subprocess.run([sys.executable, str(REPO / "train_dti_sdxl.py"), "--help"],
+                                   capture_output=True, text=True).stdout.split())  # fmt: skip
+    assert "Default: 768." in sdxl and "--pooled_output {eos,argmax}" in sdxl
+    center_crop = sdxl.split("--center_crop", 2)[2].split("--")[0]  # the switch's own help text
+    assert "Default" not in center_crop

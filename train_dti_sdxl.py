@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import errno
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -112,6 +113,9 @@ CONVERTIBLE_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbC
 DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3, "crossinit": 5e-3}
 DEFAULT_KAPPA = 1e-4
 DEFAULT_CROSSINIT_LAMBDA = 1e-5
+DEFAULT_LORA_LEARNING_RATE = 1e-4
+DEFAULT_LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # the attention projections, as diffusers' LoRA scripts
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
 DEFAULT_VALIDATION_PROMPT = "a {} with Japanese modern city street in the background"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 EMBEDDING_FILES = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}
@@ -276,6 +280,35 @@ def parse_args(input_args=None):
         f"(rows - initial rows)^2 is added to the loss (per text encoder). Default: {DEFAULT_CROSSINIT_LAMBDA}.",
     )
 
+    lora = parser.add_argument_group("DTI + LoRA (pivotal tuning)")
+    lora.add_argument(
+        "--lora_rank",
+        type=int,
+        default=0,
+        help="Rank of a LoRA on the denoiser trained next to the token (higher subject fidelity); 0: no LoRA.",
+    )
+    lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator (scale alpha/rank). "
+                      "Default: --lora_rank.")  # fmt: skip
+    lora.add_argument(
+        "--lora_learning_rate",
+        type=float,
+        default=DEFAULT_LORA_LEARNING_RATE,
+        help="AdamW learning rate of the LoRA (the token keeps --learning_rate and its optimizer).",
+    )
+    lora.add_argument(
+        "--lora_start_step",
+        type=int,
+        default=0,
+        help="Token-only steps before the LoRA starts training (the token finds its place first).",
+    )
+    lora.add_argument(
+        "--lora_target_modules",
+        type=str,
+        default=DEFAULT_LORA_TARGETS,
+        help="Comma-separated names of the denoiser's linear layers that get a LoRA (a layer matches when its "
+        "name ends with one).",
+    )
+
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="dti-model", help="Where embeddings and checkpoints go.")
     train.add_argument(
@@ -330,7 +363,9 @@ def parse_args(input_args=None):
         help="Learning-rate schedule.",
     )
     train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the schedule.")
-    train.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (adamw modes only).")
+    train.add_argument(
+        "--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (adamw modes and the LoRA)."
+    )
     train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (adamw modes).")
     train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (adamw modes).")
     train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (adamw modes).")
@@ -456,8 +491,11 @@ def validate_args(args):
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{message}.")
-    if args.use_8bit_adam and args.method == "dti" and args.optimizer == "rsgd":
-        raise ValueError("--use_8bit_adam needs an AdamW mode: --optimizer adamw, --method ti or --method crossinit.")
+    if args.use_8bit_adam and args.method == "dti" and args.optimizer == "rsgd" and not args.lora_rank:
+        raise ValueError(
+            "--use_8bit_adam needs an AdamW: --optimizer adamw, --method ti or crossinit, or a LoRA (--lora_rank)."
+        )
+    check_lora_args(args)
     if args.quantize_frozen == "8bit":
         try:
             import bitsandbytes  # noqa: F401
@@ -1238,30 +1276,34 @@ def embedding_metadata(args, learned, vocabulary_mean_norms, step):
     return metadata
 
 
-def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix=""):
-    """Write the spec's output files: one {"<tok>": [k, d]} file per encoder and the combined {clip_l, clip_g}."""
+def save_embeddings(learned, args, vocabulary_mean_norms, step, suffix="", lora=None):
+    """Write the spec's output files: one {"<tok>": [k, d]} file per encoder and the combined {clip_l, clip_g}; with
+    a LoRA also pytorch_lora_weights.safetensors and <concept>_lora.safetensors (kohya layout). All or none."""
     output_dir = Path(args.output_dir)
     metadata = embedding_metadata(args, learned, vocabulary_mean_norms, step) | {"pooled_output": args.pooled_output}
+    metadata |= lora_metadata(args)
     vectors = {name: tokens.embeddings().detach().float().cpu().contiguous() for name, tokens in learned.items()}
     files = {f"{EMBEDDING_FILES[name]}{suffix}.safetensors": {args.placeholder_token: v} for name, v in vectors.items()}
     files[f"{concept_name(args.placeholder_token)}{suffix}.safetensors"] = {
         COMBINED_KEYS[name]: v for name, v in vectors.items()
     }
-    write_all_atomically(
-        {output_dir / name: partial(save_file, tensors, metadata=metadata) for name, tensors in files.items()}
-    )
-    logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(files)}).")
+    writes = {output_dir / name: partial(save_file, tensors, metadata=metadata) for name, tensors in files.items()}
+    if lora is not None:
+        writes |= lora.files(output_dir, suffix, metadata, kohya_name=f"{concept_name(args.placeholder_token)}_lora")
+    write_all_atomically(writes)
+    logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(p.name for p in writes)}).")
 
 
 def check_output_names(args):
     """The combined file is named after the placeholder; refuse one that would overwrite the per-encoder files
     (learned_embeds*.safetensors; compared without case, as some file systems do)."""
     name = concept_name(args.placeholder_token)
-    if name.lower().startswith("learned_embeds"):
-        raise ValueError(
-            f"--placeholder_token {args.placeholder_token!r} would name the combined file {name}.safetensors, which "
-            "clashes with the learned_embeds files; choose another token."
-        )
+    for taken in ("learned_embeds", *(["pytorch_lora_weights"] if args.lora_rank else [])):
+        if name.lower().startswith(taken):
+            raise ValueError(
+                f"--placeholder_token {args.placeholder_token!r} would name the combined file {name}.safetensors, "
+                f"which clashes with the {taken} files; choose another token."
+            )
 
 
 def hub_repo_id(args):
@@ -1370,21 +1412,34 @@ def training_table(args, learned, num_processes):
     ]
     rows += [("batch (global)", str(args.train_batch_size * args.gradient_accumulation_steps * num_processes))]
     rows += [("resolution", str(args.resolution)), ("initializer", args.initializer_token)]
+    if args.lora_rank:
+        rows += [("LoRA", f"{lora_description(args)}; lr {args.lora_learning_rate:g} from step {args.lora_start_step}")]
     return "| setting | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
 def save_model_card(args, learned, step, num_processes, repo_id):
     """output_dir/README.md: what the token is, how it was trained, how to use it, the validation images."""
-    header, widget = model_card_header(args, "stable-diffusion-xl", step, ["stable-diffusion-xl-diffusers"])
+    tags = ["stable-diffusion-xl-diffusers", *(["lora"] if args.lora_rank else [])]
+    header, widget = model_card_header(args, "stable-diffusion-xl", step, tags)
     token, name = args.placeholder_token, concept_name(args.placeholder_token)
     prompt = f"a painting of {token} in the style of Van Gogh"
     images = "".join(f"![{w['text']}]({w['output']['url']})\n" for w in widget)
     pooling_line = POOL_AT_END_OF_TEXT + "\n" if args.pooled_output == "eos" else ""
+    lora_line = f'pipe.load_lora_weights("{repo_id}")  # the LoRA trained with the token\n' if args.lora_rank else ""
+    lora_sentence = f" A LoRA of the UNet was trained with it ({lora_description(args)})." if args.lora_rank else ""
+    lora_loader = " and `load_lora_weights`" if args.lora_rank else ""
+    lora_note = (
+        f" With the LoRA: put `{name}_lora.safetensors` in ComfyUI's `models/loras/` (a LoraLoader node) or A1111's "
+        f"`models/Lora/` (`<lora:{name}_lora:1>` in the prompt) as well."
+        if args.lora_rank
+        else ""
+    )
     body = f"""
 # {token}: a DTI concept for {args.pretrained_model_name_or_path}
 
 `{token}` is a concept token learned on both SDXL text encoders from the class word "{args.initializer_token}" with
-{method_description(args)}. The files load with diffusers' `load_textual_inversion`, in ComfyUI and in A1111.
+{method_description(args)}.{lora_sentence} The files load with diffusers'
+`load_textual_inversion`{lora_loader}, in ComfyUI and in A1111.
 
 ## Use it
 
@@ -1402,11 +1457,11 @@ pipe.load_textual_inversion(
     "{repo_id}", weight_name="learned_embeds_2.safetensors", token="{token}",
     text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2,
 )
-image = pipe("{prompt}").images[0]
+{lora_line}image = pipe("{prompt}").images[0]
 ```
 
 ComfyUI: put `{name}.safetensors` in `models/embeddings/` and write `embedding:{name}`. A1111 / Forge: put it in
-`embeddings/` and write `{name}`.
+`embeddings/` and write `{name}`.{lora_note}
 
 ## Training
 
@@ -1429,6 +1484,7 @@ def checkpoint_identity(args, num_vectors):
         "optimizer": args.optimizer if args.method == "dti" else "adamw",
         "token_scale": str(args.token_scale),
         "num_vectors": num_vectors,
+        "lora": lora_description(args) if args.lora_rank else None,
     }
 
 
@@ -1536,10 +1592,169 @@ def read_checkpoint_state(path, identity):
     for key, value in identity.items():
         same = same_model if key == "pretrained_model_name_or_path" else (lambda a, b: a == b)
         if not same(state.get(key), value):
-            raise ValueError(
-                f"--resume_from_checkpoint {path} was made with {key} {state.get(key)!r}, this run has {value!r}."
-            )
+            made, this = ("no LoRA" if v is None and key == "lora" else f"{key} {v!r}" for v in (state.get(key), value))
+            raise ValueError(f"--resume_from_checkpoint {path} was made with {made}, this run has {this}.")
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DTI + LoRA (pivotal tuning): a LoRA of the denoiser trained next to the token, which stays on the sphere
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_lora_args(args):
+    """The --lora_* checks that need no model; fills in --lora_alpha."""
+    if args.lora_rank < 0:
+        raise ValueError("--lora_rank must be zero (no LoRA) or positive.")
+    if not args.lora_rank:
+        defaults = {"--lora_alpha": (args.lora_alpha, None), "--lora_start_step": (args.lora_start_step, 0),
+                    "--lora_learning_rate": (args.lora_learning_rate, DEFAULT_LORA_LEARNING_RATE),
+                    "--lora_target_modules": (args.lora_target_modules, DEFAULT_LORA_TARGETS)}  # fmt: skip
+        for flag, (value, default) in defaults.items():
+            if value != default:
+                raise ValueError(f"{flag} applies to a LoRA only: add --lora_rank (e.g. 16) or drop {flag}.")
+        return args
+    args.lora_alpha = float(args.lora_rank) if args.lora_alpha is None else args.lora_alpha
+    checks = [
+        (math.isfinite(args.lora_alpha) and args.lora_alpha > 0, "--lora_alpha must be a positive number"),
+        (
+            math.isfinite(args.lora_learning_rate) and args.lora_learning_rate > 0,
+            "--lora_learning_rate must be a positive number",
+        ),
+        (
+            0 <= args.lora_start_step < args.max_train_steps,
+            f"--lora_start_step must be in [0, --max_train_steps {args.max_train_steps}) for the LoRA to train",
+        ),
+        (lora_targets(args), "--lora_target_modules must name at least one layer, e.g. to_q,to_k,to_v,to_out.0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}.")
+    if importlib.util.find_spec("peft") is None:  # imported where the LoRA is made, after the library noise is quieted
+        raise ValueError("--lora_rank needs peft: pip install peft.")
+    return args
+
+
+def lora_targets(args):
+    return [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+
+
+def check_lora_targets(denoiser, targets):
+    """Every target must match a linear layer of the denoiser (peft's rule: the layer's name ends with it)."""
+    linear = [name for name, module in denoiser.named_modules() if isinstance(module, torch.nn.Linear)]
+    for target in targets:
+        if not any(name == target or name.endswith(f".{target}") for name in linear):
+            short = sorted({".".join(n.split(".")[-2 if n[-1].isdigit() else -1 :]) for n in linear})
+            raise ValueError(
+                f"--lora_target_modules: no linear layer of the {type(denoiser).__name__} is named {target!r}; "
+                f"some that exist: {', '.join(short[:12])}."
+            )
+
+
+def lora_description(args):
+    return f"rank {args.lora_rank}, alpha {args.lora_alpha:g}, targets {','.join(lora_targets(args))}"
+
+
+def lora_metadata(args):
+    """What the output files record about the LoRA (nothing without one)."""
+    if not args.lora_rank:
+        return {}
+    return {"lora_rank": str(args.lora_rank), "lora_alpha": repr(args.lora_alpha),
+            "lora_learning_rate": repr(args.lora_learning_rate), "lora_start_step": str(args.lora_start_step),
+            "lora_target_modules": ",".join(lora_targets(args))}  # fmt: skip
+
+
+class DenoiserLoRA:
+    """A LoRA on the denoiser's linear layers, added through peft as diffusers' LoRA scripts add it: output
+    W x + (alpha / rank) B A x, B [out, rank] starts at zero (the denoiser is unchanged at step 0), A [rank, in] is
+    drawn from the run's seed (every process starts from the same LoRA). The parameters stay fp32 under fp16/bf16.
+    state_dict / load_state_dict let accelerate checkpoint it."""
+
+    def __init__(self, denoiser, args, seed, prefix):
+        from peft import LoraConfig
+
+        targets = lora_targets(args)
+        check_lora_targets(denoiser, targets)
+        self.rank, self.alpha, self.prefix = args.lora_rank, args.lora_alpha, prefix
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian", target_modules=targets)
+        with torch.random.fork_rng(devices=[]):  # peft draws A on the CPU before moving it to the layer's device
+            torch.manual_seed(stable_seed(seed, "lora"))
+            denoiser.add_adapter(config)
+        self.weights = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        for parameter in self.weights.values():
+            parameter.data = parameter.data.float()
+
+    def parameters(self):
+        return list(self.weights.values())
+
+    def state_dict(self):
+        return {name: p.detach().cpu().clone() for name, p in self.weights.items()}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for name, parameter in self.weights.items():
+                parameter.copy_(state[name])
+
+    def diffusers_state_dict(self):
+        """{"<prefix>.<layer>.lora_A.weight": [rank, in], "...lora_B.weight": [out, rank]}: the names
+        load_lora_weights reads. B carries alpha / rank, so the file means the same at scale 1 in every loader."""
+        scale = self.alpha / self.rank
+        tensors = {}
+        for name, parameter in self.weights.items():
+            value = parameter.detach().float().cpu()
+            if ".lora_B." in name and scale != 1:
+                value = value * scale
+            tensors[f"{self.prefix}.{name.replace('.default.', '.')}"] = value.contiguous()
+        return tensors
+
+    def kohya_state_dict(self):
+        """The layout ComfyUI and A1111 / Forge read: lora_unet_<layer path, dots as underscores> with .lora_down
+        (A), .lora_up (B) and .alpha (the rank here: B already carries the scale)."""
+        tensors = {}
+        for key, value in self.diffusers_state_dict().items():
+            layer, kind = key.removeprefix(f"{self.prefix}.").removesuffix(".weight").rsplit(".", 1)
+            base = "lora_unet_" + layer.replace(".", "_")
+            tensors[f"{base}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = value
+            tensors[f"{base}.alpha"] = torch.tensor(float(self.rank))
+        return tensors
+
+    def files(self, output_dir, suffix, metadata, kohya_name=None):
+        """{path: writer} of the LoRA's output files, for write_all_atomically."""
+        metadata = metadata | {"format": "pt"}
+        name = LORA_WEIGHT_NAME.replace(".safetensors", f"{suffix}.safetensors")
+        files = {output_dir / name: partial(save_file, self.diffusers_state_dict(), metadata=metadata)}
+        if kohya_name:
+            files[output_dir / f"{kohya_name}{suffix}.safetensors"] = partial(
+                save_file, self.kohya_state_dict(), metadata=metadata
+            )
+        return files
+
+
+class TokenAndLoRAOptimizer(torch.optim.Optimizer):
+    """The token's optimizer and the LoRA's AdamW stepped as one optimizer: accelerate's fp16 grad scaler unscales
+    and checks both in one step, and one lr schedule drives both (each group at its own rate). The LoRA steps only
+    when `lora_trains` is set (from --lora_start_step on, and in finite steps)."""
+
+    def __init__(self, token_optimizer, lora_optimizer):
+        self.token_optimizer, self.lora_optimizer, self.lora_trains = token_optimizer, lora_optimizer, False
+        super().__init__(token_optimizer.param_groups + lora_optimizer.param_groups, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.token_optimizer.step()
+        if self.lora_trains:
+            self.lora_optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.token_optimizer.zero_grad(set_to_none=set_to_none)
+        self.lora_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"token": self.token_optimizer.state_dict(), "lora": self.lora_optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.token_optimizer.load_state_dict(state_dict["token"])
+        self.lora_optimizer.load_state_dict(state_dict["lora"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1748,11 +1963,12 @@ class NonFiniteGuard:
         self.max_in_a_row, self.in_a_row, self.longest, self.skipped, self.last = max_in_a_row, 0, 0, 0, None
 
     @staticmethod
-    def finite(step_loss, learned, check_gradients=True):
-        """A bool tensor on the device: the loss and the gradients are finite."""
+    def finite(step_loss, learned, check_gradients=True, lora=None):
+        """A bool tensor on the device: the loss and the gradients (the tokens', the LoRA's) are finite."""
         values = [torch.isfinite(step_loss).all()]
         if check_gradients:  # under fp16 the grad scaler handles overflowing gradients itself
-            values += [torch.isfinite(p.grad).all() for p in learned.parameters() if p.grad is not None]
+            parameters = [*learned.parameters(), *(lora.parameters() if lora else [])]
+            values += [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
         return torch.stack(values).all()
 
     def record(self, step, finite):
@@ -1921,9 +2137,8 @@ def freeze(models, accelerator, weight_dtype, gradient_checkpointing, fp32=()):
             module.train()  # checkpointing is active in train mode only; these models have no dropout
 
 
-def make_optimizer(args, learned):
-    if args.method == "dti" and args.optimizer == "rsgd":
-        return RiemannianSGD(learned.values(), lr=args.learning_rate)
+def make_optimizer(args, learned, lora=None):
+    """RSGD for the tokens (AdamW for the baselines); with a LoRA, AdamW for it too, stepped as one optimizer."""
     adamw = torch.optim.AdamW
     if args.use_8bit_adam:
         try:
@@ -1931,14 +2146,15 @@ def make_optimizer(args, learned):
         except ImportError as error:
             raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from error
         adamw = bnb.optim.AdamW8bit
-    betas = (args.adam_beta1, args.adam_beta2)
-    return adamw(
-        learned.parameters(),
-        lr=args.learning_rate,
-        betas=betas,
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    adamw = partial(adamw, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                    eps=args.adam_epsilon)  # fmt: skip
+    if args.method == "dti" and args.optimizer == "rsgd":
+        token_optimizer = RiemannianSGD(learned.values(), lr=args.learning_rate)
+    else:
+        token_optimizer = adamw(learned.parameters(), lr=args.learning_rate)
+    if lora is None:
+        return token_optimizer
+    return TokenAndLoRAOptimizer(token_optimizer, adamw(lora.parameters(), lr=args.lora_learning_rate))
 
 
 def resume(args, accelerator, checkpoint, identity, seed):
@@ -1984,10 +2200,10 @@ def batch_stream(args, dataset, accelerator, global_step):
     return iter(loader)
 
 
-def data_gradient(batches, latents, loss_fn, learned, accelerator, accumulation_steps):
-    """The data loss's gradient over one global batch, left in the learned tokens' .grad: accumulated over
-    micro-batches, averaged over processes; crossinit adds its regularizer's gradient (once per step: 1/accumulation
-    per micro-batch). Returns the step's data loss, a device tensor (no host sync)."""
+def data_gradient(batches, latents, loss_fn, learned, accelerator, accumulation_steps, lora=None):
+    """The data loss's gradient over one global batch, left in the learned tokens' (and the LoRA's) .grad:
+    accumulated over micro-batches, averaged over processes; crossinit adds its regularizer's gradient (once per
+    step: 1/accumulation per micro-batch). Returns the step's data loss, a device tensor (no host sync)."""
     step_loss = torch.zeros((), device=accelerator.device)
     for _ in range(accumulation_steps):
         batch = next(batches)
@@ -1998,14 +2214,23 @@ def data_gradient(batches, latents, loss_fn, learned, accelerator, accumulation_
     if accelerator.num_processes > 1:
         for parameter in learned.parameters():
             parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+        if lora is not None:  # one flat all-reduce for the LoRA's many small tensors
+            grads = [p.grad for p in lora.parameters()]
+            flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+            for grad, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                grad.copy_(mean.view_as(grad))
         step_loss = accelerator.reduce(step_loss, reduction="mean")
     return step_loss
 
 
-def apply_update(optimizer, learned, finite, adamw_on_sphere):
+def apply_update(optimizer, learned, finite, adamw_on_sphere, lora_trains=False):
     """The update where `finite` holds: RSGD masks it on the device (no host sync); the AdamW modes (baselines)
-    read the flag. AdamW on the sphere adds the prior's gradient and retracts after the step (the ablation)."""
+    and a training LoRA read the flag. AdamW on the sphere adds the prior's gradient and retracts after the step
+    (the ablation). The LoRA steps only when lora_trains (from --lora_start_step on)."""
     rsgd = getattr(optimizer, "optimizer", optimizer)
+    if isinstance(rsgd, TokenAndLoRAOptimizer):
+        rsgd.lora_trains = lora_trains and bool(finite.item())
+        rsgd = rsgd.token_optimizer
     if isinstance(rsgd, RiemannianSGD):
         rsgd.only_if = finite
         optimizer.step()
@@ -2125,7 +2350,8 @@ def main(args):
     if args.resolution % vae_factor:
         raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
     if args.scale_lr:
-        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        args.learning_rate, args.lora_learning_rate = args.learning_rate * scale, args.lora_learning_rate * scale
 
     # The learned tokens in fp32 (crossinit: from the encoders' output for the initializer); every other weight
     # frozen in the mixed-precision dtype.
@@ -2137,9 +2363,10 @@ def main(args):
         logger.info(f"--quantize_frozen 8bit: {swapped} linear layers of the UNet and text encoders in int8.")
     freeze(models, accelerator, weight_dtype, args.gradient_checkpointing)
     learned.to(accelerator.device)
+    lora = DenoiserLoRA(unet, args, seed, prefix="unet") if args.lora_rank else None  # DTI + LoRA
     denoiser = torch.compile(unet, backend=args.compile_backend) if args.compile else unet  # for training only
 
-    optimizer = make_optimizer(args, learned)
+    optimizer = make_optimizer(args, learned, lora)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -2147,7 +2374,7 @@ def main(args):
         num_training_steps=args.max_train_steps,
     )
     optimizer = accelerator.prepare(optimizer)  # the fp16 grad scaler, when there is one
-    accelerator.register_for_checkpointing(learned, lr_scheduler)
+    accelerator.register_for_checkpointing(learned, lr_scheduler, *([lora] if lora else []))
     global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
 
     prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
@@ -2176,10 +2403,13 @@ def main(args):
     with StopRequest() as stop:
         while global_step < args.max_train_steps:
             # One step: the data gradient, then RSGD on the sphere (or AdamW: the baselines), skipped if not finite.
-            step_loss = data_gradient(batches, latents, loss_fn, learned, accelerator, args.gradient_accumulation_steps)
-            finite = guard.finite(step_loss, learned, check_gradients=accelerator.scaler is None)
+            step_loss = data_gradient(
+                batches, latents, loss_fn, learned, accelerator, args.gradient_accumulation_steps, lora
+            )
+            finite = guard.finite(step_loss, learned, check_gradients=accelerator.scaler is None, lora=lora)
             lr = lr_scheduler.get_last_lr()[0]
-            apply_update(optimizer, learned, finite, adamw_on_sphere)
+            lora_trains = lora is not None and global_step >= args.lora_start_step
+            apply_update(optimizer, learned, finite, adamw_on_sphere, lora_trains)
             lr_scheduler.step()
             global_step += 1
             logs.add(global_step, step_loss, lr, finite)
@@ -2190,14 +2420,14 @@ def main(args):
                 report_steps(logs, guard, accelerator, progress)
             if guard.exhausted:
                 if accelerator.is_main_process:
-                    save_embeddings(learned, args, vocabulary_mean_norms, global_step)
+                    save_embeddings(learned, args, vocabulary_mean_norms, global_step, lora=lora)
                 raise TrainingStopped(
                     f"{guard.longest} steps in a row had a non-finite loss or gradient (the last: step {guard.last}); "
                     f"the last good embeddings are in {args.output_dir}. Lower --learning_rate or check the data."
                 )
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0 and global_step < args.max_train_steps:
-                    save_embeddings(learned, args, vocabulary_mean_norms, global_step, suffix=f"-steps-{global_step}")
+                    save_embeddings(learned, args, vocabulary_mean_norms, global_step, f"-steps-{global_step}", lora)
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, global_step, seed, identity)
                 if validate and global_step % args.validation_steps == 0:
@@ -2206,7 +2436,7 @@ def main(args):
             if stop.requested(accelerator, can_sync=at_logging_step):
                 report_steps(logs, guard, accelerator, progress)
                 if accelerator.is_main_process:
-                    save_embeddings(learned, args, vocabulary_mean_norms, global_step)
+                    save_embeddings(learned, args, vocabulary_mean_norms, global_step, lora=lora)
                     if global_step % args.checkpointing_steps:
                         save_checkpoint(accelerator, args, global_step, seed, identity)
                 accelerator.wait_for_everyone()
@@ -2217,7 +2447,7 @@ def main(args):
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_embeddings(learned, args, vocabulary_mean_norms, global_step)
+        save_embeddings(learned, args, vocabulary_mean_norms, global_step, lora=lora)
         if validate and global_step % args.validation_steps != 0:
             log_validation(components, noise_scheduler, args, accelerator, seed, global_step)
         repo_id = create_hub_repo(args, token) if args.push_to_hub else hub_repo_id(args)
@@ -2226,7 +2456,9 @@ def main(args):
             push_to_hub(args, repo_id, token)
     accelerator.end_training()
     logger.info(run_summary(args, started))
-    return SimpleNamespace(learned=learned, components=components, placeholder_ids=placeholder_ids, seed=seed)
+    return SimpleNamespace(
+        learned=learned, components=components, placeholder_ids=placeholder_ids, seed=seed, lora=lora
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def main():
     script.DirectionalTokens.step = recording_step
     result = script.main(script.parse_args(argv))
     final = {name: tokens.embeddings().detach().cpu() for name, tokens in result.learned.items()}
-    torch.save({"final": final, "history": history}, dump_dir / f"rank{os.environ.get('RANK', '0')}.pt")
+    lora = result.lora.state_dict() if getattr(result, "lora", None) else None
+    torch.save({"final": final, "history": history, "lora": lora}, dump_dir / f"rank{os.environ.get('RANK', '0')}.pt")
 
 
 if __name__ == "__main__":

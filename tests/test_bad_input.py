@@ -167,6 +167,18 @@ def training_cases(family, bad):
         "lab_only": ([*data, str(bad["lab"])], None, 1, "holds no readable image"),
         "corrupt_only": ([*data, str(bad["corrupt"])], None, 1, "holds no readable image"),
     }  # fmt: skip
+    cases |= {
+        "lora_rank_negative": (["--lora_rank", "-1"], None, 1, "--lora_rank must be zero (no LoRA) or positive."),
+        "lora_flag_without_rank": (["--lora_alpha", "8"], None, 1, "--lora_alpha applies to a LoRA only: add"),
+        "lora_start_too_late": (
+            ["--lora_rank", "4", "--lora_start_step", "3"], None, 1,
+            "--lora_start_step must be in [0, --max_train_steps 3) for the LoRA to train.",
+        ),
+        "lora_unknown_target": (
+            ["--lora_rank", "4", "--lora_target_modules", "to_q,qkv"], None, 1,
+            "--lora_target_modules: no linear layer of the",  # found once the models load; some names are listed
+        ),
+    }  # fmt: skip
     for kind in ("strings", "numbers", "corrupt", "empty"):
         flags = ["--dataset_name", str(bad[f"data-{kind}"])]
         cases[f"dataset_{kind}"] = (flags, None, 1, "no row of --image_column 'image' holds a readable image")
@@ -218,6 +230,8 @@ def test_bad_training_input_ends_in_one_line_and_leaves_the_output_folder(
     assert "image mode LAB cannot be converted" in procs["lab_only"].stderr
     assert "too many pixels" in procs["bomb_only"].stderr
     assert "Skipping row 1 of --image_column 'image'" in procs["dataset_strings"].stderr
+    assert "named 'qkv'; some that exist: " in procs["lora_unknown_target"].stderr
+    assert "to_q" in procs["lora_unknown_target"].stderr.strip().splitlines()[-1]
 
 
 def test_wandb_without_a_login_is_refused_before_the_models_load(tiny_sdxl, tmp_path, monkeypatch):

@@ -1,0 +1,250 @@
+"""DTI + LoRA (--lora_rank): the token stays on the sphere while a LoRA of the denoiser trains; the LoRA files load
+with diffusers' load_lora_weights (and, for SDXL, in the kohya layout ComfyUI and A1111 read); resume, SIGTERM and two
+processes stay exact."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import huggingface_hub
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_dti_sana
+import train_dti_sdxl as dti
+from tests.conftest import REPO, torchrun_ranks, training_args
+from tests.test_ecosystem import python_block
+
+TOKEN = "<toy-robot>"
+LORA = ["--lora_rank", "4", "--lora_alpha", "2", "--lora_start_step", "2"]
+STRAIGHT = ["--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "0.02", "--repeats", "1"]
+
+
+def lora_state(checkpoint):
+    """The LoRA weights a checkpoint holds (accelerate's third registered object: tokens, scheduler, LoRA)."""
+    return torch.load(checkpoint / "custom_checkpoint_2.pkl", weights_only=True)
+
+
+def unet_output(unet, seed=0):
+    """The UNet's prediction for fixed random inputs, as the training loss calls it (fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 80, generator=g)
+    pooled, time_ids = torch.randn(2, 32, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    with torch.no_grad():
+        return unet(
+            latents, torch.tensor([10, 500]), text, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_sdxl, tmp_path_factory):
+    """One SDXL run with a LoRA (rank 4, alpha 2, from step 2), 4 steps, a checkpoint every step, recording each
+    RSGD step's directions."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    out, history = tmp_path_factory.mktemp("lora") / "straight", []
+    original = dti.DirectionalTokens.step
+
+    def recording_step(self, lr, only_if=None):
+        before = self.direction.detach().clone()
+        original(self, lr, only_if)
+        history.append((before, self.direction.detach().clone(), lr))
+
+    dti.DirectionalTokens.step = recording_step
+    try:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        result = dti.main(dti.parse_args(training_args(tiny_sdxl, out, *STRAIGHT, *LORA)))
+    finally:
+        dti.DirectionalTokens.step = original
+    return result, out, history
+
+
+def test_the_token_keeps_its_norm_and_turns_atan_lr_per_step_while_the_lora_trains(straight, tiny_sdxl):
+    result, out, history = straight
+    assert len(history) == 4 * 2  # 4 steps x 2 encoders
+    for before, after, lr in history:
+        cos = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1).clamp(-1, 1)
+        assert torch.acos(cos).item() == pytest.approx(math.atan(lr), rel=1e-4)
+    for name, file in (("text_encoder", "learned_embeds"), ("text_encoder_2", "learned_embeds_2")):
+        vector = load_file(out / f"{file}.safetensors")[TOKEN].double()
+        assert vector.norm(dim=1).item() == pytest.approx(result.learned[name].norm_scale, rel=1e-6)
+
+
+def test_the_lora_is_unchanged_before_lora_start_step_and_trains_after(straight):
+    _, out, _ = straight
+    states = {step: lora_state(out / f"checkpoint-{step}") for step in (1, 2, 3, 4)}
+    names = sorted(states[1])
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert all(v.dtype == torch.float32 for v in states[1].values())
+    for name in names:  # steps 1 and 2 are token-only: B is still zero, A as drawn
+        assert torch.equal(states[1][name], states[2][name])
+        if ".lora_B." in name:
+            assert not states[2][name].any()
+    assert any(states[3][n].any() for n in names if ".lora_B." in n)
+    assert all(not torch.equal(states[3][n], states[4][n]) for n in names)
+
+
+def test_load_lora_weights_reproduces_the_training_time_denoiser(straight, tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    result, out, _ = straight
+    trained = unet_output(result.components["unet"])
+    fresh = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    assert not torch.allclose(unet_output(fresh.unet), trained, atol=1e-4)  # the LoRA changes the denoiser
+    fresh.load_lora_weights(out)  # finds pytorch_lora_weights.safetensors (not the -steps- copies)
+    torch.testing.assert_close(unet_output(fresh.unet), trained, atol=1e-6, rtol=1e-5)
+    kohya = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    kohya.load_lora_weights(out / "toy-robot_lora.safetensors")  # diffusers converts the kohya layout itself
+    torch.testing.assert_close(unet_output(kohya.unet), trained, atol=1e-6, rtol=1e-5)
+
+
+def test_the_kohya_file_has_the_names_comfyui_maps_to_unet_layers(straight):
+    result, out, _ = straight
+    tensors = load_file(out / "toy-robot_lora.safetensors")
+    unet = result.components["unet"]
+    layers = {name for name, module in unet.named_modules() if hasattr(module, "lora_A")}
+    # ComfyUI's model_lora_keys_unet maps "lora_unet_" + the diffusers weight name without ".weight", dots as "_"
+    expected = {"lora_unet_" + layer.replace(".", "_") for layer in layers}
+    assert {key.split(".")[0] for key in tensors} == expected
+    for base in expected:
+        layer = unet.get_submodule(next(n for n in layers if "lora_unet_" + n.replace(".", "_") == base))
+        assert tensors[f"{base}.lora_down.weight"].shape == (4, layer.in_features)
+        assert tensors[f"{base}.lora_up.weight"].shape == (layer.out_features, 4)
+        assert tensors[f"{base}.alpha"].item() == 4.0  # the up weights carry alpha / rank = 0.5
+
+
+def test_metadata_card_and_resume_of_a_lora_run(straight, tiny_sdxl, tmp_path, monkeypatch):
+    result, out, _ = straight
+    with safe_open(out / "learned_embeds.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert metadata["lora_rank"] == "4" and metadata["lora_alpha"] == "2.0" and metadata["lora_start_step"] == "2"
+    assert metadata["lora_target_modules"] == "to_q,to_k,to_v,to_out.0"
+    card = huggingface_hub.ModelCard.load(out / "README.md")
+    assert "lora" in card.data.tags and "| LoRA | rank 4, alpha 2" in card.text
+    assert "toy-robot_lora.safetensors" in card.text
+
+    # The card's snippet loads the embeddings and the LoRA.
+    code = python_block(card.text).replace(f'"{out.name}"', f'"{out}"').replace('"cuda"', '"cpu"')
+    code = code.replace("torch.float16", "torch.float32")
+    code = code.replace(").images[0]", ", num_inference_steps=1, height=64, width=64).images[0]")
+    namespace = {}
+    exec(compile(code, "model-card-snippet", "exec"), namespace)
+    torch.testing.assert_close(unet_output(namespace["pipe"].unet), unet_output(result.components["unet"]))
+
+    # Resuming from checkpoint-2 ends bit-identical to the straight run, LoRA included.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    dti.main(dti.parse_args(training_args(tiny_sdxl, resumed, *STRAIGHT, *LORA, "--resume_from_checkpoint", "latest")))
+    for file in ("learned_embeds.safetensors", "learned_embeds_2.safetensors", "pytorch_lora_weights.safetensors"):
+        a, b = load_file(out / file), load_file(resumed / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+
+
+def test_a_checkpoint_resumes_only_with_the_same_lora(straight, tiny_sdxl, tmp_path, monkeypatch):
+    _, out, _ = straight
+    monkeypatch.setattr(dti, "load_models", lambda *a: pytest.fail("the models were loaded"))
+    with_lora, without_lora = tmp_path / "with", tmp_path / "without"
+    shutil.copytree(out / "checkpoint-4", with_lora / "checkpoint-4")
+    plain = dti.parse_args(training_args(tiny_sdxl, with_lora, *STRAIGHT, "--resume_from_checkpoint", "latest"))
+    with pytest.raises(ValueError, match=r"made with lora 'rank 4, alpha 2, .*', this run has no LoRA\.$"):
+        dti.main(plain)
+    (without_lora / "checkpoint-4").mkdir(parents=True)
+    state = json.loads((out / "checkpoint-4" / dti.CHECKPOINT_STATE).read_text()) | {"lora": None, "files": {}}
+    (without_lora / "checkpoint-4" / dti.CHECKPOINT_STATE).write_text(json.dumps(state))
+    lora = dti.parse_args(
+        training_args(tiny_sdxl, without_lora, *STRAIGHT, *LORA, "--resume_from_checkpoint", "latest")
+    )
+    with pytest.raises(ValueError, match=r"made with no LoRA, this run has lora 'rank 4, alpha 2"):
+        dti.main(lora)
+
+
+def test_peft_missing_is_one_line_naming_the_install(tiny_sdxl, tmp_path, monkeypatch):
+    real = dti.importlib.util.find_spec
+    monkeypatch.setattr(dti.importlib.util, "find_spec", lambda name: None if name == "peft" else real(name))
+    with pytest.raises(ValueError, match=r"^--lora_rank needs peft: pip install peft\.$"):
+        dti.validate_args(dti.parse_args(training_args(tiny_sdxl, tmp_path, "--lora_rank", "4")))
+
+
+def test_two_processes_equal_one_with_a_lora(straight, tiny_sdxl, tmp_path):
+    flags = [*STRAIGHT, *LORA, "--train_batch_size", "1"]
+    ranks = torchrun_ranks("train_dti_sdxl", training_args(tiny_sdxl, tmp_path / "ddp", *flags), tmp_path / "d", 29541)
+    for a, b in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
+        assert torch.equal(a, b)
+    assert ranks[0]["lora"].keys() == ranks[1]["lora"].keys()
+    assert all(torch.equal(ranks[0]["lora"][k], ranks[1]["lora"][k]) for k in ranks[0]["lora"])
+    result, _, _ = straight  # batch 2 in one process = batch 1 in each of two
+    single = result.lora.state_dict()
+    for key, value in single.items():
+        torch.testing.assert_close(ranks[0]["lora"][key], value, atol=1e-5, rtol=1e-4)
+    for name in ("text_encoder", "text_encoder_2"):
+        torch.testing.assert_close(
+            ranks[0]["final"][name], result.learned[name].embeddings().detach(), atol=1e-5, rtol=0
+        )
+
+
+def test_sigterm_saves_the_lora_and_the_resume_is_bit_identical(tiny_sdxl, tmp_path):
+    flags = ["--max_train_steps", "12", "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1",
+             "--lora_rank", "2", "--lora_start_step", "1"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def start(out, *extra):
+        argv = [sys.executable, str(REPO / "train_dti_sdxl.py"), *training_args(tiny_sdxl, out, *flags, *extra)]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    straight = start(tmp_path / "straight")
+    out = tmp_path / "interrupted"
+    proc = start(out)
+    while not (out / "pytorch_lora_weights-steps-3.safetensors").exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "error: SIGTERM at step" in stderr, stderr[-2000:]
+    (checkpoint,) = out.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert step < 12 and lora_state(checkpoint)
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(
+        torch.equal(v, load_file(out / f"pytorch_lora_weights-steps-{step}.safetensors")[k]) for k, v in saved.items()
+    )
+    _, stderr = start(out, "--resume_from_checkpoint", "latest").communicate(timeout=300)
+    assert straight.communicate(timeout=300)[0] is not None and straight.returncode == 0
+    for file in ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors", "toy-robot_lora.safetensors"):
+        a, b = load_file(tmp_path / "straight" / file), load_file(out / file)
+        assert all(torch.equal(a[k], b[k]) for k in a), (file, stderr[-2000:])
+
+
+def test_sana_lora_loads_with_load_lora_weights_and_reproduces_the_transformer(train_sana, tiny_sana):
+    from diffusers import SanaPipeline
+
+    result, out = train_sana("--lora_rank", "4", "--lora_alpha", "8", "--lora_start_step", "1")
+    transformer = result.components["transformer"]
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, transformer.config.in_channels, 4, 4, generator=g)
+    text = torch.randn(2, 6, transformer.config.caption_channels, generator=g)
+
+    def output(model):
+        with torch.no_grad():
+            return model(latents, encoder_hidden_states=text, timestep=torch.tensor([10, 500])).sample
+
+    fresh = SanaPipeline.from_pretrained(tiny_sana)
+    assert not torch.allclose(output(fresh.transformer), output(transformer), atol=1e-4)
+    fresh.load_lora_weights(out)
+    torch.testing.assert_close(output(fresh.transformer), output(transformer), atol=1e-6, rtol=1e-5)
+    with safe_open(out / "learned_embeds.safetensors", "pt") as f:
+        assert f.metadata()["lora_alpha"] == "8.0"
+    vector = load_file(out / "learned_embeds.safetensors")[TOKEN].double()
+    assert vector.norm(dim=1).item() == pytest.approx(result.learned["text_encoder"].norm_scale, rel=1e-6)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "learned_embeds.safetensors",
+        train_dti_sana.LORA_WEIGHT_NAME,
+    ]

@@ -397,6 +397,11 @@ def vectors_digest(concept):
     return digest.hexdigest()
 
 
+def run_loras(args, concept):
+    """The LoRAs a run's images are made with: the one trained with its token (DTI + LoRA), then --lora."""
+    return ([concept.lora] if concept.lora else []) + args.lora
+
+
 def generation_settings(args, family, dtype_name, concept):
     """What the images of one run depend on; stored next to them so that a resumed call cannot mix settings."""
     return {
@@ -416,6 +421,7 @@ def generation_settings(args, family, dtype_name, concept):
         "dtype": dtype_name,
         "token": concept.token,
         "vectors_sha256": vectors_digest(concept),
+        "loras": [infer.lora_record(source, args.lora_scale) for source in run_loras(args, concept)],
     }
 
 
@@ -471,6 +477,7 @@ def generate_missing(jobs, args, family, device, dtype_name, settings):
         return 0
     pipe = infer.load_pipeline(args, family, getattr(torch, dtype_name), device)
     pipe.set_progress_bar_config(disable=True)
+    adapters = infer.load_loras(pipe, [source for job in jobs for source in run_loras(args, job.concept)])
     tables = {}
     if args.rescale:  # the vocabulary before any token is added
         for encoder in infer.ENCODERS[family]:
@@ -481,6 +488,7 @@ def generate_missing(jobs, args, family, device, dtype_name, settings):
             if not missing:
                 continue
             name = put_token(pipe, family, job.concept, loaded, tables, args.rescale)
+            infer.use_loras(pipe, adapters, run_loras(args, job.concept), args.lora_scale)
             instruction = infer.sana_instruction(args, [job.concept]) if family == "sana" else None
             if family == "sdxl":
                 infer.set_pooled_output(pipe, wanted["pooled_output"])
@@ -652,6 +660,7 @@ def run_info(concept, rescale):
         "method": method,
         "norm": f"{norm}, rescaled to {rescale}" if rescale else norm,
         "kappa": metadata.get("kappa", "?"),
+        "lora": concept.lora,
         "vector_norms": {key: v.norm(dim=-1).mean().item() for key, v in concept.vectors.items()},
         "metadata": metadata,
     }
@@ -770,6 +779,7 @@ def subject_info(subject):
 
 def main(args):
     check_numbers(args)
+    infer.check_loras(args)
     device = infer.check_device(args.device)
     infer.check_output_dir(args.output_dir)
     jobs = dreambooth_plan(args) if args.benchmark else single_plan(args)

@@ -10,7 +10,10 @@ copy into your own code; SanaPipeline has no load_textual_inversion of its own.
 """
 
 import argparse
+import hashlib
+import importlib.util
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 COMBINED_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 DEFAULT_STEPS = {"sdxl": 25, "sana": 20}
 TRAINING_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what --lora_rank training writes next to the embeddings
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -79,6 +83,14 @@ def add_pipeline_arguments(parser, dtype_help="auto: bfloat16 on CUDA, float32 o
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto", help=dtype_help)
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     parser.add_argument("--enable_model_cpu_offload", action="store_true", help="Offload idle models to the CPU.")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        help="A diffusers LoRA to apply: a .safetensors file, a folder or a Hub repo id; repeat for several. The LoRA "
+        "of a training output folder given to --embeddings (DTI + LoRA) is applied without it.",
+    )
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="Strength of every applied LoRA.")
 
 
 def parse_args(input_args=None):
@@ -133,6 +145,7 @@ class Concept:
     vectors: dict = field(default_factory=dict)  # encoder name or "width:<d>" -> [k, d]
     sources: list = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    lora: str | None = None  # the LoRA trained with the token (pytorch_lora_weights.safetensors of its folder)
 
 
 def read_state(path):
@@ -241,7 +254,60 @@ def load_embeddings(specs, weight_name=None, token=None):
             concept.vectors.update(vectors)
             concept.sources.append(str(file))
             concept.metadata = concept.metadata or metadata
+            if Path(spec).is_dir() and (Path(spec) / LORA_WEIGHT_NAME).is_file():
+                concept.lora = str(Path(spec) / LORA_WEIGHT_NAME)
     return list(concepts.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRAs (DTI + LoRA runs, or any diffusers LoRA)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_loras(args):
+    """--lora values that are neither a file, a folder nor a Hub repo id, and a bad --lora_scale, are refused before
+    any model loads."""
+    if not math.isfinite(args.lora_scale):
+        raise ValueError(f"--lora_scale must be a number, got {args.lora_scale}.")
+    for source in args.lora:
+        if not Path(source).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+            raise ValueError(f"--lora {source}: no such file or folder.")
+
+
+def lora_record(source, scale):
+    """What generations.json / generation.json keep of one applied LoRA (a local file also by its SHA-256)."""
+    path = Path(source)
+    file = path if path.is_file() else path / LORA_WEIGHT_NAME
+    digest = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
+    return {"source": source, "sha256": digest, "scale": scale}
+
+
+def load_loras(pipe, sources):
+    """Load each LoRA as its own adapter (names lora_0, lora_1, ...); returns {source: adapter name}."""
+    if sources and importlib.util.find_spec("peft") is None:
+        raise ValueError("Applying a LoRA needs peft: pip install peft.")
+    adapters = {}
+    for source in dict.fromkeys(sources):
+        path, name = Path(source), f"lora_{len(adapters)}"
+        where, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (source, {})
+        try:
+            pipe.load_lora_weights(where, adapter_name=name, **kwargs)
+        except (OSError, ValueError, KeyError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"--lora {source}: not a LoRA this pipeline can load ({reason[:200]}).") from error
+        adapters[source] = name
+    return adapters
+
+
+def use_loras(pipe, adapters, sources, scale):
+    """Apply exactly the LoRAs of `sources` (each at `scale`); none: the base denoiser."""
+    if not adapters:
+        return
+    if not sources:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters([adapters[s] for s in dict.fromkeys(sources)], [scale] * len(dict.fromkeys(sources)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,13 +608,21 @@ def main(args):
             assert float(args.rescale) > 0
         except (ValueError, AssertionError):
             raise ValueError(f"--rescale must be mean, min, max or a positive number, got {args.rescale!r}.") from None
+    check_loras(args)
     prompts = read_prompts(args)
     concepts = load_embeddings(args.embeddings, args.weight_name, args.token)
+    loras = [c.lora for c in concepts if c.lora] + args.lora
+    for c in concepts:
+        if c.metadata.get("lora_rank") and not c.lora:
+            rank = c.metadata["lora_rank"]
+            print(f"warning: {c.token} was trained with a LoRA (rank {rank}); give its training folder to "
+                  f"--embeddings or its {LORA_WEIGHT_NAME} to --lora to apply it.", file=sys.stderr)  # fmt: skip
     if not prompts and not args.report:
         raise ValueError("Nothing to do: give --prompt, --prompt_file or --report.")
     family = detect_family(args)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = load_pipeline(args, family, getattr(torch, dtype_name), device)
+    use_loras(pipe, load_loras(pipe, loras), loras, args.lora_scale)
 
     # Vocabulary tables before any token is added: the reference for --rescale and --report.
     tokenizers = {encoder: getattr(pipe, TOKENIZERS[encoder]) for encoder in ENCODERS[family]}
@@ -609,6 +683,7 @@ def main(args):
         "num_inference_steps": args.num_inference_steps or DEFAULT_STEPS[family],
         "complex_human_instruction": instruction,
         "pooled_output": pooling,
+        "loras": [lora_record(source, args.lora_scale) for source in dict.fromkeys(loras)],
         "settings": settings,
         "embeddings": [
             {

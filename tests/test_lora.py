@@ -2,6 +2,7 @@
 with diffusers' load_lora_weights (and, for SDXL, in the kohya layout ComfyUI and A1111 read); resume, SIGTERM and two
 processes stay exact."""
 
+import hashlib
 import json
 import math
 import os
@@ -12,19 +13,26 @@ import sys
 import time
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_dti_sana
 import train_dti_sdxl as dti
-from tests.conftest import REPO, torchrun_ranks, training_args
+from tests.conftest import ASSETS, REPO, torchrun_ranks, training_args
 from tests.test_ecosystem import python_block
+from tests.test_evaluate import evaluate_args, run_evaluate
 
 TOKEN = "<toy-robot>"
 LORA = ["--lora_rank", "4", "--lora_alpha", "2", "--lora_start_step", "2"]
 STRAIGHT = ["--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "0.02", "--repeats", "1"]
+
+
+def file_sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def lora_state(checkpoint):
@@ -248,3 +256,49 @@ def test_sana_lora_loads_with_load_lora_weights_and_reproduces_the_transformer(t
         "learned_embeds.safetensors",
         train_dti_sana.LORA_WEIGHT_NAME,
     ]
+
+
+def test_infer_applies_a_training_folders_lora_and_records_it(straight, tiny_sdxl, tmp_path, capsys):
+    import infer
+
+    _, out, _ = straight
+
+    def image(name, *extra):
+        argv = ["--pretrained_model_name_or_path", str(tiny_sdxl), "--output_dir", str(tmp_path / name), "--height",
+                "64", "--width", "64", "--num_inference_steps", "2", "--device", "cpu", "--prompt",
+                f"a photo of {TOKEN}", *extra]  # fmt: skip
+        summary = infer.main(infer.parse_args(argv))
+        return np.asarray(Image.open(tmp_path / name / summary["images"][0]["file"])), summary
+
+    files = [str(out / "learned_embeds.safetensors"), str(out / "learned_embeds_2.safetensors")]
+    auto, summary = image("auto", "--embeddings", str(out))
+    assert summary["loras"] == [
+        {"source": str(out / dti.LORA_WEIGHT_NAME), "sha256": file_sha256(out / dti.LORA_WEIGHT_NAME), "scale": 1.0}
+    ]
+    explicit, _ = image("explicit", "--embeddings", *files, "--lora", str(out / dti.LORA_WEIGHT_NAME))
+    assert np.array_equal(auto, explicit)
+    capsys.readouterr()
+    plain, summary = image("plain", "--embeddings", *files)
+    assert summary["loras"] == [] and "was trained with a LoRA (rank 4)" in capsys.readouterr().err
+    assert not np.array_equal(auto, plain)
+    off, _ = image("off", "--embeddings", str(out), "--lora_scale", "0")
+    assert np.array_equal(off, plain)  # scale 0: the base denoiser
+
+
+def test_evaluate_switches_each_runs_lora(straight, tiny_sdxl, tmp_path):
+    from tests.tiny_evaluators import save_tiny_evaluators
+
+    _, out, _ = straight
+    evaluators = save_tiny_evaluators(tmp_path / "evaluators")
+    without = tmp_path / "without-lora"
+    shutil.copytree(out, without, ignore=shutil.ignore_patterns("checkpoint-*", "*lora*", ".*"))
+    argv = evaluate_args(tiny_sdxl, evaluators, tmp_path / "eval", "--embeddings", str(out), str(without),
+                         "--instance_data_dir", str(ASSETS), "--max_prompts", "1", "--seeds", "0")  # fmt: skip
+    summary, calls, _ = run_evaluate(argv)
+    assert len(calls) == 2 and summary["runs"]["straight"]["lora"] == str(out / dti.LORA_WEIGHT_NAME)
+    assert summary["runs"]["without-lora"]["lora"] is None
+    settings = {run: json.loads((tmp_path / "eval" / run / "generation.json").read_text()) for run in summary["runs"]}
+    assert settings["straight"]["loras"][0]["sha256"] == file_sha256(out / dti.LORA_WEIGHT_NAME)
+    assert settings["without-lora"]["loras"] == []
+    images = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "eval").glob("*/images/*.png"))]
+    assert len(images) == 2 and not np.array_equal(*images)  # same vectors; only the LoRA differs

@@ -289,6 +289,8 @@ def load_loras(pipe, sources):
     adapters = {}
     for source in dict.fromkeys(sources):
         path, name = Path(source), f"lora_{len(adapters)}"
+        if path.is_dir() and (path / LORA_WEIGHT_NAME).is_file():  # a training folder: its LoRA, not a -steps- copy
+            path = path / LORA_WEIGHT_NAME
         where, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (source, {})
         try:
             pipe.load_lora_weights(where, adapter_name=name, **kwargs)

@@ -1551,7 +1551,7 @@ def save_model_card(args, learned, step, num_processes, repo_id):
         if args.lora_rank
         else ""
     )
-    lora_line = f'pipe.load_lora_weights("{repo_id}")  # the LoRA trained with the token\n' if args.lora_rank else ""
+    lora_line = f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHT_NAME}")\n' if args.lora_rank else ""
     body = f"""
 # {token}: a DTI concept for {args.pretrained_model_name_or_path}
 

@@ -1425,7 +1425,7 @@ def save_model_card(args, learned, step, num_processes, repo_id):
     prompt = f"a painting of {token} in the style of Van Gogh"
     images = "".join(f"![{w['text']}]({w['output']['url']})\n" for w in widget)
     pooling_line = POOL_AT_END_OF_TEXT + "\n" if args.pooled_output == "eos" else ""
-    lora_line = f'pipe.load_lora_weights("{repo_id}")  # the LoRA trained with the token\n' if args.lora_rank else ""
+    lora_line = f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHT_NAME}")\n' if args.lora_rank else ""
     lora_sentence = f" A LoRA of the UNet was trained with it ({lora_description(args)})." if args.lora_rank else ""
     lora_loader = " and `load_lora_weights`" if args.lora_rank else ""
     lora_note = (

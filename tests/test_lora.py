@@ -37,7 +37,7 @@ def file_sha256(path):
 
 def load_lora_weights_of_folder(pipe, folder):
     """pipe.load_lora_weights(folder): it finds pytorch_lora_weights.safetensors (not the -steps- copies). diffusers
-    before 0.38 wants the file named when offline, as the tests run."""
+    before 0.40 wants the file named when offline, as the tests run."""
     try:
         pipe.load_lora_weights(folder)
     except ValueError as error:

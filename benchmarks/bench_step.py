@@ -47,6 +47,7 @@ VARIANTS = {
     "dti+cache": ["--cache_latents"],
     "ti+cache": ["--method", "ti", "--cache_latents"],
     "dti+cache+compile": ["--cache_latents", "--compile"],
+    "dti+lora+cache": ["--lora_rank", "16", "--cache_latents"],  # DTI + LoRA: a rank-16 LoRA of the attention
     "dti+gc": ["--gradient_checkpointing"],
     "dti+gc+cache": ["--gradient_checkpointing", "--cache_latents"],
     "dti+gc+cache+8bit": ["--gradient_checkpointing", "--cache_latents", "--quantize_frozen", "8bit"],
@@ -302,9 +303,10 @@ def dti_step(family, models, flags, opts, accelerator, images):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
     script.freeze(frozen, accelerator, weight_dtype, args.gradient_checkpointing, fp32=("vae",) * (family == "sana"))
     learned.to(accelerator.device)
+    lora = script.DenoiserLoRA(denoiser, args, args.seed, DENOISER[family]) if args.lora_rank else None
     training_denoiser = torch.compile(denoiser, backend=args.compile_backend) if args.compile else denoiser
 
-    optimizer = accelerator.prepare(script.make_optimizer(args, learned))
+    optimizer = accelerator.prepare(script.make_optimizer(args, learned, lora))
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_training_steps=args.max_train_steps)
     prompt_token = script.placeholder_prompt_token(args.placeholder_token, len(init_ids[0]))
     if family == "sdxl":
@@ -328,10 +330,10 @@ def dti_step(family, models, flags, opts, accelerator, images):
 
     def step():  # the body of main()'s training loop, without the logging-interval work
         step_loss = script.data_gradient(batches, latents, loss_fn, learned, accelerator,
-                                         args.gradient_accumulation_steps)  # fmt: skip
-        finite = guard.finite(step_loss, learned, check_gradients=accelerator.scaler is None)
+                                         args.gradient_accumulation_steps, lora)  # fmt: skip
+        finite = guard.finite(step_loss, learned, check_gradients=accelerator.scaler is None, lora=lora)
         lr = lr_scheduler.get_last_lr()[0]
-        script.apply_update(optimizer, learned, finite, adamw_on_sphere)
+        script.apply_update(optimizer, learned, finite, adamw_on_sphere, lora_trains=lora is not None)
         lr_scheduler.step()
         state["step"] += 1
         logs.add(state["step"], step_loss, lr, finite)
@@ -379,6 +381,8 @@ def run(opts):
         results.append({"variant": variant, "flags": flags, "loss": timed_loss, **measured})
         if "--compile" in (flags or []):
             torch._dynamo.reset()
+        if "--lora_rank" in (flags or []):  # the next variants train the token alone again
+            models["denoiser"].delete_adapters("default")
     attention = [getattr(m.config, "_attn_implementation", None) for m in models["text_encoders"]]
     return summarize(opts, results, device, build_s, parameters, attention)
 
@@ -404,7 +408,7 @@ def summarize(opts, results, device, build_s, parameters, attention):
         achieved = flops / median / 1e12 if flops else None
         quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
         loss_diff = None
-        if r["loss"] is not None and reference_loss and r["variant"].startswith("dti"):
+        if r["loss"] is not None and reference_loss and r["variant"].startswith("dti") and "lora" not in r["variant"]:
             loss_diff = abs(r["loss"] - reference_loss) / abs(reference_loss)
         rows.append({
             "variant": r["variant"],

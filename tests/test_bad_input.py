@@ -291,6 +291,9 @@ def test_bad_infer_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
         "seed_negative": (["--seed", "-1"], "--seed must be in [0, 2**32 - 1]"),
         "seed_beyond_range": (["--seed", str(2**32 - 1), "--num_images_per_prompt", "2"], "--seed must be in"),
         "output_dir_is_a_file": (["--output_dir", str(bad_files["a_file"])], "is a file; give a folder"),
+        "lora_missing": (["--lora", str(tmp_path / "no-lora")], f"--lora {tmp_path / 'no-lora'}: no such file or"),
+        "lora_not_a_lora": (["--lora", good], f"--lora {good}: not a LoRA this pipeline can load"),
+        "lora_scale_nan": (["--lora_scale", "nan"], "--lora_scale must be a number, got nan."),
     }
     if not torch.cuda.is_available():
         flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")

@@ -270,7 +270,7 @@ def test_evaluate_tables_and_infer_report_name_the_method():
     import infer
 
     metadata = {"method": "crossinit", "crossinit_lambda": "1e-05", "token_scale": "free", "kappa": "0.0"}
-    concept = SimpleNamespace(metadata=metadata, vectors={"clip_l": torch.ones(1, 4)})
+    concept = SimpleNamespace(metadata=metadata, vectors={"clip_l": torch.ones(1, 4)}, lora=None)
     info = evaluate.run_info(concept, None)
     assert (info["method"], info["norm"], info["kappa"]) == ("crossinit (lambda 1e-05)", "free", "0.0")
     assert infer.method_summary(metadata) == "method crossinit (crossinit_lambda 1e-05)"

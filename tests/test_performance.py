@@ -146,8 +146,8 @@ def test_benchmark_runs_on_cpu_with_the_tiny_models_and_reports_every_field(tmp_
     assert report["batch_size"] == 4 and report["resolution"] == 64 and report["steps"] == 2
     assert set(report["versions"]) >= {"torch", "diffusers", "transformers"}
     rows = {row["variant"]: row for row in report["results"]}
-    assert list(rows) == ["floor", "dti", "dti+cache", "ti+cache", "dti+cache+compile", "dti+gc", "dti+gc+cache",
-                          "dti+gc+cache+8bit"]  # fmt: skip
+    assert list(rows) == ["floor", "dti", "dti+cache", "ti+cache", "dti+cache+compile", "dti+lora+cache", "dti+gc",
+                          "dti+gc+cache", "dti+gc+cache+8bit"]  # fmt: skip
     for row in rows.values():
         assert row["median_s"] > 0 and row["min_s"] <= row["median_s"] <= row["max_s"]
         assert row["images_per_s"] == pytest.approx(4 / row["median_s"])
@@ -161,6 +161,8 @@ def test_benchmark_runs_on_cpu_with_the_tiny_models_and_reports_every_field(tmp_
     for name in ("dti+cache", "dti+gc", "dti+gc+cache", "dti+cache+compile"):
         assert rows[name]["loss_rel_diff_vs_dti"] < 1e-5, name
     assert rows["dti+gc+cache+8bit"]["loss_rel_diff_vs_dti"] < 0.02
+    # DTI + LoRA adds the LoRA's work, trains another model (no loss comparison), and leaves none behind (dti+gc).
+    assert flops["dti+lora+cache"] > flops["dti+cache"] and rows["dti+lora+cache"]["loss_rel_diff_vs_dti"] is None
     table = proc.stdout.splitlines()
     assert table[0].startswith("sdxl tiny | 64 px | batch 4") and table[1].split()[:3] == ["variant", "median", "s"]
     assert [line.split()[0] for line in table[3:]] == list(rows)

@@ -188,6 +188,7 @@ def training_pids(out):
 def test_sigterm_to_accelerate_launch_saves_and_the_resume_is_bit_identical(nproc, tiny_sdxl, tmp_path):
     flags = ["--max_train_steps", "24", "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1",
              "--logging_steps", "4"]  # fmt: skip
+    flags += ["--lora_rank", "2", "--lora_start_step", "1"] if nproc == 1 else []  # DTI + LoRA: the LoRA is saved too
     straight = launch(nproc, tiny_sdxl, tmp_path / "straight", *flags)
     assert straight.wait(timeout=300) == 0, straight.communicate()[1][-2000:]
     out = tmp_path / "interrupted"
@@ -205,3 +206,7 @@ def test_sigterm_to_accelerate_launch_saves_and_the_resume_is_bit_identical(npro
     assert resumed.wait(timeout=300) == 0, resumed.communicate()[1][-2000:]
     expected = load_file(tmp_path / "straight" / "learned_embeds.safetensors")[TOKEN]
     assert torch.equal(load_file(out / "learned_embeds.safetensors")[TOKEN], expected)
+    for file in ("pytorch_lora_weights.safetensors", "toy-robot_lora.safetensors") if nproc == 1 else ():
+        straight_lora, resumed_lora = load_file(tmp_path / "straight" / file), load_file(out / file)
+        assert straight_lora.keys() == resumed_lora.keys()
+        assert all(torch.equal(straight_lora[k], resumed_lora[k]) for k in straight_lora), file

@@ -27,7 +27,9 @@ def main():
     script.DirectionalTokens.step = recording_step
     result = script.main(script.parse_args(argv))
     final = {name: tokens.embeddings().detach().cpu() for name, tokens in result.learned.items()}
-    torch.save({"final": final, "history": history}, dump_dir / f"rank{os.environ.get('RANK', '0')}.pt")
+    concepts = [{name: t.embeddings().detach().cpu() for name, t in c.learned.items()} for c in result.concepts]
+    dump = {"final": final, "concepts": concepts, "history": history}
+    torch.save(dump, dump_dir / f"rank{os.environ.get('RANK', '0')}.pt")
 
 
 if __name__ == "__main__":

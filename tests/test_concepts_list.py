@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 import train_dti_sana
 import train_dti_sdxl
-from tests.conftest import ASSETS, torchrun_ranks, training_args
+from tests.conftest import ASSETS, REPO, torchrun_ranks, training_args
 
 SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
 # Different initializers, vector counts, images and templates per concept; "<toy-c>" sits in a batch with "<toy-a>".
@@ -240,3 +241,21 @@ def test_each_entry_gets_its_folder_and_hub_repo(tmp_path):
         assert (script.hub_repo_id(a), script.hub_repo_id(b)) == ("me/dti-a", "me/dti-b")
         assert (a.num_vectors, b.num_vectors, a.train_data_dir, b.dataset_name) == (4, 2, "x", "y")
         assert script.validation_prompt(b) == "a <b> on a beach" and a.learning_rate == args.learning_rate
+        args.placeholder_token = "<c>"
+        with pytest.raises(ValueError, match="--concepts_list replaces --placeholder_token: give these in each entry"):
+            script.read_concepts(args)
+
+
+def test_the_benchmark_times_one_and_two_concepts_per_step(tmp_path):
+    """bench_step.py --num_concepts: each K gets a row with the time per concept-step; the first concept's loss
+    equals the one-concept loss (the same images and seed)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_step
+
+    argv = ["--family", "sana", "--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--variants",
+            "dti+cache", "--num_concepts", "1", "2", "--output", str(tmp_path / "bench.json")]  # fmt: skip
+    rows = {row["variant"]: row for row in bench_step.main(bench_step.parse_args(argv))["results"]}
+    assert list(rows) == ["dti+cache", "dti+cache+2concepts"] and rows["dti+cache+2concepts"]["concepts"] == 2
+    assert rows["dti+cache+2concepts"]["s_per_concept_step"] == rows["dti+cache+2concepts"]["median_s"] / 2
+    assert rows["dti+cache+2concepts"]["loss_rel_diff_vs_dti"] < 1e-5
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][1]["variant"] == "dti+cache+2concepts"

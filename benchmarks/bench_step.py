@@ -90,6 +90,12 @@ def parse_args(input_args=None):
         default=[1],
         help="Run each DTI variant with K concepts in one step (--concepts_list), for each K given: e.g. 1 2 4 8.",
     )
+    parser.add_argument(
+        "--concepts_per_step",
+        type=int,
+        default=None,
+        help="The scripts' --concepts_per_step: concepts per forward and backward. Default: all K at once.",
+    )
     parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps per variant.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation happens here).")
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compile variant.")
@@ -108,8 +114,8 @@ def parse_args(input_args=None):
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
-    if min(args.num_concepts) < 1:
-        parser.error("--num_concepts must be at least 1")
+    if min(args.num_concepts) < 1 or (args.concepts_per_step is not None and args.concepts_per_step < 1):
+        parser.error("--num_concepts and --concepts_per_step must be at least 1")
     if not tiny and not (CONFIGS / args.config).is_dir():
         parser.error(f"--config {args.config}: no folder benchmarks/configs/{args.config} (or use tiny)")
     return args
@@ -344,7 +350,8 @@ def dti_step(family, models, flags, opts, accelerator, num_concepts=1):
     state = {"step": 0}
 
     def step():  # the body of main()'s training loop, without the logging-interval work
-        step_loss = script.data_gradient(concepts, loss_fn, accelerator, args.gradient_accumulation_steps)
+        step_loss = script.data_gradient(concepts, loss_fn, accelerator, args.gradient_accumulation_steps,
+                                         opts.concepts_per_step)  # fmt: skip
         finite = script.NonFiniteGuard.finite(step_loss, concepts, check_gradients=accelerator.scaler is None)
         lr = lr_scheduler.get_last_lr()[0]
         script.apply_update(optimizer, concepts, finite, adamw_on_sphere)
@@ -450,6 +457,7 @@ def summarize(opts, results, device, build_s, parameters, attention):
         "resolution": opts.resolution,
         "batch_size": opts.batch_size,
         "gradient_accumulation_steps": opts.gradient_accumulation_steps,
+        "concepts_per_step": opts.concepts_per_step,
         "mixed_precision": opts.mixed_precision,
         "steps": opts.steps,
         "warmup": opts.warmup,

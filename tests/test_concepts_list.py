@@ -210,7 +210,7 @@ def test_two_processes_equal_one_with_two_concepts(sdxl_runs, tiny_sdxl, tmp_pat
 def test_sana_two_and_three_concepts_end_where_their_single_runs_end(tiny_sana, tmp_path):
     folders = image_folders(tmp_path)
     items = entries(folders, range(3))
-    short = ["--max_sequence_length", "32"]
+    short = ["--max_sequence_length", "32", "--num_validation_images", "1", "--validation_steps", "2"]
     singles = {}
     for entry in items:
         argv = [*single_args(tiny_sana, tmp_path / "single" / stem(entry), entry), *short]
@@ -224,6 +224,7 @@ def test_sana_two_and_three_concepts_end_where_their_single_runs_end(tiny_sana, 
             token, listed = entry["placeholder_token"], out / stem(entry)
             single = tmp_path / "single" / stem(entry)
             assert visible_files(listed) == visible_files(single)
+            assert {"validation/step-2.png", "validation/step-3.png"} <= set(visible_files(listed))
             assert_close(load_file(listed / "learned_embeds.safetensors")[token],
                          load_file(single / "learned_embeds.safetensors")[token])  # fmt: skip
 

@@ -2264,11 +2264,12 @@ def apply_update(optimizer, concepts, finite, adamw_on_sphere):
             if not ok:
                 concept.learned.zero_grad(set_to_none=True)
         if any(flags):
-            sphere = [t for c, ok in zip(concepts, flags, strict=True) if ok for t in c.learned.values()]
-            for tokens in sphere if adamw_on_sphere else []:
+            kept = [t for c, ok in zip(concepts, flags, strict=True) if ok for t in c.learned.values()]
+            sphere = kept if adamw_on_sphere else []  # the ablation: the prior's gradient, then back to the sphere
+            for tokens in sphere:
                 tokens.add_prior_gradient()
             optimizer.step()
-            for tokens in sphere if adamw_on_sphere else []:
+            for tokens in sphere:
                 tokens.retract()
     optimizer.zero_grad(set_to_none=True)
 
@@ -2450,8 +2451,9 @@ def main(args):
                     save_all_embeddings(concepts, global_step, suffix=f"-steps-{global_step}")
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, global_step, seed, identity)
-                for concept in concepts if validate and global_step % args.validation_steps == 0 else []:
-                    log_validation(components, noise_scheduler, concept.args, accelerator, seed, global_step)
+                if validate and global_step % args.validation_steps == 0:
+                    for concept in concepts:
+                        log_validation(components, noise_scheduler, concept.args, accelerator, seed, global_step)
 
             if stop.requested(accelerator, can_sync=at_logging_step):
                 report_steps(logs, concepts, accelerator, progress)

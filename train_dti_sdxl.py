@@ -124,6 +124,9 @@ CHECKPOINT_STATE = "dti_state.json"
 # The line that makes a StableDiffusionXLPipeline pool CLIP-G at end-of-text (--pooled_output eos), as training did.
 POOL_AT_END_OF_TEXT = "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  # end-of-text"
 OUTPUT_LOCK = ".dti-train.lock"
+# The keys of a --concepts_list entry: the first two are required, then one of the two data sources.
+CONCEPT_KEYS = ("placeholder_token", "initializer_token", "train_data_dir", "dataset_name", "num_vectors",
+                "learnable_property", "validation_prompt", "output_dir")  # fmt: skip
 MIN_FREE_BYTES = 64 * 2**20  # embeddings and checkpoints take kilobytes; validation images and logs a few MB
 
 
@@ -218,19 +221,37 @@ def parse_args(input_args=None):
 
     token = parser.add_argument_group("concept token")
     token.add_argument(
-        "--placeholder_token", type=str, required=True, help="The new token, e.g. '<my-dog>'. No spaces."
+        "--placeholder_token", type=str, default=None, help="The new token, e.g. '<my-dog>'. No spaces. Required."
     )
     token.add_argument(
         "--initializer_token",
         type=str,
-        required=True,
-        help="The class word (e.g. 'dog'): the prior direction, and the initial direction with --init_method token.",
+        default=None,
+        help="The class word (e.g. 'dog'): the prior direction, and the initial direction with --init_method token. "
+        "Required.",
     )
     token.add_argument(
         "--num_vectors",
         type=int,
         default=None,
         help="Vectors of the concept, named <tok>, <tok>_1, ... Default: one per token of the initializer.",
+    )
+    token.add_argument(
+        "--concepts_list",
+        type=str,
+        default=None,
+        help="Instead of --placeholder_token, --initializer_token and the data flags: a JSON file with a list of "
+        "concepts, each {placeholder_token, initializer_token, train_data_dir or dataset_name} and optionally "
+        "num_vectors, learnable_property, validation_prompt, output_dir, trained together in one run (each as its "
+        "own run would train it). Outputs go to --output_dir/<placeholder>/ unless an entry names its output_dir; "
+        "the other flags apply to every concept.",
+    )
+    token.add_argument(
+        "--concepts_per_step",
+        type=int,
+        default=None,
+        help="With --concepts_list: forward and backward this many concepts at a time within each step, to save "
+        "memory (same result). Default: all.",
     )
 
     dti = parser.add_argument_group("DTI")
@@ -471,6 +492,7 @@ def validate_args(args):
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
         (args.repeats >= 1, "--repeats must be at least 1"),
         (args.num_vectors is None or args.num_vectors >= 1, "--num_vectors must be at least 1"),
+        (args.concepts_per_step is None or args.concepts_per_step >= 1, "--concepts_per_step must be at least 1"),
         (args.num_validation_images >= 0, "--num_validation_images must be zero or positive"),
         (args.validation_steps >= 1, "--validation_steps must be at least 1"),
         (args.save_steps >= 1, "--save_steps must be at least 1"),
@@ -484,9 +506,6 @@ def validate_args(args):
             args.method == "crossinit" or args.crossinit_lambda == 0,
             "--crossinit_lambda applies to --method crossinit only; drop it or add --method crossinit",
         ),
-        (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
-        (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),
-        (args.initializer_token.strip() != "", "--initializer_token must not be empty"),
     ]
     for ok, message in checks:
         if not ok:
@@ -503,11 +522,109 @@ def validate_args(args):
             raise ValueError("--quantize_frozen 8bit needs bitsandbytes: pip install bitsandbytes.") from error
     if args.report_to not in ("none", "tensorboard", "wandb", "all"):
         raise ValueError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}.")
-    if (args.train_data_dir is None) == (args.dataset_name is None):
-        raise ValueError("Give exactly one of --train_data_dir (a folder of images) and --dataset_name.")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise ValueError("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`.")
     return args
+
+
+def validate_concept(args):
+    """Check one concept's own flags (a --concepts_list entry's keys): its token, its initializer, one data source."""
+    if args.placeholder_token is None or args.initializer_token is None:
+        raise ValueError("Give --placeholder_token and --initializer_token (one concept) or --concepts_list (several).")
+    checks = [
+        (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
+        (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),
+        (args.initializer_token.strip() != "", "--initializer_token must not be empty"),
+        (args.num_vectors is None or args.num_vectors >= 1, "--num_vectors must be at least 1"),
+        (args.learnable_property in ("object", "style"), "--learnable_property must be object or style"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}.")
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        raise ValueError("Give exactly one of --train_data_dir (a folder of images) and --dataset_name.")
+    return args
+
+
+def read_concepts(args):
+    """The run's concepts, each an argument namespace of its own: the flags' one concept, or one per --concepts_list
+    entry (its keys over the shared flags; outputs in --output_dir/<placeholder>/ unless it names an output_dir; Hub
+    repo <--hub_model_id>-<placeholder>). Every entry is checked here, before anything loads."""
+    args.concept_index = None
+    if args.concepts_list is None:
+        return [validate_concept(args)]
+    given = [f"--{key}" for key in CONCEPT_KEYS[:4] if getattr(args, key) is not None]
+    if given:
+        raise ValueError(f"--concepts_list replaces {', '.join(given)}: give these in each entry of the list instead.")
+    concepts = [concept_args(args, index, entry) for index, entry in enumerate(read_concepts_file(args.concepts_list))]
+    for key, value_of in (("placeholder_token", lambda c: c.placeholder_token),
+                          ("output folder", lambda c: os.path.abspath(c.output_dir))):  # fmt: skip
+        seen = {}
+        for concept in concepts:
+            first = seen.setdefault(value_of(concept), concept.concept_index)
+            if first != concept.concept_index:
+                raise ValueError(
+                    f"--concepts_list entries {first} and {concept.concept_index} have the same {key} "
+                    f"{value_of(concept)!r}; give each concept its own."
+                )
+    return concepts
+
+
+def read_concepts_file(path):
+    """The entries of the --concepts_list JSON file: a non-empty list."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"--concepts_list {path} cannot be read ({reason}); give a JSON file of concepts.") from None
+    except ValueError as error:
+        raise ValueError(f"--concepts_list {path} is not JSON ({error}); give a list of concept objects.") from None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--concepts_list {path} must hold a non-empty JSON list of concept objects.")
+    return entries
+
+
+class ConceptArgs(argparse.Namespace):
+    """A --concepts_list entry's own keys over the run's flags, which are read through (the seed and learning rate
+    the run settles later included)."""
+
+    def __init__(self, shared, **own):
+        super().__init__(**own)
+        self.shared = shared
+
+    def __getattr__(self, name):  # only asked for what the entry does not set
+        if name == "shared":
+            raise AttributeError(name)
+        return getattr(self.shared, name)
+
+
+def concept_args(args, index, entry):
+    """The argument namespace of --concepts_list entry `index`: the shared flags with the entry's keys over them."""
+    where = f"--concepts_list entry {index}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is a {type(entry).__name__}, not an object with placeholder_token, etc.")
+    unknown = sorted(set(entry) - set(CONCEPT_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has the unknown key {unknown[0]!r}; the keys are {', '.join(CONCEPT_KEYS)}.")
+    missing = [key for key in CONCEPT_KEYS[:2] if key not in entry]
+    missing += [] if {"train_data_dir", "dataset_name"} & set(entry) else ["train_data_dir (or dataset_name)"]
+    if missing:
+        raise ValueError(
+            f"{where} has no {missing[0]}; every entry needs placeholder_token, initializer_token and "
+            "train_data_dir or dataset_name."
+        )
+    for key, value in entry.items():
+        kind = int if key == "num_vectors" else str
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{where}: {key} must be {'an integer' if kind is int else 'a string'}, got {value!r}.")
+    concept = ConceptArgs(args, **entry, concept_index=index)
+    stem = concept_name(concept.placeholder_token)
+    concept.output_dir = entry.get("output_dir") or str(Path(args.output_dir) / stem)
+    concept.hub_model_id = f"{args.hub_model_id}-{stem}" if args.hub_model_id else None
+    try:
+        return validate_concept(concept)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def ignored_flags(args):
@@ -910,13 +1027,13 @@ class RiemannianSGD(torch.optim.Optimizer):
 
     def __init__(self, tokens, lr):
         self.tokens = list(tokens)
-        self.only_if = None  # a device flag set per step: the update is kept only where it is True
+        self.only_if = None  # device flags set per step, one per tokens: an update is kept only where its flag is True
         super().__init__([{"params": [t.direction]} for t in self.tokens], {"lr": lr})
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group, tokens in zip(self.param_groups, self.tokens, strict=True):
-            tokens.step(group["lr"], self.only_if)
+        for i, (group, tokens) in enumerate(zip(self.param_groups, self.tokens, strict=True)):
+            tokens.step(group["lr"], None if self.only_if is None else self.only_if[i])
 
 
 def inject_learned_tokens(text_encoder, first_token_id, tokens):
@@ -1103,7 +1220,8 @@ def keyed_generators(seed, positions, device):
 
 
 def training_loss(batch, latent_mean, latent_std, unet, text_encoders, noise_scheduler, vae_scale, seed, resolution):
-    """The SDXL noise-prediction loss of one batch. latent_mean, latent_std: [B, 4, H/8, W/8] VAE posterior, fp32."""
+    """The SDXL noise-prediction loss of each sample of a batch, [B] (the mean over its elements). latent_mean,
+    latent_std: [B, 4, H/8, W/8] VAE posterior, fp32."""
     device, dtype = latent_mean.device, unet.dtype
     generators = keyed_generators(seed, batch["position"].tolist(), device)
     shape = latent_mean.shape[1:]
@@ -1128,7 +1246,7 @@ def training_loss(batch, latent_mean, latent_std, unet, text_encoders, noise_sch
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return F.mse_loss(model_pred.float(), target.float())
+    return F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
 def vae_posterior(vae, pixel_values):
@@ -1488,6 +1606,17 @@ def checkpoint_identity(args, num_vectors):
     }
 
 
+def run_identity(args, concepts):
+    """checkpoint_identity of the run: its one concept's, or in a --concepts_list run the shared part and, under
+    "concepts", each concept's token, initializer and number of vectors, in the list's order."""
+    identities = [checkpoint_identity(c.args, c.num_vectors) for c in concepts]
+    if args.concepts_list is None:
+        return identities[0]
+    own = ("placeholder_token", "initializer_token", "num_vectors")
+    shared = {key: value for key, value in identities[0].items() if key not in own}
+    return shared | {"concepts": [{key: identity[key] for key in own} for identity in identities]}
+
+
 def list_checkpoints(output_dir):
     folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
     return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
@@ -1591,6 +1720,12 @@ def read_checkpoint_state(path, identity):
     state = json.loads((Path(path) / CHECKPOINT_STATE).read_text())
     for key, value in identity.items():
         same = same_model if key == "pretrained_model_name_or_path" else (lambda a, b: a == b)
+        if key == "concepts" and state.get(key) != value:
+            made = [c["placeholder_token"] for c in state.get(key) or [state]]
+            raise ValueError(
+                f"--resume_from_checkpoint {path} was made with the concepts {made}, this run has "
+                f"{[c['placeholder_token'] for c in value]}; resume with the --concepts_list it was made with."
+            )
         if not same(state.get(key), value):
             made, this = ("no LoRA" if v is None and key == "lora" else f"{key} {v!r}" for v in (state.get(key), value))
             raise ValueError(f"--resume_from_checkpoint {path} was made with {made}, this run has {this}.")
@@ -1606,6 +1741,10 @@ def check_lora_args(args):
     """The --lora_* checks that need no model; fills in --lora_alpha."""
     if args.lora_rank < 0:
         raise ValueError("--lora_rank must be zero (no LoRA) or positive.")
+    if args.lora_rank and args.concepts_list:
+        raise ValueError(
+            "--lora_rank with --concepts_list: a LoRA belongs to one concept; train a LoRA in a run of its own."
+        )
     if not args.lora_rank:
         defaults = {"--lora_alpha": (args.lora_alpha, None), "--lora_start_step": (args.lora_start_step, 0),
                     "--lora_learning_rate": (args.lora_learning_rate, DEFAULT_LORA_LEARNING_RATE),
@@ -1959,17 +2098,22 @@ class NonFiniteGuard:
     --max_nonfinite_steps such steps in a row, the run stops. The check stays on the device; the flags reach the
     host with the step logs (every --logging_steps), where skipped steps are reported."""
 
-    def __init__(self, max_in_a_row):
+    def __init__(self, max_in_a_row, label=""):
         self.max_in_a_row, self.in_a_row, self.longest, self.skipped, self.last = max_in_a_row, 0, 0, 0, None
+        self.label = label  # " of <tok>" in a --concepts_list run: each concept has its own guard
 
     @staticmethod
-    def finite(step_loss, learned, check_gradients=True, lora=None):
-        """A bool tensor on the device: the loss and the gradients (the tokens', the LoRA's) are finite."""
-        values = [torch.isfinite(step_loss).all()]
-        if check_gradients:  # under fp16 the grad scaler handles overflowing gradients itself
-            parameters = [*learned.parameters(), *(lora.parameters() if lora else [])]
-            values += [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
-        return torch.stack(values).all()
+    def finite(step_losses, concepts, check_gradients=True, lora=None):
+        """A bool tensor [K] on the device: each concept's loss and gradients are finite (with a LoRA, which a run of
+        one concept only can have, also the LoRA's gradients). step_losses: [K]."""
+        flags = []
+        for step_loss, concept in zip(step_losses, concepts, strict=True):
+            values = [torch.isfinite(step_loss)]
+            if check_gradients:  # under fp16 the grad scaler handles overflowing gradients itself
+                parameters = [*concept.learned.parameters(), *(lora.parameters() if lora else [])]
+                values += [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+            flags.append(torch.stack(values).all())
+        return torch.stack(flags)
 
     def record(self, step, finite):
         if finite:
@@ -1977,7 +2121,9 @@ class NonFiniteGuard:
             return
         self.in_a_row, self.skipped, self.last = self.in_a_row + 1, self.skipped + 1, step
         self.longest = max(self.longest, self.in_a_row)
-        logger.warning(f"Step {step}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row).")
+        logger.warning(
+            f"Step {step}: non-finite loss or gradient{self.label}, update skipped ({self.in_a_row} in a row)."
+        )
 
     @property
     def exhausted(self):
@@ -2101,16 +2247,19 @@ def add_concept_tokens(args, tokenizers, in_prompt=True):
     return init_ids, placeholder_ids
 
 
-def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed, contextual=None):
+def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed, contextual=None, vocabulary_sizes=None):
     """Build the learned tokens of each encoder from its pretrained table (crossinit: from the contextual vectors by
-    encoder), then give the encoder rows and a hook that feeds it the learned vectors. Returns (learned tokens by
+    encoder), then give the encoder rows and a hook that feeds it the learned vectors. vocabulary_sizes: each
+    tokenizer's size before any concept's tokens were added (default: the first new id). Returns (learned tokens by
     encoder, vocabulary mean norm by encoder)."""
     learned, vocabulary_mean_norms = torch.nn.ModuleDict(), {}
-    for name, text_encoder, ids, new_ids in zip(TEXT_ENCODERS, text_encoders, init_ids, placeholder_ids, strict=True):
+    sizes = vocabulary_sizes or [new_ids[0] for new_ids in placeholder_ids]
+    for name, text_encoder, ids, new_ids, size in zip(TEXT_ENCODERS, text_encoders, init_ids, placeholder_ids, sizes,
+                                                      strict=True):  # fmt: skip
         table = text_encoder.get_input_embeddings().weight
-        vocabulary_mean_norms[name] = vocabulary_norms(table[: new_ids[0]]).mean().item()
+        vocabulary_mean_norms[name] = vocabulary_norms(table[:size]).mean().item()
         start = contextual[name] if contextual else None
-        learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name, new_ids[0], start)
+        learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name, size, start)
         if len(table) <= new_ids[-1]:  # a table padded beyond the tokenizer already has rows for the new ids
             text_encoder.resize_token_embeddings(new_ids[-1] + 1, mean_resizing=False)
         with torch.no_grad():  # the new rows matter only to code that reads the table; keep them meaningful
@@ -2118,6 +2267,85 @@ def attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed, 
             table[new_ids] = learned[name].embeddings().to(table.dtype)
         inject_learned_tokens(text_encoder, new_ids[0], learned[name])
     return learned, vocabulary_mean_norms
+
+
+def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True):
+    """Per concept, before any model loads: its tokens added to every tokenizer (after the previous concepts'), its
+    prompts checked against the context (fit: prompt -> {key: ids}), its images read. Returns one namespace per
+    concept; an error names its --concepts_list entry."""
+    concepts = []
+    for args in concept_args:
+        try:
+            init_ids, placeholder_ids = add_concept_tokens(args, tokenizers, in_prompt)
+            num_vectors = len(init_ids[0])
+            templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+            check_prompts_fit(args, fit, templates, placeholder_ids, num_vectors)
+            images = (
+                load_dataset_images(args)
+                if args.dataset_name
+                else load_training_images(args.train_data_dir, args.resolution)
+            )
+        except ValueError as error:
+            if args.concept_index is None:
+                raise
+            raise ValueError(
+                f"--concepts_list entry {args.concept_index} ({args.placeholder_token}): {error}"
+            ) from None
+        if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
+            logger.warning(
+                f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token."
+            )
+        prefix = "" if args.concept_index is None else f"{concept_name(args.placeholder_token)}/"
+        concepts.append(SimpleNamespace(args=args, init_ids=init_ids, placeholder_ids=placeholder_ids, images=images,
+                                        num_vectors=num_vectors, templates=templates, prefix=prefix))  # fmt: skip
+    return concepts
+
+
+def claim_output_dirs(args, concepts, accelerator):
+    """Check and claim --output_dir (checkpoints) and every concept's output folder (the same one for one concept)."""
+    folders = {os.path.abspath(a.output_dir): a for a in (args, *(c.args for c in concepts))}
+    for folder_args in folders.values():
+        check_output_dir(folder_args)
+    for folder_args in folders.values():
+        claim_output_dir(folder_args, accelerator)
+
+
+def attach_concepts(concepts, tokenizers, text_encoders, seed, vocabulary_sizes):
+    """Give each concept its learned tokens on the text encoders (crossinit: started at the encoders' output for its
+    initializer), from the pretrained tables: the first vocabulary_sizes rows."""
+    for c in concepts:
+        crossinit = c.args.method == "crossinit"
+        start = encode_initializer(c.args, tokenizers, text_encoders, c.num_vectors) if crossinit else None
+        c.learned, c.vocabulary_mean_norms = attach_learned_tokens(
+            c.args, text_encoders, c.init_ids, c.placeholder_ids, seed, start, vocabulary_sizes
+        )
+
+
+def start_streams(concepts, args, tokenize, vae, accelerator, global_step, seed):
+    """Each concept's data set, latent source and batch stream from global_step, as its own run would have them (the
+    draws are keyed by seed and stream position), and its own non-finite guard."""
+    for c in concepts:
+        prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
+        c.dataset = DTIDataset(c.images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
+                               c.templates, args.repeats, seed)  # fmt: skip
+        c.latents = latent_source(args, c.dataset, vae)
+        c.batches = batch_stream(args, c.dataset, accelerator, global_step)
+        c.guard = NonFiniteGuard(args.max_nonfinite_steps, f" of {c.args.placeholder_token}" if c.prefix else "")
+
+
+def save_all_embeddings(concepts, step, suffix="", lora=None):
+    """Each concept's embedding files in its output folder (and the LoRA's, which a run of one concept only has)."""
+    for c in concepts:
+        save_embeddings(c.learned, c.args, c.vocabulary_mean_norms, step, suffix, lora)
+
+
+def describe_concepts(concepts, args):
+    """The concepts in one line for the start-of-training banner."""
+    return "; ".join(
+        f"{c.args.placeholder_token} ({len(c.images)} images x {args.repeats} repeats, {c.num_vectors} vector(s) "
+        f"from {c.args.initializer_token!r})"
+        for c in concepts
+    )
 
 
 def freeze(models, accelerator, weight_dtype, gradient_checkpointing, fp32=()):
@@ -2137,8 +2365,10 @@ def freeze(models, accelerator, weight_dtype, gradient_checkpointing, fp32=()):
             module.train()  # checkpointing is active in train mode only; these models have no dropout
 
 
-def make_optimizer(args, learned, lora=None):
-    """RSGD for the tokens (AdamW for the baselines); with a LoRA, AdamW for it too, stepped as one optimizer."""
+def make_optimizer(args, tokens, lora=None):
+    """One optimizer over every concept's learned tokens (a list of token modules): RSGD and AdamW treat each
+    parameter on its own, so each concept is updated as its own run would update it. With a LoRA, AdamW for it too,
+    stepped with the tokens' optimizer as one."""
     adamw = torch.optim.AdamW
     if args.use_8bit_adam:
         try:
@@ -2149,9 +2379,9 @@ def make_optimizer(args, learned, lora=None):
     adamw = partial(adamw, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                     eps=args.adam_epsilon)  # fmt: skip
     if args.method == "dti" and args.optimizer == "rsgd":
-        token_optimizer = RiemannianSGD(learned.values(), lr=args.learning_rate)
+        token_optimizer = RiemannianSGD(tokens, lr=args.learning_rate)
     else:
-        token_optimizer = adamw(learned.parameters(), lr=args.learning_rate)
+        token_optimizer = adamw([p for t in tokens for p in t.parameters()], lr=args.learning_rate)
     if lora is None:
         return token_optimizer
     return TokenAndLoRAOptimizer(token_optimizer, adamw(lora.parameters(), lr=args.lora_learning_rate))
@@ -2200,19 +2430,27 @@ def batch_stream(args, dataset, accelerator, global_step):
     return iter(loader)
 
 
-def data_gradient(batches, latents, loss_fn, learned, accelerator, accumulation_steps, lora=None):
-    """The data loss's gradient over one global batch, left in the learned tokens' (and the LoRA's) .grad:
-    accumulated over micro-batches, averaged over processes; crossinit adds its regularizer's gradient (once per
-    step: 1/accumulation per micro-batch). Returns the step's data loss, a device tensor (no host sync)."""
-    step_loss = torch.zeros((), device=accelerator.device)
+def data_gradient(concepts, loss_fn, accelerator, accumulation_steps, concepts_per_step=None, lora=None):
+    """The data loss's gradient over one global batch of every concept, left in the learned tokens' (and the LoRA's)
+    .grad: accumulated over micro-batches, averaged over processes; crossinit adds its regularizer's gradient (once per
+    step: 1/accumulation per micro-batch). Each forward and backward takes the micro-batches of concepts_per_step
+    concepts (default: all) as one batch; the loss is the sum of the concepts' mean losses, so each concept gets
+    the gradient of its own run (a sample's loss depends on its own concept's tokens only). Returns the step's data
+    loss of each concept, a device tensor [K] (no host sync)."""
+    step_loss = torch.zeros(len(concepts), device=accelerator.device)
+    group_size = concepts_per_step or len(concepts)
     for _ in range(accumulation_steps):
-        batch = next(batches)
-        loss = loss_fn(batch, *latents(batch))
-        penalty = sum(t.regularizer() for t in learned.values() if isinstance(t, CrossInitTokens))
-        accelerator.backward((loss + penalty) / accumulation_steps)
-        step_loss += loss.detach() / accumulation_steps
+        for first in range(0, len(concepts), group_size):
+            group = concepts[first : first + group_size]
+            batches = [next(c.batches) for c in group]
+            latents = [c.latents(batch) for c, batch in zip(group, batches, strict=True)]
+            losses = loss_fn(concatenate_batches(batches), *(torch.cat(parts) for parts in zip(*latents, strict=True)))
+            losses = torch.stack([part.mean() for part in losses.split([len(b["position"]) for b in batches])])
+            penalty = sum(t.regularizer() for c in group for t in c.learned.values() if isinstance(t, CrossInitTokens))
+            accelerator.backward((losses.sum() + penalty) / accumulation_steps)
+            step_loss[first : first + len(group)] += losses.detach() / accumulation_steps
     if accelerator.num_processes > 1:
-        for parameter in learned.parameters():
+        for parameter in (p for c in concepts for p in c.learned.parameters()):
             parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
         if lora is not None:  # one flat all-reduce for the LoRA's many small tensors
             grads = [p.grad for p in lora.parameters()]
@@ -2223,67 +2461,92 @@ def data_gradient(batches, latents, loss_fn, learned, accelerator, accumulation_
     return step_loss
 
 
-def apply_update(optimizer, learned, finite, adamw_on_sphere, lora_trains=False):
-    """The update where `finite` holds: RSGD masks it on the device (no host sync); the AdamW modes (baselines)
-    and a training LoRA read the flag. AdamW on the sphere adds the prior's gradient and retracts after the step
-    (the ablation). The LoRA steps only when lora_trains (from --lora_start_step on)."""
+def concatenate_batches(batches):
+    """One batch of several (the concepts' micro-batches, in order): tensors joined on the batch axis."""
+
+    def join(values):
+        if values[0] is None:
+            return None
+        if isinstance(values[0], dict):
+            return {key: join([v[key] for v in values]) for key in values[0]}
+        if isinstance(values[0], list):
+            return [item for v in values for item in v]
+        return torch.cat(values)
+
+    return batches[0] if len(batches) == 1 else {key: join([b[key] for b in batches]) for key in batches[0]}
+
+
+def apply_update(optimizer, concepts, finite, adamw_on_sphere, lora_trains=False):
+    """The update of each concept whose flag in `finite` [K] holds: RSGD masks it on the device (no host sync); the
+    AdamW modes (baselines) read the flags and drop the other concepts' gradients, so AdamW leaves those alone. AdamW
+    on the sphere adds the prior's gradient and retracts after the step (the ablation). A LoRA steps only when
+    lora_trains (from --lora_start_step on) and the step is finite (a host read)."""
     rsgd = getattr(optimizer, "optimizer", optimizer)
     if isinstance(rsgd, TokenAndLoRAOptimizer):
-        rsgd.lora_trains = lora_trains and bool(finite.item())
+        rsgd.lora_trains = lora_trains and bool(finite.all().item())
         rsgd = rsgd.token_optimizer
     if isinstance(rsgd, RiemannianSGD):
-        rsgd.only_if = finite
+        rsgd.only_if = finite.repeat_interleave(len(concepts[0].learned))  # one flag per tokens, as rsgd.tokens
         optimizer.step()
-    elif finite.item():
-        if adamw_on_sphere:
-            for tokens in learned.values():
+    else:
+        flags = finite.tolist()
+        for concept, ok in zip(concepts, flags, strict=True):
+            if not ok:
+                concept.learned.zero_grad(set_to_none=True)
+        if any(flags):
+            kept = [t for c, ok in zip(concepts, flags, strict=True) if ok for t in c.learned.values()]
+            sphere = kept if adamw_on_sphere else []  # the ablation: the prior's gradient, then back to the sphere
+            for tokens in sphere:
                 tokens.add_prior_gradient()
-        optimizer.step()
-        if adamw_on_sphere:
-            for tokens in learned.values():
+            optimizer.step()
+            for tokens in sphere:
                 tokens.retract()
     optimizer.zero_grad(set_to_none=True)
 
 
 class StepLogs:
-    """Per step: loss, lr, the finite flag and, per encoder, the norm, cosine to the prior and degrees turned.
-    Kept on the device and read in one host sync every --logging_steps, so the loop never waits for the GPU."""
+    """Per step: lr and, per concept, its loss, its finite flag and, per encoder, the norm, cosine to the prior and
+    degrees turned (keys prefixed by the concept's name in a --concepts_list run). Kept on the device and read in one
+    host sync every --logging_steps, so the loop never waits for the GPU."""
 
-    def __init__(self, learned):
-        self.learned, self.pending = learned, []
+    def __init__(self, concepts):
+        self.concepts, self.pending = concepts, []
 
     def add(self, step, step_loss, lr, finite):
-        stats = [step_loss.reshape(1).float(), finite.reshape(1).float()] + [t.stats() for t in self.learned.values()]
+        stats = [step_loss.float(), finite.float()] + [t.stats() for c in self.concepts for t in c.learned.values()]
         self.pending.append((step, lr, torch.cat(stats)))
 
     def read(self):
-        """[(step, finite, logs)] of the steps added since the last read."""
+        """[(step, finite flag of each concept, logs)] of the steps added since the last read."""
         if not self.pending:
             return []
-        rows = torch.stack([values for _, _, values in self.pending]).tolist()
+        rows, k = torch.stack([values for _, _, values in self.pending]).tolist(), len(self.concepts)
+        names = [(c.prefix, name) for c in self.concepts for name in c.learned]
         records = []
         for (step, lr, _), row in zip(self.pending, rows, strict=True):
-            logs = {"loss": row[0], "lr": lr}
-            for i, name in enumerate(self.learned):
-                norm, cos_prior, angle = row[2 + 3 * i : 5 + 3 * i]
-                logs |= {f"{name}/norm": norm, f"{name}/cos_prior": cos_prior, f"{name}/angle_deg": angle}
-            records.append((step, row[1] > 0, logs))
+            logs = {"lr": lr} | {f"{c.prefix}loss": loss for c, loss in zip(self.concepts, row[:k], strict=True)}
+            for i, (prefix, name) in enumerate(names):
+                norm, cos_prior, angle = row[2 * k + 3 * i : 2 * k + 3 * i + 3]
+                logs |= {f"{prefix}{name}/norm": norm, f"{prefix}{name}/cos_prior": cos_prior,
+                         f"{prefix}{name}/angle_deg": angle}  # fmt: skip
+            records.append((step, [flag > 0 for flag in row[k : 2 * k]], logs))
         self.pending = []
         return records
 
 
-def report_steps(step_logs, guard, accelerator, progress):
-    """Read the pending step logs (one host sync): log them, account skipped steps, show the last in the bar."""
+def report_steps(step_logs, concepts, accelerator, progress):
+    """Read the pending step logs (one host sync): log them, account skipped steps, show the last in the bar (the
+    concepts' mean loss and angle)."""
     records = step_logs.read()
-    for step, finite, logs in records:
-        guard.record(step, finite)
+    for step, flags, logs in records:
+        for concept, finite in zip(concepts, flags, strict=True):
+            concept.guard.record(step, finite)
         accelerator.log(logs, step=step)
     if records:  # the bar shows the last logging step's values (they are read every --logging_steps)
         step, _, logs = records[-1]
-        progress.set_postfix(
-            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{logs['text_encoder/angle_deg']:.2f}",
-            at_step=step,
-        )  # fmt: skip
+        loss = sum(logs[f"{c.prefix}loss"] for c in concepts) / len(concepts)
+        angle = sum(logs[f"{c.prefix}text_encoder/angle_deg"] for c in concepts) / len(concepts)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{angle:.2f}", at_step=step)
 
 
 def run_summary(args, started):
@@ -2319,8 +2582,10 @@ def quantize_8bit(model):
 def main(args):
     started = time.monotonic()
     validate_args(args)
+    concept_args = read_concepts(args)  # one concept, or one per --concepts_list entry
     check_inputs(args)
-    check_output_names(args)
+    for concept in concept_args:
+        check_output_names(concept)
     check_trackers(args.report_to)
     token = hub_token(args)
     accelerator = make_accelerator(args)
@@ -2331,19 +2596,11 @@ def main(args):
 
     # Tokens and data first: their errors are cheap to find, the models are not.
     tokenizers = load_tokenizers(args)
-    init_ids, placeholder_ids = add_concept_tokens(args, tokenizers)
-    num_vectors = len(init_ids[0])
-    templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+    vocabulary_sizes = [len(t) for t in tokenizers]
     tokenize = partial(tokenize_prompt, tokenizers)
-    check_prompts_fit(args, tokenize, templates, placeholder_ids, num_vectors)
-    images = (
-        load_dataset_images(args) if args.dataset_name else load_training_images(args.train_data_dir, args.resolution)
-    )
-    if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
-        logger.warning(f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token.")
-    check_output_dir(args)
-    claim_output_dir(args, accelerator)
-    identity = checkpoint_identity(args, num_vectors) | {"pooled_output": args.pooled_output}
+    concepts = prepare_concepts(concept_args, tokenizers, tokenize)
+    claim_output_dirs(args, concepts, accelerator)
+    identity = run_identity(args, concepts) | {"pooled_output": args.pooled_output}
     checkpoint = find_checkpoint(args, identity) if args.resume_from_checkpoint else None
     text_encoders, vae, unet, noise_scheduler = load_models(args, tokenizers)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -2355,18 +2612,18 @@ def main(args):
 
     # The learned tokens in fp32 (crossinit: from the encoders' output for the initializer); every other weight
     # frozen in the mixed-precision dtype.
-    start = encode_initializer(args, tokenizers, text_encoders, num_vectors) if args.method == "crossinit" else None
-    learned, vocabulary_mean_norms = attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, seed, start)
+    attach_concepts(concepts, tokenizers, text_encoders, seed, vocabulary_sizes)
     models = {"unet": unet, "vae": vae, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]}
     if args.quantize_frozen == "8bit":
         swapped = sum(quantize_8bit(model) for model in (unet, *text_encoders))
         logger.info(f"--quantize_frozen 8bit: {swapped} linear layers of the UNet and text encoders in int8.")
     freeze(models, accelerator, weight_dtype, args.gradient_checkpointing)
-    learned.to(accelerator.device)
+    for concept in concepts:
+        concept.learned.to(accelerator.device)
     lora = DenoiserLoRA(unet, args, seed, prefix="unet") if args.lora_rank else None  # DTI + LoRA
     denoiser = torch.compile(unet, backend=args.compile_backend) if args.compile else unet  # for training only
 
-    optimizer = make_optimizer(args, learned, lora)
+    optimizer = make_optimizer(args, [t for c in concepts for t in c.learned.values()], lora)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -2374,22 +2631,17 @@ def main(args):
         num_training_steps=args.max_train_steps,
     )
     optimizer = accelerator.prepare(optimizer)  # the fp16 grad scaler, when there is one
-    accelerator.register_for_checkpointing(learned, lr_scheduler, *([lora] if lora else []))
+    accelerator.register_for_checkpointing(*(c.learned for c in concepts), lr_scheduler, *([lora] if lora else []))
     global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
-
-    prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
-    dataset = DTIDataset(images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
-                         templates, args.repeats, seed)  # fmt: skip
-    latents = latent_source(args, dataset, vae)
-    batches = batch_stream(args, dataset, accelerator, global_step)
+    start_streams(concepts, args, tokenize, vae, accelerator, global_step, seed)
     samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
 
     start_trackers(accelerator, args, "dti-sdxl")
-    norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in learned.items() if args.method == "dti")
+    norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in concepts[0].learned.items() if args.method == "dti")
     logger.info(
-        f"***** {args.method.upper()} on SDXL ***** {len(images)} images x {args.repeats} repeats | {num_vectors} "
-        f"vector(s) {args.placeholder_token} from {args.initializer_token!r} | m* {norms or 'free'} | kappa "
-        f"{args.kappa} | lr {args.learning_rate} | {samples_per_step} samples/step | {args.max_train_steps} steps"
+        f"***** {args.method.upper()} on SDXL ***** {describe_concepts(concepts, args)} | m* {norms or 'free'} | "
+        f"kappa {args.kappa} | lr {args.learning_rate} | {samples_per_step} samples/step per concept | "
+        f"{args.max_train_steps} steps"
     )
     components = {**models, "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1]}
     validate = args.num_validation_images > 0 and accelerator.is_main_process
@@ -2399,17 +2651,17 @@ def main(args):
     )
     loss_fn = partial(training_loss, unet=denoiser, text_encoders=text_encoders, noise_scheduler=noise_scheduler,
                       vae_scale=vae.config.scaling_factor, seed=seed, resolution=args.resolution)  # fmt: skip
-    guard, logs = NonFiniteGuard(args.max_nonfinite_steps), StepLogs(learned)
+    logs = StepLogs(concepts)
     with StopRequest() as stop:
         while global_step < args.max_train_steps:
-            # One step: the data gradient, then RSGD on the sphere (or AdamW: the baselines), skipped if not finite.
-            step_loss = data_gradient(
-                batches, latents, loss_fn, learned, accelerator, args.gradient_accumulation_steps, lora
-            )
-            finite = guard.finite(step_loss, learned, check_gradients=accelerator.scaler is None, lora=lora)
+            # One step: the data gradient, then RSGD on the sphere (or AdamW: the baselines); a concept's update is
+            # skipped if its loss or gradient is not finite.
+            step_loss = data_gradient(concepts, loss_fn, accelerator, args.gradient_accumulation_steps,
+                                      args.concepts_per_step, lora)  # fmt: skip
+            finite = NonFiniteGuard.finite(step_loss, concepts, check_gradients=accelerator.scaler is None, lora=lora)
             lr = lr_scheduler.get_last_lr()[0]
             lora_trains = lora is not None and global_step >= args.lora_start_step
-            apply_update(optimizer, learned, finite, adamw_on_sphere, lora_trains)
+            apply_update(optimizer, concepts, finite, adamw_on_sphere, lora_trains)
             lr_scheduler.step()
             global_step += 1
             logs.add(global_step, step_loss, lr, finite)
@@ -2417,26 +2669,29 @@ def main(args):
 
             at_logging_step = global_step % args.logging_steps == 0 or global_step == args.max_train_steps
             if at_logging_step:  # the loop's only host sync
-                report_steps(logs, guard, accelerator, progress)
-            if guard.exhausted:
+                report_steps(logs, concepts, accelerator, progress)
+            guard = next((c.guard for c in concepts if c.guard.exhausted), None)
+            if guard:
                 if accelerator.is_main_process:
-                    save_embeddings(learned, args, vocabulary_mean_norms, global_step, lora=lora)
+                    save_all_embeddings(concepts, global_step, lora=lora)
                 raise TrainingStopped(
-                    f"{guard.longest} steps in a row had a non-finite loss or gradient (the last: step {guard.last}); "
-                    f"the last good embeddings are in {args.output_dir}. Lower --learning_rate or check the data."
+                    f"{guard.longest} steps in a row had a non-finite loss or gradient{guard.label} (the last: step "
+                    f"{guard.last}); the last good embeddings are in {args.output_dir}. Lower --learning_rate or "
+                    "check the data."
                 )
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0 and global_step < args.max_train_steps:
-                    save_embeddings(learned, args, vocabulary_mean_norms, global_step, f"-steps-{global_step}", lora)
+                    save_all_embeddings(concepts, global_step, f"-steps-{global_step}", lora)
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, global_step, seed, identity)
                 if validate and global_step % args.validation_steps == 0:
-                    log_validation(components, noise_scheduler, args, accelerator, seed, global_step)
+                    for concept in concepts:
+                        log_validation(components, noise_scheduler, concept.args, accelerator, seed, global_step)
 
             if stop.requested(accelerator, can_sync=at_logging_step):
-                report_steps(logs, guard, accelerator, progress)
+                report_steps(logs, concepts, accelerator, progress)
                 if accelerator.is_main_process:
-                    save_embeddings(learned, args, vocabulary_mean_norms, global_step, lora=lora)
+                    save_all_embeddings(concepts, global_step, lora=lora)
                     if global_step % args.checkpointing_steps:
                         save_checkpoint(accelerator, args, global_step, seed, identity)
                 accelerator.wait_for_everyone()
@@ -2447,18 +2702,19 @@ def main(args):
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_embeddings(learned, args, vocabulary_mean_norms, global_step, lora=lora)
-        if validate and global_step % args.validation_steps != 0:
-            log_validation(components, noise_scheduler, args, accelerator, seed, global_step)
-        repo_id = create_hub_repo(args, token) if args.push_to_hub else hub_repo_id(args)
-        save_model_card(args, learned, global_step, accelerator.num_processes, repo_id)
-        if args.push_to_hub:
-            push_to_hub(args, repo_id, token)
+        save_all_embeddings(concepts, global_step, lora=lora)
+        for concept in concepts:
+            if validate and global_step % args.validation_steps != 0:
+                log_validation(components, noise_scheduler, concept.args, accelerator, seed, global_step)
+            repo_id = create_hub_repo(concept.args, token) if args.push_to_hub else hub_repo_id(concept.args)
+            save_model_card(concept.args, concept.learned, global_step, accelerator.num_processes, repo_id)
+            if args.push_to_hub:
+                push_to_hub(concept.args, repo_id, token)
     accelerator.end_training()
-    logger.info(run_summary(args, started))
-    return SimpleNamespace(
-        learned=learned, components=components, placeholder_ids=placeholder_ids, seed=seed, lora=lora
-    )
+    for concept in concepts:
+        logger.info(run_summary(concept.args, started))
+    return SimpleNamespace(learned=concepts[0].learned, concepts=concepts, components=components,
+                           placeholder_ids=concepts[0].placeholder_ids, seed=seed, lora=lora)  # fmt: skip
 
 
 if __name__ == "__main__":

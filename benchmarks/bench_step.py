@@ -84,6 +84,19 @@ def parse_args(input_args=None):
         default=list(VARIANTS),
         help="Variants to time, in this order (checkpointing and 8-bit ones change the models: keep them last).",
     )
+    parser.add_argument(
+        "--num_concepts",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="Run each DTI variant with K concepts in one step (--concepts_list), for each K given: e.g. 1 2 4 8.",
+    )
+    parser.add_argument(
+        "--concepts_per_step",
+        type=int,
+        default=None,
+        help="The scripts' --concepts_per_step: concepts per forward and backward. Default: all K at once.",
+    )
     parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps per variant.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation happens here).")
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compile variant.")
@@ -102,6 +115,8 @@ def parse_args(input_args=None):
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
+    if min(args.num_concepts) < 1 or (args.concepts_per_step is not None and args.concepts_per_step < 1):
+        parser.error("--num_concepts and --concepts_per_step must be at least 1")
     if not tiny and not (CONFIGS / args.config).is_dir():
         parser.error(f"--config {args.config}: no folder benchmarks/configs/{args.config} (or use tiny)")
     return args
@@ -280,17 +295,33 @@ def script_args(family, opts, flags):
     return script.validate_sana_args(args) if family == "sana" else args
 
 
-def dti_step(family, models, flags, opts, accelerator, images):
+def concept_args(script, args, num_concepts):
+    """The concepts of a variant: the flags' one concept, or num_concepts entries of a --concepts_list (the same toy
+    robot images under other placeholders, so each concept's loss equals the one-concept run's)."""
+    if num_concepts == 1:
+        return script.read_concepts(args)
+    entries = [{"placeholder_token": f"<toy-robot-{i}>", "initializer_token": args.initializer_token,
+                "train_data_dir": args.train_data_dir} for i in range(num_concepts)]  # fmt: skip
+    return [script.concept_args(args, i, entry) for i, entry in enumerate(entries)]
+
+
+def dti_step(family, models, flags, opts, accelerator, num_concepts=1):
     """Set up a variant exactly as the script's main() does and return its step function and step logs."""
     from diffusers.optimization import get_scheduler
 
     script, args = SCRIPTS[family], script_args(family, opts, flags)
     text_encoders, vae, denoiser = models["text_encoders"], models["vae"], models["denoiser"]
-    for text_encoder in text_encoders:  # the previous variant's learned-row hook
+    for text_encoder in text_encoders:  # the previous variant's learned-row hooks
         text_encoder.get_input_embeddings()._forward_hooks.clear()
     tokenizers = [copy.deepcopy(t) for t in models["tokenizers"]]
-    init_ids, placeholder_ids = script.add_concept_tokens(args, tokenizers)
-    learned, _ = script.attach_learned_tokens(args, text_encoders, init_ids, placeholder_ids, args.seed)
+    vocabulary_sizes = [len(t) for t in tokenizers]
+    if family == "sdxl":
+        tokenize = partial(script.tokenize_prompt, tokenizers)
+    else:
+        tokenize = partial(script.tokenize_prompt, tokenizers[0], args.max_sequence_length,
+                           script.complex_human_instruction(args))  # fmt: skip
+    concepts = script.prepare_concepts(concept_args(script, args, num_concepts), tokenizers, tokenize)
+    script.attach_concepts(concepts, tokenizers, text_encoders, args.seed, vocabulary_sizes)
     if family == "sdxl":  # pooled at end-of-text, as the script's default --pooled_output eos
         for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
             script.set_pooled_output(text_encoder, tokenizer, "eos")
@@ -302,43 +333,36 @@ def dti_step(family, models, flags, opts, accelerator, images):
     frozen = {DENOISER[family]: denoiser, "vae": vae} | {f"text_encoder_{i}": m for i, m in enumerate(text_encoders)}
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
     script.freeze(frozen, accelerator, weight_dtype, args.gradient_checkpointing, fp32=("vae",) * (family == "sana"))
-    learned.to(accelerator.device)
+    for concept in concepts:
+        concept.learned.to(accelerator.device)
     lora = script.DenoiserLoRA(denoiser, args, args.seed, DENOISER[family]) if args.lora_rank else None
     training_denoiser = torch.compile(denoiser, backend=args.compile_backend) if args.compile else denoiser
 
-    optimizer = accelerator.prepare(script.make_optimizer(args, learned, lora))
+    tokens = [t for c in concepts for t in c.learned.values()]
+    optimizer = accelerator.prepare(script.make_optimizer(args, tokens, lora))
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_training_steps=args.max_train_steps)
-    prompt_token = script.placeholder_prompt_token(args.placeholder_token, len(init_ids[0]))
-    if family == "sdxl":
-        tokenize = partial(script.tokenize_prompt, tokenizers)
-    else:
-        tokenize = partial(script.tokenize_prompt, tokenizers[0], args.max_sequence_length,
-                           script.complex_human_instruction(args))  # fmt: skip
-    dataset = script.DTIDataset(images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
-                                script.OBJECT_TEMPLATES, args.repeats, args.seed)  # fmt: skip
-    latents = script.latent_source(args, dataset, vae)
-    batches = script.batch_stream(args, dataset, accelerator, 0)
+    script.start_streams(concepts, args, tokenize, vae, accelerator, 0, args.seed)
     common = {"text_encoders": text_encoders, "noise_scheduler": models["noise_scheduler"],
               "vae_scale": vae.config.scaling_factor, "seed": args.seed}  # fmt: skip
     if family == "sdxl":
         loss_fn = partial(script.training_loss, unet=training_denoiser, resolution=args.resolution, **common)
     else:
         loss_fn = partial(script.training_loss, transformer=training_denoiser, args=args, **common)
-    guard, logs = script.NonFiniteGuard(args.max_nonfinite_steps), script.StepLogs(learned)
+    logs = script.StepLogs(concepts)
     adamw_on_sphere = args.method == "dti" and args.optimizer == "adamw"
     state = {"step": 0}
 
     def step():  # the body of main()'s training loop, without the logging-interval work
-        step_loss = script.data_gradient(batches, latents, loss_fn, learned, accelerator,
-                                         args.gradient_accumulation_steps, lora)  # fmt: skip
-        finite = guard.finite(step_loss, learned, check_gradients=accelerator.scaler is None, lora=lora)
+        step_loss = script.data_gradient(concepts, loss_fn, accelerator, args.gradient_accumulation_steps,
+                                         opts.concepts_per_step, lora)  # fmt: skip
+        finite = script.NonFiniteGuard.finite(step_loss, concepts, accelerator.scaler is None, lora)
         lr = lr_scheduler.get_last_lr()[0]
-        script.apply_update(optimizer, learned, finite, adamw_on_sphere, lora_trains=lora is not None)
+        script.apply_update(optimizer, concepts, finite, adamw_on_sphere, lora_trains=lora is not None)
         lr_scheduler.step()
         state["step"] += 1
         logs.add(state["step"], step_loss, lr, finite)
 
-    return step, logs
+    return step, logs, f"{concepts[0].prefix}loss"
 
 
 def run(opts):
@@ -353,7 +377,6 @@ def run(opts):
     started = time.perf_counter()
     models = build_models(opts.family, opts.config, device)
     build_s = time.perf_counter() - started
-    images = SCRIPTS[opts.family].load_training_images(REPO / "assets" / "toy_robot", opts.resolution)
     text_length = script_args(opts.family, opts, []).max_sequence_length if opts.family == "sana" else 77
     parameters = {
         name: sum(p.numel() for p in module.parameters())
@@ -362,7 +385,8 @@ def run(opts):
     }
 
     results = []
-    for variant in opts.variants:
+    runs = [(variant, k) for variant in opts.variants for k in (opts.num_concepts if VARIANTS[variant] else [1])]
+    for variant, num_concepts in runs:
         flags = VARIANTS[variant]
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -373,12 +397,13 @@ def run(opts):
             set_checkpointing(denoiser, False)
             step, logs = floor_step(opts.family, denoiser, opts, device, dtype, text_length), None
         else:
-            step, logs = dti_step(opts.family, models, flags, opts, accelerator, images)
+            step, logs, loss_key = dti_step(opts.family, models, flags, opts, accelerator, num_concepts)
         counted = not {"--compile", "8bit"} & set(flags or [])  # FlopCounterMode sees neither compiled nor int8 ops
         measured = measure(step, opts, device, flops=counted)
-        losses = [record[2]["loss"] for record in logs.read()] if logs else []
+        losses = [record[2][loss_key] for record in logs.read()] if logs else []  # the first concept's
         timed_loss = losses[opts.warmup + opts.steps - 1] if losses else None
-        results.append({"variant": variant, "flags": flags, "loss": timed_loss, **measured})
+        name = variant if num_concepts == 1 else f"{variant}+{num_concepts}concepts"
+        results.append({"variant": name, "flags": flags, "concepts": num_concepts, "loss": timed_loss, **measured})
         if "--compile" in (flags or []):
             torch._dynamo.reset()
         if "--lora_rank" in (flags or []):  # the next variants train the token alone again
@@ -413,11 +438,13 @@ def summarize(opts, results, device, build_s, parameters, attention):
         rows.append({
             "variant": r["variant"],
             "flags": r["flags"],
+            "concepts": r["concepts"],
             "median_s": median,
+            "s_per_concept_step": median / r["concepts"],
             "iqr_s": quartiles[2] - quartiles[0],
             "min_s": times[0],
             "max_s": times[-1],
-            "images_per_s": opts.batch_size * opts.gradient_accumulation_steps / median,
+            "images_per_s": r["concepts"] * opts.batch_size * opts.gradient_accumulation_steps / median,
             "peak_memory_gib": r["peak_memory_gib"],
             "tflop_per_step": flops / 1e12 if flops else None,
             "achieved_tflops": achieved,
@@ -435,6 +462,7 @@ def summarize(opts, results, device, build_s, parameters, attention):
         "resolution": opts.resolution,
         "batch_size": opts.batch_size,
         "gradient_accumulation_steps": opts.gradient_accumulation_steps,
+        "concepts_per_step": opts.concepts_per_step,
         "mixed_precision": opts.mixed_precision,
         "steps": opts.steps,
         "warmup": opts.warmup,
@@ -466,13 +494,14 @@ def table(report):
     title = (f"{report['family']} {report['config']} | {report['resolution']} px | batch {report['batch_size']} x "
              f"accumulation {report['gradient_accumulation_steps']} | {report['mixed_precision']} | "
              f"{report['device']}")  # fmt: skip
-    header = f"{'variant':<20} {'median s':>9} {'IQR s':>7} {'img/s':>7} {'peak GiB':>9} {'TFLOP':>7} " \
-             f"{'% peak':>7} {'x floor':>8} {'loss':>9}"  # fmt: skip
+    header = f"{'variant':<20} {'median s':>9} {'s/concept':>9} {'IQR s':>7} {'img/s':>7} {'peak GiB':>9} " \
+             f"{'TFLOP':>7} {'% peak':>7} {'x floor':>8} {'loss':>9}"  # fmt: skip
     lines = [title, header, "-" * len(header)]
     for r in report["results"]:
         fraction = r["fraction_of_peak"] * 100 if r["fraction_of_peak"] is not None else None
         lines.append(
-            f"{r['variant']:<20} {cell(r['median_s'], '9.4f')} {cell(r['iqr_s'], '7.4f')} "
+            f"{r['variant']:<20} {cell(r['median_s'], '9.4f')} {cell(r['s_per_concept_step'], '9.4f')} "
+            f"{cell(r['iqr_s'], '7.4f')} "
             f"{cell(r['images_per_s'], '7.2f')} {cell(r['peak_memory_gib'], '9.2f')} "
             f"{cell(r['tflop_per_step'], '7.3f')} {cell(fraction, '7.1f')} {cell(r['ratio_to_floor'], '8.2f')} "
             f"{cell(r['loss'], '9.5f')}"

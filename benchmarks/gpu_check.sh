@@ -16,6 +16,10 @@ bench=(benchmarks/bench_step.py --steps "${STEPS:-8}" --warmup "${WARMUP:-2}")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 "$python" "${bench[@]}" --family sdxl --resolution 768 --batch_size 4 --output "$out/sdxl-768.json"
+# Many concepts per step (--concepts_list): K = 1, 2, 4, 8 concepts of batch 4; K = 8 at once needs about 95 GiB
+# (estimated), so on an 80 GB card the concepts go through in groups of CONCEPTS_PER_STEP (default 4).
+"$python" "${bench[@]}" --family sdxl --resolution 768 --batch_size 4 --variants dti+cache \
+  --num_concepts 1 2 4 8 --concepts_per_step "${CONCEPTS_PER_STEP:-4}" --output "$out/sdxl-768-concepts.json"
 "$python" "${bench[@]}" --family sdxl --resolution 1024 --batch_size 4 \
   --variants floor dti+cache dti+gc+cache dti+gc+cache+8bit --output "$out/sdxl-1024.json"
 "$python" "${bench[@]}" --family sana --config sana-1.5-1.6b --resolution 1024 --batch_size 2 \

@@ -27,8 +27,10 @@ def main():
     script.DirectionalTokens.step = recording_step
     result = script.main(script.parse_args(argv))
     final = {name: tokens.embeddings().detach().cpu() for name, tokens in result.learned.items()}
+    concepts = [{name: t.embeddings().detach().cpu() for name, t in c.learned.items()} for c in result.concepts]
     lora = result.lora.state_dict() if getattr(result, "lora", None) else None
-    torch.save({"final": final, "history": history, "lora": lora}, dump_dir / f"rank{os.environ.get('RANK', '0')}.pt")
+    dump = {"final": final, "concepts": concepts, "history": history, "lora": lora}
+    torch.save(dump, dump_dir / f"rank{os.environ.get('RANK', '0')}.pt")
 
 
 if __name__ == "__main__":

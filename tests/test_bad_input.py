@@ -124,6 +124,28 @@ def bad_files(tmp_path_factory):
     torch.save({"string_to_param": {"x": good}, "name": "nostar"}, files["nostar.pt"])
     files["a_file"] = root / "a-file.txt"
     files["a_file"].write_text("a file, not a folder\n")
+    return files | concepts_lists(root)
+
+
+def concepts_lists(root):
+    """--concepts_list files: an entry without its initializer, two entries with one placeholder or one output folder,
+    an entry whose image folder is empty, a file that is not JSON."""
+    (root / "no-images").mkdir()
+    good = [
+        {"placeholder_token": f"<toy-{c}>", "initializer_token": "robot", "train_data_dir": str(ASSETS)} for c in "ab"
+    ]
+    lists = {
+        "no_initializer": [good[0], {k: v for k, v in good[1].items() if k != "initializer_token"}],
+        "same_placeholder": [good[0], {**good[1], "placeholder_token": "<toy-a>"}],
+        "same_output": [{**good[0], "output_dir": str(root / "one")}, {**good[1], "output_dir": str(root / "one")}],
+        "empty_folder": [good[0], {**good[1], "train_data_dir": str(root / "no-images")}],
+    }
+    files = {}
+    for name, entries in lists.items():
+        files[f"list-{name}"] = root / f"{name}.json"
+        files[f"list-{name}"].write_text(json.dumps(entries))
+    files["list-not_json"] = root / "not-json.json"
+    files["list-not_json"].write_text("[{placeholder_token: <toy-a>}]\n")
     return files
 
 
@@ -174,6 +196,10 @@ def training_cases(family, bad):
             ["--lora_rank", "4", "--lora_start_step", "3"], None, 1,
             "--lora_start_step must be in [0, --max_train_steps 3) for the LoRA to train.",
         ),
+        "lora_with_concepts_list": (
+            ["--concepts_list", "concepts.json", "--lora_rank", "4"], None, 1,
+            "--lora_rank with --concepts_list: a LoRA belongs to one concept",
+        ),
         "lora_unknown_target": (
             ["--lora_rank", "4", "--lora_target_modules", "to_q,qkv"], None, 1,
             "--lora_target_modules: no linear layer of the",  # found once the models load; some names are listed
@@ -182,6 +208,16 @@ def training_cases(family, bad):
     for kind in ("strings", "numbers", "corrupt", "empty"):
         flags = ["--dataset_name", str(bad[f"data-{kind}"])]
         cases[f"dataset_{kind}"] = (flags, None, 1, "no row of --image_column 'image' holds a readable image")
+    concepts = {
+        "missing": (root_of(bad) / "no-such-list.json", "cannot be read (No such file or directory)"),
+        "not_json": (bad["list-not_json"], "is not JSON (Expecting property name enclosed in double quotes"),
+        "no_initializer": (bad["list-no_initializer"], "--concepts_list entry 1 has no initializer_token;"),
+        "same_placeholder": (bad["list-same_placeholder"], "entries 0 and 1 have the same placeholder_token '<toy-a>'"),
+        "same_output": (bad["list-same_output"], "--concepts_list entries 0 and 1 have the same output folder"),
+        "empty_folder": (bad["list-empty_folder"], "--concepts_list entry 1 (<toy-b>): --train_data_dir"),
+    }
+    for name, (path, expected) in concepts.items():
+        cases[f"concepts_list_{name}"] = (["--concepts_list", str(path)], None, 1, expected)
     if family == "sdxl":
         too_many = ["--initializer_token", "robot", "--num_vectors", "80"]
         cases["num_vectors_beyond_context"] = (too_many, None, 1, "--num_vectors 80: the prompt")
@@ -191,6 +227,10 @@ def training_cases(family, bad):
         short = ["--max_sequence_length", "12", "--num_vectors", "10"]
         cases["num_vectors_beyond_context"] = (short, None, 1, "--num_vectors 10: the prompt")
     return cases
+
+
+def root_of(bad):
+    return bad["a_file"].parent
 
 
 def prepare(how, out):
@@ -217,6 +257,11 @@ def test_bad_training_input_ends_in_one_line_and_leaves_the_output_folder(
         argv = training_args(model, out, *extra)
         if "--dataset_name" in extra:  # one data source only
             at = argv.index("--train_data_dir")
+            argv = argv[:at] + argv[at + 2 :]
+        for flag in (
+            ("--train_data_dir", "--placeholder_token", "--initializer_token") if "--concepts_list" in extra else ()
+        ):
+            at = argv.index(flag)  # the list replaces the one concept's flags
             argv = argv[:at] + argv[at + 2 :]
         argvs[name] = argv
     procs = run_script_cases(REPO / f"train_dti_{family}.py", argvs)

@@ -117,6 +117,13 @@ def test_content_positions_skip_special_tokens_and_repeat_a_one_token_initialize
 # ------------------------------------------------------------------------------------------------ the regulariser
 
 
+def one_concept(tokens, micro_batches):
+    """What data_gradient reads of a concept: its learned tokens, a stream of one-sample batches, a latent source."""
+    batches = iter([{"position": torch.zeros(1)}] * micro_batches)
+    learned = torch.nn.ModuleDict({"text_encoder": tokens})
+    return SimpleNamespace(learned=learned, batches=batches, latents=lambda batch: ())
+
+
 def test_regularizer_gradient_is_two_lambda_times_the_offset_over_k_d():
     """lambda * mean((rows - initial)^2) over the k x d elements is added to the loss once per optimizer step."""
     generator = torch.Generator().manual_seed(0)
@@ -128,9 +135,8 @@ def test_regularizer_gradient_is_two_lambda_times_the_offset_over_k_d():
     assert tokens.regularizer().item() == pytest.approx(0.25 * offset.square().mean().item(), rel=1e-6)
 
     accelerator = SimpleNamespace(backward=torch.Tensor.backward, num_processes=1, device=torch.device("cpu"))
-    loss_fn = lambda batch: (tokens.rows * data_direction).sum()  # noqa: E731  (data gradient: data_direction)
-    learned = torch.nn.ModuleDict({"text_encoder": tokens})
-    step_loss = train_dti_sdxl.data_gradient(iter([{}] * 2), lambda batch: (), loss_fn, learned, accelerator, 2)
+    loss_fn = lambda batch: (tokens.rows * data_direction).sum().reshape(1)  # noqa: E731  (data gradient: data_direction)
+    step_loss = train_dti_sdxl.data_gradient([one_concept(tokens, 2)], loss_fn, accelerator, 2)
     expected = data_direction + 2 * 0.25 * offset / offset.numel()
     assert torch.allclose(tokens.rows.grad, expected, rtol=1e-6, atol=1e-7)
     assert step_loss.item() == pytest.approx((tokens.rows * data_direction).sum().item(), rel=1e-6)  # data term only
@@ -142,8 +148,7 @@ def test_sana_data_gradient_adds_the_same_regularizer():
     with torch.no_grad():
         tokens.rows.mul_(3.0)
     accelerator = SimpleNamespace(backward=torch.Tensor.backward, num_processes=1, device=torch.device("cpu"))
-    learned = torch.nn.ModuleDict({"text_encoder": tokens})
-    train_dti_sana.data_gradient(iter([{}]), lambda b: (), lambda b: tokens.rows.sum() * 0, learned, accelerator, 1)
+    train_dti_sana.data_gradient([one_concept(tokens, 1)], lambda b: tokens.rows.sum().reshape(1) * 0, accelerator, 1)
     assert torch.equal(tokens.rows.grad, torch.full((2, 4), 2 * 2.0 / 8))
 
 

@@ -2764,6 +2764,34 @@ def quantize_8bit(model):
     return swapped
 
 
+# Copied from train_dti_sdxl.stop_if_exhausted
+def stop_if_exhausted(concepts, args, accelerator, step, lora=None):
+    """After --max_nonfinite_steps non-finite steps in a row of any concept: save the last good embeddings, stop."""
+    guard = next((c.guard for c in concepts if c.guard.exhausted), None)
+    if guard is None:
+        return
+    if accelerator.is_main_process:
+        save_all_embeddings(concepts, step, lora=lora)
+    raise TrainingStopped(
+        f"{guard.longest} steps in a row had a non-finite loss or gradient{guard.label} (the last: step "
+        f"{guard.last}); the last good embeddings are in {args.output_dir}. Lower --learning_rate or check the data."
+    )
+
+
+# Copied from train_dti_sdxl.save_and_stop
+def save_and_stop(stop, concepts, args, accelerator, step, seed, identity, lora=None):
+    """A stop signal: save the embeddings and a checkpoint of this step, then stop (the run resumes from it)."""
+    if accelerator.is_main_process:
+        save_all_embeddings(concepts, step, lora=lora)
+        if step % args.checkpointing_steps:
+            save_checkpoint(accelerator, args, step, seed, identity)
+    accelerator.wait_for_everyone()
+    raise TrainingStopped(
+        f"{stop.signal or 'A stop signal'} at step {step}: saved checkpoint-{step} and the embeddings in "
+        f"{args.output_dir}; continue with --resume_from_checkpoint latest."
+    )
+
+
 def main(args):
     started = time.monotonic()
     validate_sana_args(validate_args(args))
@@ -2862,15 +2890,7 @@ def main(args):
             at_logging_step = global_step % args.logging_steps == 0 or global_step == args.max_train_steps
             if at_logging_step:  # the loop's only host sync
                 report_steps(logs, concepts, accelerator, progress)
-            guard = next((c.guard for c in concepts if c.guard.exhausted), None)
-            if guard:
-                if accelerator.is_main_process:
-                    save_all_embeddings(concepts, global_step, lora=lora)
-                raise TrainingStopped(
-                    f"{guard.longest} steps in a row had a non-finite loss or gradient{guard.label} (the last: step "
-                    f"{guard.last}); the last good embeddings are in {args.output_dir}. Lower --learning_rate or "
-                    "check the data."
-                )
+            stop_if_exhausted(concepts, args, accelerator, global_step, lora)
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0 and global_step < args.max_train_steps:
                     save_all_embeddings(concepts, global_step, f"-steps-{global_step}", lora)
@@ -2883,15 +2903,7 @@ def main(args):
 
             if stop.requested(accelerator, can_sync=at_logging_step):
                 report_steps(logs, concepts, accelerator, progress)
-                if accelerator.is_main_process:
-                    save_all_embeddings(concepts, global_step, lora=lora)
-                    if global_step % args.checkpointing_steps:
-                        save_checkpoint(accelerator, args, global_step, seed, identity)
-                accelerator.wait_for_everyone()
-                raise TrainingStopped(
-                    f"{stop.signal or 'A stop signal'} at step {global_step}: saved checkpoint-{global_step} and the "
-                    f"embeddings in {args.output_dir}; continue with --resume_from_checkpoint latest."
-                )
+                save_and_stop(stop, concepts, args, accelerator, global_step, seed, identity, lora)
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

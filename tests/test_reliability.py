@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,12 +39,12 @@ def wait_for(path, proc, timeout=120):
 @pytest.mark.parametrize("family", ["sdxl", "sana"])
 def test_two_interruptions_then_resume_end_bit_identical(family, tiny_sdxl, tiny_sana, tmp_path):
     model = model_of(family, tiny_sdxl, tiny_sana)
-    flags = ["--max_train_steps", "30", "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1"]
+    flags = ["--max_train_steps", "20", "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1"]
     flags += ["--gradient_accumulation_steps", "1"]
     script = SCRIPTS[family]
     straight = script.main(script.parse_args(training_args(model, tmp_path / "straight", *flags)))
     out, stopped_at = tmp_path / "interrupted", []
-    for wait_step, sig in [(3, signal.SIGTERM), (12, signal.SIGINT)]:
+    for wait_step, sig in [(3, signal.SIGTERM), (9, signal.SIGINT)]:
         extra = ["--resume_from_checkpoint", "latest"] if stopped_at else []
         proc = start(family, model, out, *flags, *extra)
         wait_for(out / f"learned_embeds-steps-{wait_step}.safetensors", proc)
@@ -53,7 +52,7 @@ def test_two_interruptions_then_resume_end_bit_identical(family, tiny_sdxl, tiny
         _, stderr = proc.communicate(timeout=120)
         assert_one_line_error(SimpleProc(proc.returncode, stderr), "--resume_from_checkpoint latest")
         step = int(stderr.strip().splitlines()[-1].split(" at step ")[1].split(":")[0])
-        assert f"error: {sig.name} at step {step}" in stderr and step < 30
+        assert f"error: {sig.name} at step {step}" in stderr and step < 20
         assert (out / f"checkpoint-{step}").is_dir()
         saved = load_file(out / "learned_embeds.safetensors")[TOKEN]
         assert torch.equal(saved, load_file(out / f"learned_embeds-steps-{step}.safetensors")[TOKEN])
@@ -158,55 +157,3 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_embeddings(
     per_step = len(SCRIPTS[family].TEXT_ENCODERS)
     assert len(history) == last * per_step and all(torch.equal(h, history[0]) for h in history[::per_step])
     assert torch.allclose(saved, history[0] * norm_scale, atol=1e-6)  # only step 1 updated
-
-
-def launch(nproc, model, out, *extra):
-    """`accelerate launch` of train_dti_sdxl.py on CPU: one process, or two (gloo) with batch 1 each."""
-    launcher = ["--num_processes", "1", "--cpu"] if nproc == 1 else ["--multi_gpu", "--num_processes", "2"]
-    batch = ["--train_batch_size", str(2 // nproc)]
-    argv = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--main_process_port", str(29540 + nproc),
-            str(REPO / "train_dti_sdxl.py"), *training_args(model, out, *batch, *extra)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def training_pids(out):
-    """Processes whose command line names this output folder (the launcher and the training processes)."""
-    pids = []
-    for proc in os.listdir("/proc"):
-        try:
-            command = Path(f"/proc/{proc}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if proc.isdigit() and str(out).encode() in command:
-            pids.append(int(proc))
-    return pids
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher watch uses Linux's PR_SET_PDEATHSIG")
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_to_accelerate_launch_saves_and_the_resume_is_bit_identical(nproc, tiny_sdxl, tmp_path):
-    flags = ["--max_train_steps", "24", "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1",
-             "--logging_steps", "4"]  # fmt: skip
-    flags += ["--lora_rank", "2", "--lora_start_step", "1"] if nproc == 1 else []  # DTI + LoRA: the LoRA is saved too
-    straight = launch(nproc, tiny_sdxl, tmp_path / "straight", *flags)
-    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-2000:]
-    out = tmp_path / "interrupted"
-    proc = launch(nproc, tiny_sdxl, out, *flags)
-    wait_for(out / "learned_embeds-steps-2.safetensors", proc)
-    proc.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler does
-    proc.communicate(timeout=120)
-    deadline = time.time() + 120
-    while training_pids(out) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not training_pids(out), "a training process outlived its launcher"
-    (checkpoint,) = out.glob("checkpoint-*")
-    assert int(checkpoint.name.split("-")[1]) < 24 and not (out / train_dti_sdxl.OUTPUT_LOCK).exists()
-    resumed = launch(nproc, tiny_sdxl, out, *flags, "--resume_from_checkpoint", "latest")
-    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1][-2000:]
-    expected = load_file(tmp_path / "straight" / "learned_embeds.safetensors")[TOKEN]
-    assert torch.equal(load_file(out / "learned_embeds.safetensors")[TOKEN], expected)
-    for file in ("pytorch_lora_weights.safetensors", "toy-robot_lora.safetensors") if nproc == 1 else ():
-        straight_lora, resumed_lora = load_file(tmp_path / "straight" / file), load_file(out / file)
-        assert straight_lora.keys() == resumed_lora.keys()
-        assert all(torch.equal(straight_lora[k], resumed_lora[k]) for k in straight_lora), file

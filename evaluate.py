@@ -429,7 +429,7 @@ def check_settings(jobs, settings):
     for job, wanted in zip(jobs, settings, strict=True):
         file = job.folder / "generation.json"
         if file.is_file():
-            found = read_json(file, "The settings file")
+            found = {"loras": []} | read_json(file, "The settings file")  # files from before LoRAs: none applied
             changed = sorted(k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k))
             if changed:
                 raise ValueError(f"{job.folder}: its images were made with other settings ({', '.join(changed)}); "

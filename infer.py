@@ -308,8 +308,9 @@ def use_loras(pipe, adapters, sources, scale):
     if not sources:
         pipe.disable_lora()
         return
+    names = [adapters[source] for source in dict.fromkeys(sources)]
     pipe.enable_lora()
-    pipe.set_adapters([adapters[s] for s in dict.fromkeys(sources)], [scale] * len(dict.fromkeys(sources)))
+    pipe.set_adapters(names, [scale] * len(names))
 
 
 # ----------------------------------------------------------------------------------------------------------------

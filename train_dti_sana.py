@@ -1964,6 +1964,7 @@ class DenoiserLoRA:
         targets = lora_targets(args)
         check_lora_targets(denoiser, targets)
         self.rank, self.alpha, self.prefix = args.lora_rank, args.lora_alpha, prefix
+        self.start_step = args.lora_start_step
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian", target_modules=targets)
         with torch.random.fork_rng(devices=[]):  # peft draws A on the CPU before moving it to the layer's device
             torch.manual_seed(stable_seed(seed, "lora"))
@@ -1974,6 +1975,13 @@ class DenoiserLoRA:
 
     def parameters(self):
         return list(self.weights.values())
+
+    def trains_at(self, step):
+        """Whether the LoRA trains in this step (from --lora_start_step on); before, it takes no gradients at all."""
+        trains = step >= self.start_step
+        for parameter in self.weights.values():
+            parameter.requires_grad_(trains)
+        return trains
 
     def state_dict(self):
         return {name: p.detach().cpu().clone() for name, p in self.weights.items()}
@@ -1995,11 +2003,11 @@ class DenoiserLoRA:
             tensors[f"{self.prefix}.{name.replace('.default.', '.')}"] = value.contiguous()
         return tensors
 
-    def kohya_state_dict(self):
-        """The layout ComfyUI and A1111 / Forge read: lora_unet_<layer path, dots as underscores> with .lora_down
-        (A), .lora_up (B) and .alpha (the rank here: B already carries the scale)."""
+    def kohya_state_dict(self, diffusers_tensors):
+        """diffusers_state_dict() in the layout ComfyUI and A1111 / Forge read: lora_unet_<layer path, dots as
+        underscores> with .lora_down (A), .lora_up (B) and .alpha (the rank here: B already carries the scale)."""
         tensors = {}
-        for key, value in self.diffusers_state_dict().items():
+        for key, value in diffusers_tensors.items():
             layer, kind = key.removeprefix(f"{self.prefix}.").removesuffix(".weight").rsplit(".", 1)
             base = "lora_unet_" + layer.replace(".", "_")
             tensors[f"{base}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = value
@@ -2010,10 +2018,11 @@ class DenoiserLoRA:
         """{path: writer} of the LoRA's output files, for write_all_atomically."""
         metadata = metadata | {"format": "pt"}
         name = LORA_WEIGHT_NAME.replace(".safetensors", f"{suffix}.safetensors")
-        files = {output_dir / name: partial(save_file, self.diffusers_state_dict(), metadata=metadata)}
+        tensors = self.diffusers_state_dict()
+        files = {output_dir / name: partial(save_file, tensors, metadata=metadata)}
         if kohya_name:
             files[output_dir / f"{kohya_name}{suffix}.safetensors"] = partial(
-                save_file, self.kohya_state_dict(), metadata=metadata
+                save_file, self.kohya_state_dict(tensors), metadata=metadata
             )
         return files
 
@@ -2631,8 +2640,8 @@ def data_gradient(concepts, loss_fn, accelerator, accumulation_steps, concepts_p
     if accelerator.num_processes > 1:
         for parameter in (p for c in concepts for p in c.learned.parameters()):
             parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
-        if lora is not None:  # one flat all-reduce for the LoRA's many small tensors
-            grads = [p.grad for p in lora.parameters()]
+        grads = [p.grad for p in lora.parameters() if p.grad is not None] if lora is not None else []
+        if grads:  # a training LoRA: one flat all-reduce for its many small tensors
             flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
             for grad, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
                 grad.copy_(mean.view_as(grad))
@@ -2876,11 +2885,11 @@ def main(args):
         while global_step < args.max_train_steps:
             # One step: the data gradient, then RSGD on the sphere (or AdamW: the baselines); a concept's update is
             # skipped if its loss or gradient is not finite.
+            lora_trains = lora is not None and lora.trains_at(global_step)  # no LoRA gradients before its start
             step_loss = data_gradient(concepts, loss_fn, accelerator, args.gradient_accumulation_steps,
                                       args.concepts_per_step, lora)  # fmt: skip
             finite = NonFiniteGuard.finite(step_loss, concepts, check_gradients=accelerator.scaler is None, lora=lora)
             lr = lr_scheduler.get_last_lr()[0]
-            lora_trains = lora is not None and global_step >= args.lora_start_step
             apply_update(optimizer, concepts, finite, adamw_on_sphere, lora_trains)
             lr_scheduler.step()
             global_step += 1

@@ -1,0 +1,359 @@
+"""Main: the run's concepts, its setup (checks, tokens, data, models, the learned tokens, the optimizer, resume), one
+training step, and the loop."""
+
+import os
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from dti.core.arguments import check_inputs, ignored_flags, read_concepts, validate_args
+from dti.core.checkpoints import find_checkpoint, resume, run_identity, save_checkpoint
+from dti.core.constants import OBJECT_TEMPLATES, STYLE_TEMPLATES, logger
+from dti.core.data import DTIDataset, load_dataset_images, load_training_images, validation_prompt
+from dti.core.dti import add_concept_tokens, attach_learned_tokens, check_prompts_fit, placeholder_prompt_token
+from dti.core.family import Models
+from dti.core.hub import create_hub_repo, hub_repo_id, hub_token, push_to_hub, save_model_card
+from dti.core.plumbing import (
+    StopRequest,
+    TrainingStopped,
+    check_output_dir,
+    check_trackers,
+    claim_output_dir,
+    concept_name,
+    make_accelerator,
+    resolve_seed,
+    start_trackers,
+)
+from dti.core.saving import log_validation, save_all_embeddings
+from dti.core.step import (
+    DenoiserLoRA,
+    NonFiniteGuard,
+    StepLogs,
+    apply_update,
+    batch_stream,
+    data_gradient,
+    freeze,
+    latent_source,
+    make_optimizer,
+    quantize_8bit,
+    report_steps,
+)
+
+
+@dataclass
+class Concept:
+    """One concept of a run. Known before any model loads: its flags, token ids per tokenizer (of the initializer and
+    of the new tokens), images and templates; prefix names it in logs ("" for a run of one concept). Set once the
+    models are there: its learned tokens by text encoder and the vocabulary's mean norms; then its data stream
+    (dataset, latents: batch -> posterior, batches) and its non-finite guard."""
+
+    args: object
+    init_ids: list
+    placeholder_ids: list
+    images: list
+    num_vectors: int
+    templates: list
+    prefix: str
+    learned: torch.nn.ModuleDict = None
+    vocabulary_mean_norms: dict = None
+    dataset: DTIDataset = None
+    latents: object = None
+    batches: object = None
+    guard: NonFiniteGuard = None
+
+
+def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True):
+    """Per concept, before any model loads: its tokens added to every tokenizer (after the previous concepts'), its
+    prompts checked against the context (fit: prompt -> {key: ids}), its images read. Returns one Concept each; an
+    error names its --concepts_list entry."""
+    concepts = []
+    for args in concept_args:
+        try:
+            init_ids, placeholder_ids = add_concept_tokens(args, tokenizers, in_prompt)
+            num_vectors = len(init_ids[0])
+            templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+            check_prompts_fit(args, fit, templates, placeholder_ids, num_vectors)
+            images = (
+                load_dataset_images(args)
+                if args.dataset_name
+                else load_training_images(args.train_data_dir, args.resolution)
+            )
+        except ValueError as error:
+            if args.concept_index is None:
+                raise
+            raise ValueError(
+                f"--concepts_list entry {args.concept_index} ({args.placeholder_token}): {error}"
+            ) from None
+        if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
+            logger.warning(
+                f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token."
+            )
+        prefix = "" if args.concept_index is None else f"{concept_name(args.placeholder_token)}/"
+        concepts.append(Concept(args, init_ids, placeholder_ids, images, num_vectors, templates, prefix))
+    return concepts
+
+
+def claim_output_dirs(args, concepts, accelerator):
+    """Check and claim --output_dir (checkpoints) and every concept's output folder (the same one for one concept)."""
+    folders = {os.path.abspath(a.output_dir): a for a in (args, *(c.args for c in concepts))}
+    for folder_args in folders.values():
+        check_output_dir(folder_args)
+    for folder_args in folders.values():
+        claim_output_dir(folder_args, accelerator)
+
+
+def attach_concepts(concepts, tokenizers, text_encoders, seed, vocabulary_sizes, family):
+    """Give each concept its learned tokens on the text encoders (crossinit: started at the encoders' output for its
+    initializer), from the pretrained tables: the first vocabulary_sizes rows."""
+    for c in concepts:
+        crossinit = c.args.method == "crossinit"
+        start = family.encode_initializer(c.args, tokenizers, text_encoders, c.num_vectors) if crossinit else None
+        c.learned, c.vocabulary_mean_norms = attach_learned_tokens(
+            c.args, family.text_encoders, text_encoders, c.init_ids, c.placeholder_ids, seed, start, vocabulary_sizes
+        )
+
+
+def start_streams(concepts, args, tokenize, vae, accelerator, global_step, seed, family):
+    """Each concept's data set, latent source and batch stream from global_step, as its own run would have them (the
+    draws are keyed by seed and stream position), and its own non-finite guard."""
+    for c in concepts:
+        prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
+        c.dataset = DTIDataset(c.images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
+                               c.templates, args.repeats, seed)  # fmt: skip
+        c.latents = latent_source(args, c.dataset, vae, family.latent_posterior)
+        c.batches = batch_stream(args, c.dataset, accelerator, global_step)
+        c.guard = NonFiniteGuard(args.max_nonfinite_steps, f" of {c.args.placeholder_token}" if c.prefix else "")
+
+
+def describe_concepts(concepts, args):
+    """The concepts in one line for the start-of-training banner."""
+    return "; ".join(
+        f"{c.args.placeholder_token} ({len(c.images)} images x {args.repeats} repeats, {c.num_vectors} vector(s) "
+        f"from {c.args.initializer_token!r})"
+        for c in concepts
+    )
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, made by `setup`."""
+
+    args: object
+    family: object
+    accelerator: object
+    concepts: list
+    tokenizers: list
+    models: Models
+    components: dict
+    lora: DenoiserLoRA
+    optimizer: object
+    lr_scheduler: object
+    loss_fn: object
+    logs: StepLogs
+    identity: dict
+    seed: int
+    step: int
+    hub_token: str = None
+
+
+def check_run(args, family):
+    """Every check that needs no model, before anything loads. Returns the concepts' flags."""
+    validate_args(args, family)
+    family.validate(args)
+    concept_args = [family.validate_concept(c) for c in read_concepts(args)]  # one, or one per --concepts_list entry
+    check_inputs(args)
+    check_trackers(args.report_to)
+    return concept_args
+
+
+def setup(args, family):
+    """From the flags to the first step: checks, tokens and data (cheap errors first), the models, the learned
+    tokens in fp32 (every other weight frozen in the mixed-precision dtype), the optimizer, the resumed state."""
+    concept_args = check_run(args, family)
+    token = hub_token(args)
+    accelerator = make_accelerator(args)
+    for warning in ignored_flags(args):
+        logger.warning(warning)
+    seed = resolve_seed(args, accelerator)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Tokens and data first: their errors are cheap to find, the models are not.
+    tokenizers, model_index = family.load_tokenizers(args)
+    vocabulary_sizes = [len(t) for t in tokenizers]
+    tokenize, fit = family.prompt_tokenizers(args, tokenizers)
+    concepts = prepare_concepts(concept_args, tokenizers, fit, in_prompt=family.initializer_in_prompt(args))
+    claim_output_dirs(args, concepts, accelerator)
+    identity = run_identity(args, concepts) | family.identity(args)
+    checkpoint = find_checkpoint(args, identity) if args.resume_from_checkpoint else None
+    models = family.load_models(args, model_index, tokenizers)
+    family.check_models(args, models)
+    if args.scale_lr:
+        scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        args.learning_rate, args.lora_learning_rate = args.learning_rate * scale, args.lora_learning_rate * scale
+
+    models.extras = family.prepare_text_encoders(args, models, concepts[-1].placeholder_ids[0][-1] + 1)
+    attach_concepts(concepts, tokenizers, models.text_encoders, seed, vocabulary_sizes, family)
+    frozen = {family.denoiser: models.denoiser, "vae": models.vae, **dict(zip(family.text_encoders,
+              models.text_encoders, strict=True))}  # fmt: skip
+    if args.quantize_frozen == "8bit":
+        swapped = sum(quantize_8bit(model) for model in (models.denoiser, *models.text_encoders))
+        logger.info(f"--quantize_frozen 8bit: {swapped} linear layers of the {family.denoiser_label} and "
+                    f"{family.text_encoder_label} in int8.")  # fmt: skip
+    freeze(frozen, accelerator, weight_dtype, args.gradient_checkpointing, fp32=family.fp32_modules)
+    for concept in concepts:
+        concept.learned.to(accelerator.device)
+    lora = DenoiserLoRA(models.denoiser, args, seed, prefix=family.denoiser) if args.lora_rank else None
+    denoiser = torch.compile(models.denoiser, backend=args.compile_backend) if args.compile else models.denoiser
+
+    optimizer = make_optimizer(args, [t for c in concepts for t in c.learned.values()], lora)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+    optimizer = accelerator.prepare(optimizer)  # the fp16 grad scaler, when there is one
+    accelerator.register_for_checkpointing(*(c.learned for c in concepts), lr_scheduler, *([lora] if lora else []))
+    global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
+    start_streams(concepts, args, tokenize, models.vae, accelerator, global_step, seed, family)
+    loss_fn = partial(family.training_loss, models=replace(models, denoiser=denoiser), seed=seed, args=args)
+    components = frozen | dict(zip(family.tokenizers, tokenizers, strict=True))
+    return Run(args, family, accelerator, concepts, tokenizers, models, components, lora, optimizer, lr_scheduler,
+               loss_fn, StepLogs(concepts), identity, seed, global_step, token)  # fmt: skip
+
+
+def train_step(run):
+    """One step of the spec: the data gradient of every concept's batch, each concept's finite flag, then RSGD on
+    the sphere (or AdamW: the baselines) for the concepts whose loss and gradient are finite; logs stay on the
+    device."""
+    args = run.args
+    lora_trains = run.lora is not None and run.lora.trains_at(run.step)  # no LoRA gradients before its start
+    step_loss = data_gradient(run.concepts, run.loss_fn, run.accelerator, args.gradient_accumulation_steps,
+                              args.concepts_per_step, run.lora)  # fmt: skip
+    finite = NonFiniteGuard.finite(step_loss, run.concepts, run.accelerator.scaler is None, run.lora)
+    lr = run.lr_scheduler.get_last_lr()[0]
+    adamw_on_sphere = args.method == "dti" and args.optimizer == "adamw"
+    apply_update(run.optimizer, run.concepts, finite, adamw_on_sphere, lora_trains)
+    run.lr_scheduler.step()
+    run.step += 1
+    run.logs.add(run.step, step_loss, lr, finite)
+
+
+def validate_concepts(run):
+    """Validation images of every concept at this step."""
+    for c in run.concepts:
+        prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
+        log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
+                       run.family)  # fmt: skip
+
+
+def save_in_run(run, validate):
+    """What the main process saves after a step: embeddings every --save_steps, a checkpoint every
+    --checkpointing_steps, validation images every --validation_steps."""
+    args, step = run.args, run.step
+    if step % args.save_steps == 0 and step < args.max_train_steps:
+        save_all_embeddings(run.concepts, step, run.family, f"-steps-{step}", run.lora)
+    if step % args.checkpointing_steps == 0:
+        save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
+    if validate and step % args.validation_steps == 0:
+        validate_concepts(run)
+
+
+def stop_if_exhausted(run):
+    """After --max_nonfinite_steps non-finite steps in a row of any concept: save the last good embeddings, stop."""
+    guard = next((c.guard for c in run.concepts if c.guard.exhausted), None)
+    if guard is None:
+        return
+    if run.accelerator.is_main_process:
+        save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
+    raise TrainingStopped(
+        f"{guard.longest} steps in a row had a non-finite loss or gradient{guard.label} (the last: step "
+        f"{guard.last}); the last good embeddings are in {run.args.output_dir}. Lower --learning_rate or check the "
+        "data."
+    )
+
+
+def save_and_stop(run, stop):
+    """A stop signal: save the embeddings and a checkpoint of this step, then stop (the run resumes from it)."""
+    args, step = run.args, run.step
+    if run.accelerator.is_main_process:
+        save_all_embeddings(run.concepts, step, run.family, lora=run.lora)
+        if step % args.checkpointing_steps:
+            save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
+    run.accelerator.wait_for_everyone()
+    raise TrainingStopped(
+        f"{stop.signal or 'A stop signal'} at step {step}: saved checkpoint-{step} and the embeddings in "
+        f"{args.output_dir}; continue with --resume_from_checkpoint latest."
+    )
+
+
+def finish(run, validate):
+    """The end of the run on the main process: the final embeddings, a last validation, the model card, the upload."""
+    args = run.args
+    if not run.accelerator.is_main_process:
+        return
+    save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
+    for c in run.concepts:
+        if validate and run.step % args.validation_steps != 0:
+            prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
+            log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
+                           run.family)  # fmt: skip
+        repo_id = create_hub_repo(c.args, run.hub_token) if args.push_to_hub else hub_repo_id(c.args)
+        save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
+        if args.push_to_hub:
+            push_to_hub(c.args, repo_id, run.hub_token)
+
+
+def run_summary(args, started):
+    """One line: what the run wrote where, and how long it took."""
+    output_dir = Path(args.output_dir)
+    files = sorted(p.name for p in output_dir.glob("*.safetensors") if "-steps-" not in p.name)
+    files += [name for name in ("README.md", "validation/", "checkpoint-*/") if list(output_dir.glob(name))]
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    return f"Done in {minutes}m{seconds:02d}s: wrote {', '.join(files)} in {output_dir}."
+
+
+def train(args, family):
+    """DTI on `family`: set up, then step until --max_train_steps, saving and validating on the way."""
+    started = time.monotonic()
+    run = setup(args, family)
+    accelerator, concepts = run.accelerator, run.concepts
+    start_trackers(accelerator, args, f"dti-{family.name}")
+    norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in concepts[0].learned.items() if args.method == "dti")
+    samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** {args.method.upper()} on {family.title} ***** {describe_concepts(concepts, args)} | m* "
+        f"{norms or 'free'} | kappa {args.kappa} | lr {args.learning_rate} | {samples_per_step} samples/step per "
+        f"concept | {args.max_train_steps} steps"
+    )
+    validate = args.num_validation_images > 0 and accelerator.is_main_process
+    progress = tqdm(
+        range(args.max_train_steps), initial=run.step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    with StopRequest() as stop:
+        while run.step < args.max_train_steps:
+            train_step(run)
+            progress.update(1)
+            at_logging_step = run.step % args.logging_steps == 0 or run.step == args.max_train_steps
+            if at_logging_step:  # the host reads the step logs (the LoRA and AdamW modes also read the finite flags)
+                report_steps(run.logs, concepts, accelerator, progress)
+            stop_if_exhausted(run)
+            if accelerator.is_main_process:
+                save_in_run(run, validate)
+            if stop.requested(accelerator, can_sync=at_logging_step):
+                report_steps(run.logs, concepts, accelerator, progress)
+                save_and_stop(run, stop)
+    progress.close()
+    accelerator.wait_for_everyone()
+    finish(run, validate)
+    accelerator.end_training()
+    for concept in concepts:
+        logger.info(run_summary(concept.args, started))
+    return SimpleNamespace(learned=concepts[0].learned, concepts=concepts, components=run.components,
+                           placeholder_ids=concepts[0].placeholder_ids, seed=run.seed, lora=run.lora)  # fmt: skip

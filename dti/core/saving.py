@@ -1,0 +1,88 @@
+"""Validation images and the learned embeddings' files."""
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from dti.core.constants import __version__, logger
+from dti.core.data import validation_prompt
+from dti.core.plumbing import write_all_atomically, write_atomically
+from dti.core.step import lora_metadata
+
+
+def log_validation(components, models, args, accelerator, seed, step, prompt_token, family):
+    """Generate --num_validation_images with the current token (the family's pipeline, image i seeded with seed + i);
+    save a grid; log them. A pipeline that cannot expand a multi-vector token gets the expansion training used."""
+    from diffusers.utils import make_image_grid
+
+    prompt = validation_prompt(args)
+    if not family.pipeline_expands_tokens:
+        prompt = prompt.replace(args.placeholder_token, prompt_token)
+    logger.info(f"Validation at step {step}: {args.num_validation_images} images of {prompt!r}.")
+    generators = [torch.Generator(accelerator.device).manual_seed(seed + i) for i in range(args.num_validation_images)]
+    images = family.validation_images(components, models, args, prompt, generators)
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = make_image_grid(images, rows=1, cols=len(images))
+    write_atomically(folder / f"step-{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
+            )
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=f"{i}: {prompt}") for i, im in enumerate(images)]})
+    return images
+
+
+def embedding_metadata(args, learned, vocabulary_mean_norms, step):
+    """safetensors metadata (str -> str): enough to tell how the vectors were learned."""
+    metadata = {
+        "format": "pt",
+        "method": args.method,
+        "optimizer": args.optimizer if args.method == "dti" else "adamw",
+        "base_model": args.pretrained_model_name_or_path,
+        "placeholder_token": args.placeholder_token,
+        "initializer_token": args.initializer_token,
+        "num_vectors": str(len(next(iter(learned.values())).embeddings())),
+        "token_scale": str(args.token_scale) if args.method == "dti" else "free",
+        "kappa": repr(args.kappa),
+        "beta": repr(args.beta if args.method == "dti" and args.optimizer == "rsgd" else 0.0),
+        "learning_rate": repr(args.learning_rate),
+        **({"crossinit_lambda": repr(args.crossinit_lambda)} if args.method == "crossinit" else {}),
+        "steps": str(step),
+        "resolution": str(args.resolution),
+        "script": Path(__file__).name,
+        "script_version": __version__,
+        "seed": str(args.seed),
+    }
+    for name, tokens in learned.items():
+        metadata[f"norm_scale_{name}"] = repr(tokens.norm_scale) if args.method == "dti" else "free"
+        metadata[f"vocabulary_mean_norm_{name}"] = repr(vocabulary_mean_norms[name])
+    return metadata
+
+
+def save_embeddings(learned, args, vocabulary_mean_norms, step, family, suffix="", lora=None):
+    """Write the family's embedding files (the spec's output contract: {"<tok>": [k, d]} per text encoder, and the
+    layouts other tools read) with the run's metadata; with a LoRA also its files. All or none."""
+    output_dir = Path(args.output_dir)
+    metadata = embedding_metadata(args, learned, vocabulary_mean_norms, step) | family.metadata(args)
+    metadata |= lora_metadata(args)
+    vectors = {name: tokens.embeddings().detach().float().cpu().contiguous() for name, tokens in learned.items()}
+    files = family.embedding_files(args, vectors, suffix)
+    writes = {output_dir / name: partial(save_file, tensors, metadata=metadata) for name, tensors in files.items()}
+    if lora is not None:
+        writes |= lora.files(output_dir, suffix, metadata, partial(family.lora_files, args))
+    write_all_atomically(writes)
+    logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(p.name for p in writes)}).")
+
+
+def save_all_embeddings(concepts, step, family, suffix="", lora=None):
+    """Each concept's embedding files in its output folder (and the LoRA's, which a run of one concept only has)."""
+    for c in concepts:
+        save_embeddings(c.learned, c.args, c.vocabulary_mean_norms, step, family, suffix, lora)

@@ -1,0 +1,327 @@
+"""Directional Textual Inversion (DTI) for Stable Diffusion XL.
+
+Learns a personal concept token on both SDXL text encoders (CLIP ViT-L and OpenCLIP bigG). The embedding norm is
+fixed to an in-distribution value m* (the mean norm of the vocabulary rows); only the direction is learned, on the
+unit hypersphere, by Riemannian SGD with a von Mises-Fisher prior toward the class word (arXiv 2512.13672).
+
+    accelerate launch train_dti_sdxl.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+      --train_data_dir assets/toy_robot --placeholder_token "<my-robot>" --initializer_token robot --output_dir out
+
+The outputs load with `pipe.load_textual_inversion(...)` in diffusers and in ComfyUI / A1111 (see README.md).
+"""
+
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from dti.core.arguments import parse_arguments
+from dti.core.constants import LORA_WEIGHT_NAME
+from dti.core.data import keyed_generators
+from dti.core.dti import content_positions
+from dti.core.family import Family, Models
+from dti.core.main import train
+from dti.core.plumbing import TrainingStopped, concept_name
+from dti.core.step import lora_description
+
+DEFAULT_KAPPA = 1e-4
+EMBEDDING_FILES = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}
+COMBINED_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+# The line that makes a StableDiffusionXLPipeline pool CLIP-G at end-of-text (--pooled_output eos), as training did.
+POOL_AT_END_OF_TEXT = "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  # end-of-text"
+
+
+def set_pooled_output(text_encoder, tokenizer, pooled_output):
+    """Where a CLIP encoder pools: eos pools at the first end-of-text token whatever the config says; argmax
+    restores the config's pooling. The published SDXL configs say eos_token_id 2, with which transformers pools
+    at argmax(input_ids): the end-of-text token for ordinary prompts, the new token once a prompt holds one."""
+    eos = tokenizer.eos_token_id if pooled_output == "eos" else text_encoder.config.eos_token_id
+    getattr(text_encoder, "text_model", text_encoder).eos_token_id = eos  # what the pooling reads (transformers 4, 5)
+
+
+def tokenize_prompt(tokenizers, prompt):
+    """Token ids of both CLIP tokenizers, padded to 77 as StableDiffusionXLPipeline.encode_prompt pads them."""
+    return {
+        key: tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+        for key, tokenizer in zip(("input_ids", "input_ids_2"), tokenizers, strict=True)
+    }
+
+
+def encode_prompt(text_encoders, text):
+    """SDXL text conditioning: penultimate hidden states of both encoders concatenated, CLIP-G's pooled output
+    (pooled where set_pooled_output says). text: {"input_ids": [B, 77], "input_ids_2": [B, 77]}."""
+    hidden_states = []
+    for text_encoder, ids in zip(text_encoders, (text["input_ids"], text["input_ids_2"]), strict=True):
+        output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1), output.text_embeds
+
+
+def encode_initializer(args, tokenizers, text_encoders, num_vectors):
+    """CrossInit's start, {encoder: [k, d] fp32}: each encoder's last hidden state (after its final layer norm) at the
+    initializer's content positions when the initializer alone is encoded as a prompt (<bos> word <eos> pad...)."""
+    text, vectors = tokenize_prompt(tokenizers, args.initializer_token), {}
+    for name, tokenizer, text_encoder, ids in zip(
+        SDXL.text_encoders, tokenizers, text_encoders, text.values(), strict=True
+    ):
+        positions = content_positions(tokenizer, ids, args.initializer_token, num_vectors)
+        with torch.no_grad():
+            hidden_states = text_encoder(torch.tensor([ids], device=text_encoder.device)).last_hidden_state
+        vectors[name] = hidden_states[0, positions].float()
+    return vectors
+
+
+def training_loss(batch, latent_mean, latent_std, unet, text_encoders, noise_scheduler, vae_scale, seed, resolution):
+    """The SDXL noise-prediction loss of each sample of a batch, [B] (the mean over its elements). latent_mean,
+    latent_std: [B, 4, H/8, W/8] VAE posterior, fp32."""
+    device, dtype = latent_mean.device, unet.dtype
+    generators = keyed_generators(seed, batch["position"].tolist(), device)
+    shape = latent_mean.shape[1:]
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    sample_noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+    noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+    timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g, device=device) for g in generators])
+    latents = (latent_mean + latent_std * sample_noise) * vae_scale
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    encoder_hidden_states, pooled = encode_prompt(text_encoders, batch["text"])
+    target_size = torch.tensor([resolution, resolution]).expand(len(latents), 2)
+    time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1).to(device, dtype)
+    model_pred = unet(
+        noisy_latents.to(dtype),
+        timesteps,
+        encoder_hidden_states.to(dtype),
+        added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids},
+    ).sample
+
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def vae_posterior(vae, pixel_values):
+    """Mean and std of the VAE posterior, fp32. pixel_values: [B, 3, H, W] in [-1, 1]."""
+    with torch.no_grad():
+        dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def load_tokenizers(args):
+    """Both CLIP tokenizers and the model_index, after checking that the model is an SDXL-layout checkpoint."""
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    path = args.pretrained_model_name_or_path
+    try:
+        model_index = DiffusionPipeline.load_config(path, revision=args.revision)
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(path, subfolder=subfolder, revision=args.revision)
+            for subfolder in ("tokenizer", "tokenizer_2")
+        ]
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} could not be loaded ({reason}).") from error
+    missing = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer_2") if c not in model_index]
+    if missing or min(len(t) for t in tokenizers) < 1000:
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} is not an SDXL checkpoint (missing {missing}).")
+    return tokenizers, model_index
+
+
+def load_models(args, tokenizers):
+    """The frozen SDXL components, fp32 (cast later, after the vocabulary statistics are taken), CLIP pooling as
+    --pooled_output says."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "variant": args.variant}
+    try:
+        text_encoders = [
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **common),
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **common),
+        ]
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--pretrained_model_name_or_path {path!r}: a component failed to load ({error}).") from error
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
+        set_pooled_output(text_encoder, tokenizer, args.pooled_output)
+    return Models(text_encoders, vae, unet, noise_scheduler, sampler=None)
+
+
+def check_output_names(args):
+    """The combined file is named after the placeholder; refuse one that would overwrite the per-encoder files
+    (learned_embeds*.safetensors; compared without case, as some file systems do)."""
+    name = concept_name(args.placeholder_token)
+    for taken in ("learned_embeds", *(["pytorch_lora_weights"] if args.lora_rank else [])):
+        if name.lower().startswith(taken):
+            raise ValueError(
+                f"--placeholder_token {args.placeholder_token!r} would name the combined file {name}.safetensors, "
+                f"which clashes with the {taken} files; choose another token."
+            )
+
+
+def kohya_state_dict(diffusers_tensors, prefix, rank):
+    """A LoRA's diffusers tensors in the layout ComfyUI and A1111 / Forge read: lora_unet_<layer path, dots as
+    underscores> with .lora_down (A), .lora_up (B) and .alpha (the rank here: B already carries the scale)."""
+    tensors = {}
+    for key, value in diffusers_tensors.items():
+        layer, kind = key.removeprefix(f"{prefix}.").removesuffix(".weight").rsplit(".", 1)
+        base = "lora_unet_" + layer.replace(".", "_")
+        tensors[f"{base}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = value
+        tensors[f"{base}.alpha"] = torch.tensor(float(rank))
+    return tensors
+
+
+class SDXL(Family):
+    """Stable Diffusion XL as the DTI core sees it."""
+
+    name, title = "sdxl", "SDXL"
+    model_help = "Hub id or local folder of an SDXL-architecture diffusers checkpoint."
+    denoiser, denoiser_label = "unet", "UNet"
+    text_encoders, tokenizers = ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")
+    text_encoder_label = "text encoders"
+    defaults = {"resolution": 768, "train_batch_size": 4, "gradient_accumulation_steps": 1, "max_train_steps": 400}
+    default_kappa = DEFAULT_KAPPA
+    card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
+
+    def add_arguments(self, parser, groups):
+        groups["model"].add_argument(
+            "--pooled_output",
+            choices=["eos", "argmax"],
+            default="eos",
+            help="Where CLIP-G's pooled text embedding is taken. eos: at the end-of-text token, as SDXL was trained "
+            "and as ComfyUI, A1111 and kohya pool. argmax: as the checkpoint's config says (the published "
+            "eos_token_id 2 pools at argmax(input_ids), the new token): the legacy behaviour of plain diffusers and "
+            "the authors' runs.",
+        )
+
+    def validate_concept(self, args):
+        check_output_names(args)
+        return args
+
+    def load_tokenizers(self, args):
+        return load_tokenizers(args)
+
+    def prompt_tokenizers(self, args, tokenizers):
+        tokenize = partial(tokenize_prompt, tokenizers)
+        return tokenize, tokenize
+
+    def identity(self, args):
+        return {"pooled_output": args.pooled_output}
+
+    def load_models(self, args, model_index, tokenizers):
+        return load_models(args, tokenizers)
+
+    def check_models(self, args, models):
+        vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+        if args.resolution % vae_factor:
+            raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
+
+    def encode_initializer(self, args, tokenizers, text_encoders, num_vectors):
+        return encode_initializer(args, tokenizers, text_encoders, num_vectors)
+
+    def latent_posterior(self, vae, pixel_values):
+        return vae_posterior(vae, pixel_values)
+
+    def training_loss(self, batch, latent_mean, latent_std, models, seed, args):
+        return training_loss(batch, latent_mean, latent_std, unet=models.denoiser, text_encoders=models.text_encoders,
+                             noise_scheduler=models.noise_scheduler, vae_scale=models.vae.config.scaling_factor,
+                             seed=seed, resolution=args.resolution)  # fmt: skip
+
+    def validation_images(self, components, models, args, prompt, generators):
+        """DPM-Solver, 25 steps, at the training resolution."""
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+        scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
+        pipeline = StableDiffusionXLPipeline(**components, scheduler=scheduler, add_watermarker=False)
+        pipeline.set_progress_bar_config(disable=True)
+        return [
+            pipeline(
+                prompt, num_inference_steps=25, height=args.resolution, width=args.resolution, generator=generator
+            ).images[0]
+            for generator in generators
+        ]
+
+    def metadata(self, args):
+        return {"pooled_output": args.pooled_output}
+
+    def embedding_files(self, args, vectors, suffix):
+        """One {"<tok>": [k, d]} file per encoder (diffusers' load_textual_inversion) and the combined
+        {clip_l, clip_g} (ComfyUI, A1111, kohya)."""
+        files = {
+            f"{EMBEDDING_FILES[name]}{suffix}.safetensors": {args.placeholder_token: v} for name, v in vectors.items()
+        }
+        files[f"{concept_name(args.placeholder_token)}{suffix}.safetensors"] = {
+            COMBINED_KEYS[name]: v for name, v in vectors.items()
+        }
+        return files
+
+    def lora_files(self, args, tensors, rank):
+        """<concept>_lora.safetensors: the kohya layout."""
+        return {f"{concept_name(args.placeholder_token)}_lora": kohya_state_dict(tensors, self.denoiser, rank)}
+
+    def card_text(self, args, repo_id, method):
+        token, name = args.placeholder_token, concept_name(args.placeholder_token)
+        prompt = f"a painting of {token} in the style of Van Gogh"
+        pooling_line = POOL_AT_END_OF_TEXT + "\n" if args.pooled_output == "eos" else ""
+        lora_line = f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHT_NAME}")\n' if args.lora_rank else ""
+        lora_sentence = f" A LoRA of the UNet was trained with it ({lora_description(args)})." if args.lora_rank else ""
+        lora_loader = " and `load_lora_weights`" if args.lora_rank else ""
+        lora_note = (
+            f" With the LoRA: put `{name}_lora.safetensors` in ComfyUI's `models/loras/` (a LoraLoader node) or "
+            f"A1111's `models/Lora/` (`<lora:{name}_lora:1>` in the prompt) as well."
+            if args.lora_rank
+            else ""
+        )
+        about = (
+            f"`{token}` is a concept token learned on both SDXL text encoders from the class word "
+            f'"{args.initializer_token}" with {method}.{lora_sentence} The files load with diffusers\' '
+            f"`load_textual_inversion`{lora_loader}, in ComfyUI and in A1111."
+        )
+        usage = f"""```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+base_model = "{args.pretrained_model_name_or_path}"
+pipe = StableDiffusionXLPipeline.from_pretrained(base_model, dtype=torch.float16).to("cuda")
+{pooling_line}pipe.load_textual_inversion(
+    "{repo_id}", weight_name="learned_embeds.safetensors", token="{token}",
+    text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+)
+pipe.load_textual_inversion(
+    "{repo_id}", weight_name="learned_embeds_2.safetensors", token="{token}",
+    text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2,
+)
+{lora_line}image = pipe("{prompt}").images[0]
+```
+
+ComfyUI: put `{name}.safetensors` in `models/embeddings/` and write `embedding:{name}`. A1111 / Forge: put it in
+`embeddings/` and write `{name}`.{lora_note}
+"""
+        return about, usage
+
+    def card_rows(self, args):
+        return [("pooled text embedding", args.pooled_output)]
+
+
+FAMILY = SDXL()
+
+
+def parse_args(input_args=None):
+    """The command line (tests pass a list)."""
+    return parse_arguments(FAMILY, input_args)
+
+
+def main(args):
+    return train(args, FAMILY)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, TrainingStopped) as error:
+        sys.exit(f"error: {error}")

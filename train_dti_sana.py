@@ -1312,9 +1312,9 @@ class Family:
     def check_models(self, args, models):
         """Checks that need the loaded configs (e.g. the resolution against the autoencoder's factor)."""
 
-    def prepare_text_encoders(self, args, models, first_free_id):
-        """Called before the learned tokens are attached; first_free_id: the first id after every concept's tokens.
-        Returns extras for Models.extras."""
+    def prepare_text_encoders(self, args, models, tokenizers, first_free_id):
+        """Called once the models are loaded, before the learned tokens are attached (first_free_id: the first id
+        after every concept's tokens). Returns extras for Models.extras."""
         return {}
 
     def encode_initializer(self, args, tokenizers, text_encoders, num_vectors):
@@ -1622,7 +1622,7 @@ class Sana(Family):
         if args.resolution % vae_factor:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of the DC-AE factor {vae_factor}.")
 
-    def prepare_text_encoders(self, args, models, first_free_id):
+    def prepare_text_encoders(self, args, models, tokenizers, first_free_id):
         """--zero_pad: the zero row sits after every concept's tokens."""
         return {"zero_pad_id": add_zero_pad_row(models.text_encoders[0], first_free_id) if args.zero_pad else None}
 
@@ -2389,7 +2389,7 @@ def setup(args, family):
         scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         args.learning_rate, args.lora_learning_rate = args.learning_rate * scale, args.lora_learning_rate * scale
 
-    models.extras = family.prepare_text_encoders(args, models, concepts[-1].placeholder_ids[0][-1] + 1)
+    models.extras = family.prepare_text_encoders(args, models, tokenizers, concepts[-1].placeholder_ids[0][-1] + 1)
     attach_concepts(concepts, tokenizers, models.text_encoders, seed, vocabulary_sizes, family)
     frozen = {family.denoiser: models.denoiser, "vae": models.vae, **dict(zip(family.text_encoders,
               models.text_encoders, strict=True))}  # fmt: skip

@@ -1308,9 +1308,9 @@ class Family:
     def check_models(self, args, models):
         """Checks that need the loaded configs (e.g. the resolution against the autoencoder's factor)."""
 
-    def prepare_text_encoders(self, args, models, first_free_id):
-        """Called before the learned tokens are attached; first_free_id: the first id after every concept's tokens.
-        Returns extras for Models.extras."""
+    def prepare_text_encoders(self, args, models, tokenizers, first_free_id):
+        """Called once the models are loaded, before the learned tokens are attached (first_free_id: the first id
+        after every concept's tokens). Returns extras for Models.extras."""
         return {}
 
     def encode_initializer(self, args, tokenizers, text_encoders, num_vectors):
@@ -1444,7 +1444,7 @@ def vae_posterior(vae, pixel_values):
 
 
 def load_tokenizers(args):
-    """Both CLIP tokenizers and the model_index, after checking that the model is an SDXL-layout checkpoint."""
+    """Both CLIP tokenizers, after checking that the model is an SDXL-layout diffusers checkpoint."""
     from diffusers import DiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -1461,12 +1461,11 @@ def load_tokenizers(args):
     missing = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer_2") if c not in model_index]
     if missing or min(len(t) for t in tokenizers) < 1000:
         raise ValueError(f"--pretrained_model_name_or_path {path!r} is not an SDXL checkpoint (missing {missing}).")
-    return tokenizers, model_index
+    return tokenizers
 
 
-def load_models(args, tokenizers):
-    """The frozen SDXL components, fp32 (cast later, after the vocabulary statistics are taken), CLIP pooling as
-    --pooled_output says."""
+def load_models(args):
+    """The frozen SDXL components, fp32 (cast later, after the vocabulary statistics are taken)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -1481,8 +1480,6 @@ def load_models(args, tokenizers):
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
     except (OSError, ValueError) as error:
         raise ValueError(f"--pretrained_model_name_or_path {path!r}: a component failed to load ({error}).") from error
-    for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
-        set_pooled_output(text_encoder, tokenizer, args.pooled_output)
     return Models(text_encoders, vae, unet, noise_scheduler, sampler=None)
 
 
@@ -1538,7 +1535,7 @@ class SDXL(Family):
         return args
 
     def load_tokenizers(self, args):
-        return load_tokenizers(args)
+        return load_tokenizers(args), None  # the model_index is only checked
 
     def prompt_tokenizers(self, args, tokenizers):
         tokenize = partial(tokenize_prompt, tokenizers)
@@ -1548,12 +1545,18 @@ class SDXL(Family):
         return {"pooled_output": args.pooled_output}
 
     def load_models(self, args, model_index, tokenizers):
-        return load_models(args, tokenizers)
+        return load_models(args)
 
     def check_models(self, args, models):
         vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         if args.resolution % vae_factor:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
+
+    def prepare_text_encoders(self, args, models, tokenizers, first_free_id):
+        """CLIP pooling as --pooled_output says."""
+        for text_encoder, tokenizer in zip(models.text_encoders, tokenizers, strict=True):
+            set_pooled_output(text_encoder, tokenizer, args.pooled_output)
+        return {}
 
     def encode_initializer(self, args, tokenizers, text_encoders, num_vectors):
         return encode_initializer(args, tokenizers, text_encoders, num_vectors)
@@ -2307,7 +2310,7 @@ def setup(args, family):
         scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         args.learning_rate, args.lora_learning_rate = args.learning_rate * scale, args.lora_learning_rate * scale
 
-    models.extras = family.prepare_text_encoders(args, models, concepts[-1].placeholder_ids[0][-1] + 1)
+    models.extras = family.prepare_text_encoders(args, models, tokenizers, concepts[-1].placeholder_ids[0][-1] + 1)
     attach_concepts(concepts, tokenizers, models.text_encoders, seed, vocabulary_sizes, family)
     frozen = {family.denoiser: models.denoiser, "vae": models.vae, **dict(zip(family.text_encoders,
               models.text_encoders, strict=True))}  # fmt: skip

@@ -18,10 +18,10 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -281,88 +281,62 @@ def floor_step(family, denoiser, opts, device, dtype, text_length):
     return step
 
 
-def script_args(family, opts, flags):
-    """The script's own argument namespace for a variant, validated as main() validates it."""
-    script = SCRIPTS[family]
-    argv = ["--pretrained_model_name_or_path", f"random:{opts.config}", "--train_data_dir",
+def script_argv(opts, flags, output_dir):
+    """The scripts' command line of a variant."""
+    return ["--pretrained_model_name_or_path", f"random:{opts.config}", "--train_data_dir",
             str(REPO / "assets" / "toy_robot"), "--placeholder_token", "<toy-robot>", "--initializer_token",
             "robot", "--resolution", str(opts.resolution), "--train_batch_size", str(opts.batch_size),
             "--gradient_accumulation_steps", str(opts.gradient_accumulation_steps), "--center_crop", "--seed",
             str(opts.seed), "--mixed_precision", opts.mixed_precision, "--compile_backend", opts.compile_backend,
             "--dataloader_num_workers", str(opts.dataloader_num_workers), "--max_train_steps", "100000",
-            "--num_validation_images", "0", "--output_dir", os.devnull, *flags]  # fmt: skip
-    args = script.validate_args(script.parse_args(argv))
-    return script.validate_sana_args(args) if family == "sana" else args
+            "--num_validation_images", "0", "--checkpointing_steps", "100000", "--save_steps", "100000",
+            "--output_dir", str(output_dir), *flags]  # fmt: skip
 
 
-def concept_args(script, args, num_concepts):
-    """The concepts of a variant: the flags' one concept, or num_concepts entries of a --concepts_list (the same toy
-    robot images under other placeholders, so each concept's loss equals the one-concept run's)."""
+def with_concepts(argv, num_concepts, folder):
+    """argv with num_concepts --concepts_list entries instead of its one concept: the same toy robot images under
+    other placeholders, so each concept's loss equals the one-concept run's."""
     if num_concepts == 1:
-        return script.read_concepts(args)
-    entries = [{"placeholder_token": f"<toy-robot-{i}>", "initializer_token": args.initializer_token,
-                "train_data_dir": args.train_data_dir} for i in range(num_concepts)]  # fmt: skip
-    return [script.concept_args(args, i, entry) for i, entry in enumerate(entries)]
+        return argv
+    entries = [{"placeholder_token": f"<toy-robot-{i}>", "initializer_token": "robot",
+                "train_data_dir": str(REPO / "assets" / "toy_robot")} for i in range(num_concepts)]  # fmt: skip
+    concepts = folder / "concepts.json"
+    concepts.write_text(json.dumps(entries))
+    for flag in ("--train_data_dir", "--placeholder_token", "--initializer_token"):
+        index = argv.index(flag)
+        argv = argv[:index] + argv[index + 2 :]
+    return [*argv, "--concepts_list", str(concepts)]
 
 
-def dti_step(family, models, flags, opts, accelerator, num_concepts=1):
-    """Set up a variant exactly as the script's main() does and return its step function and step logs."""
-    from diffusers.optimization import get_scheduler
+def prebuilt(script, models):
+    """The script's family, with its models taken from `models` instead of the disk (a fresh copy of the
+    tokenizers each variant; the denoiser, VAE and text encoders are shared, their learned-row hooks removed)."""
 
-    script, args = SCRIPTS[family], script_args(family, opts, flags)
-    text_encoders, vae, denoiser = models["text_encoders"], models["vae"], models["denoiser"]
-    for text_encoder in text_encoders:  # the previous variant's learned-row hooks
-        text_encoder.get_input_embeddings()._forward_hooks.clear()
-    tokenizers = [copy.deepcopy(t) for t in models["tokenizers"]]
-    vocabulary_sizes = [len(t) for t in tokenizers]
-    if family == "sdxl":
-        tokenize = partial(script.tokenize_prompt, tokenizers)
-    else:
-        tokenize = partial(script.tokenize_prompt, tokenizers[0], args.max_sequence_length,
-                           script.complex_human_instruction(args))  # fmt: skip
-    concepts = script.prepare_concepts(concept_args(script, args, num_concepts), tokenizers, tokenize)
-    script.attach_concepts(concepts, tokenizers, text_encoders, args.seed, vocabulary_sizes)
-    if family == "sdxl":  # pooled at end-of-text, as the script's default --pooled_output eos
-        for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
-            script.set_pooled_output(text_encoder, tokenizer, "eos")
-    if args.quantize_frozen == "8bit":
-        for model in (denoiser, *text_encoders):
-            script.quantize_8bit(model)
-    for model in (denoiser, *text_encoders):
-        set_checkpointing(model, False)
-    frozen = {DENOISER[family]: denoiser, "vae": vae} | {f"text_encoder_{i}": m for i, m in enumerate(text_encoders)}
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
-    script.freeze(frozen, accelerator, weight_dtype, args.gradient_checkpointing, fp32=("vae",) * (family == "sana"))
-    for concept in concepts:
-        concept.learned.to(accelerator.device)
-    lora = script.DenoiserLoRA(denoiser, args, args.seed, DENOISER[family]) if args.lora_rank else None
-    training_denoiser = torch.compile(denoiser, backend=args.compile_backend) if args.compile else denoiser
+    class Prebuilt(type(script.FAMILY)):
+        def load_tokenizers(self, args):
+            return [copy.deepcopy(t) for t in models["tokenizers"]], {}
 
-    tokens = [t for c in concepts for t in c.learned.values()]
-    optimizer = accelerator.prepare(script.make_optimizer(args, tokens, lora))
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_training_steps=args.max_train_steps)
-    script.start_streams(concepts, args, tokenize, vae, accelerator, 0, args.seed)
-    common = {"text_encoders": text_encoders, "noise_scheduler": models["noise_scheduler"],
-              "vae_scale": vae.config.scaling_factor, "seed": args.seed}  # fmt: skip
-    if family == "sdxl":
-        loss_fn = partial(script.training_loss, unet=training_denoiser, resolution=args.resolution, **common)
-    else:
-        loss_fn = partial(script.training_loss, transformer=training_denoiser, args=args, **common)
-    logs = script.StepLogs(concepts)
-    adamw_on_sphere = args.method == "dti" and args.optimizer == "adamw"
-    state = {"step": 0}
+        def load_models(self, args, model_index, tokenizers):
+            for text_encoder in models["text_encoders"]:
+                text_encoder.get_input_embeddings()._forward_hooks.clear()
+            for model in (models["denoiser"], *models["text_encoders"]):
+                set_checkpointing(model, False)
+            frozen = list(models["text_encoders"]), models["vae"], models["denoiser"], models["noise_scheduler"]
+            return script.Models(*frozen, sampler=None)
 
-    def step():  # the body of main()'s training loop, without the logging-interval work
-        step_loss = script.data_gradient(concepts, loss_fn, accelerator, args.gradient_accumulation_steps,
-                                         opts.concepts_per_step, lora)  # fmt: skip
-        finite = script.NonFiniteGuard.finite(step_loss, concepts, accelerator.scaler is None, lora)
-        lr = lr_scheduler.get_last_lr()[0]
-        script.apply_update(optimizer, concepts, finite, adamw_on_sphere, lora_trains=lora is not None)
-        lr_scheduler.step()
-        state["step"] += 1
-        logs.add(state["step"], step_loss, lr, finite)
+    return Prebuilt()
 
-    return step, logs, f"{concepts[0].prefix}loss"
+
+def dti_step(family, models, flags, opts, folder, num_concepts=1):
+    """A variant set up by the script's own `setup` (what its main runs before the loop); returns its step (the
+    script's `train_step`), its step logs and the first concept's loss key."""
+    script = SCRIPTS[family]
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = with_concepts(script_argv(opts, flags, folder / "out"), num_concepts, folder)
+    if opts.concepts_per_step and num_concepts > 1:
+        argv += ["--concepts_per_step", str(opts.concepts_per_step)]
+    run = script.setup(script.parse_args(argv), prebuilt(script, models))
+    return partial(script.train_step, run), run.logs, f"{run.concepts[0].prefix}loss"
 
 
 def run(opts):
@@ -370,14 +344,15 @@ def run(opts):
 
     torch.manual_seed(opts.seed)
     device = torch.device(opts.device)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=opts.mixed_precision)
+    Accelerator(cpu=device.type == "cpu", mixed_precision=opts.mixed_precision)  # the floor's precision
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
     started = time.perf_counter()
     models = build_models(opts.family, opts.config, device)
     build_s = time.perf_counter() - started
-    text_length = script_args(opts.family, opts, []).max_sequence_length if opts.family == "sana" else 77
+    defaults = SCRIPTS[opts.family].parse_args(script_argv(opts, [], "unused"))
+    text_length = getattr(defaults, "max_sequence_length", 77)  # SANA's text length; CLIP's 77
     parameters = {
         name: sum(p.numel() for p in module.parameters())
         for name, module in [("denoiser", models["denoiser"]), ("vae", models["vae"])]
@@ -397,7 +372,8 @@ def run(opts):
             set_checkpointing(denoiser, False)
             step, logs = floor_step(opts.family, denoiser, opts, device, dtype, text_length), None
         else:
-            step, logs, loss_key = dti_step(opts.family, models, flags, opts, accelerator, num_concepts)
+            folder = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
+            step, logs, loss_key = dti_step(opts.family, models, flags, opts, folder, num_concepts)
         counted = not {"--compile", "8bit"} & set(flags or [])  # FlopCounterMode sees neither compiled nor int8 ops
         measured = measure(step, opts, device, flops=counted)
         losses = [record[2][loss_key] for record in logs.read()] if logs else []  # the first concept's

@@ -238,7 +238,7 @@ def test_each_entry_gets_its_folder_and_hub_repo(tmp_path):
     argv = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "out"), "--hub_model_id", "me/dti",
             "--concepts_list", str(write_list(tmp_path / "c.json", items)), "--num_vectors", "4"]  # fmt: skip
     for script in SCRIPTS.values():
-        args = script.validate_args(script.parse_args(argv))
+        args = script.validate_args(script.parse_args(argv), script.FAMILY)
         a, b = script.read_concepts(args)
         assert (a.output_dir, b.output_dir) == (str(tmp_path / "out" / "a"), "elsewhere")
         assert (script.hub_repo_id(a), script.hub_repo_id(b)) == ("me/dti-a", "me/dti-b")

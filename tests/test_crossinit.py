@@ -183,7 +183,7 @@ def test_resume_is_bit_identical_and_a_crossinit_checkpoint_refuses_another_meth
 @pytest.mark.parametrize("script", [train_dti_sdxl, train_dti_sana])
 def test_defaults_and_the_dti_flags_a_baseline_ignores(script, tiny_sdxl, tmp_path):
     def parsed(*extra):
-        return script.validate_args(script.parse_args([*training_args(tiny_sdxl, tmp_path), *extra]))
+        return script.validate_args(script.parse_args([*training_args(tiny_sdxl, tmp_path), *extra]), script.FAMILY)
 
     args = parsed("--method", "crossinit")
     assert (args.learning_rate, args.kappa, args.crossinit_lambda) == (5e-3, 0.0, 1e-5)

@@ -312,6 +312,20 @@ def test_bad_input_is_refused_before_anything_is_written(runs, tiny_sdxl, evalua
     assert not (tmp_path / "out").exists()
 
 
+def test_a_pipeline_of_no_known_family_is_refused_before_any_image(tmp_path, monkeypatch):
+    model = tmp_path / "wan"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    save_file({ROBOT: torch.randn(1, 32)}, tmp_path / "robot.safetensors")
+    monkeypatch.setattr(infer, "load_pipeline", lambda *args: pytest.fail("a pipeline was loaded"))
+    argv = ["--pretrained_model_name_or_path", str(model), "--embeddings", str(tmp_path / "robot.safetensors"),
+            "--instance_data_dir", str(ASSETS), "--image_encoder", "none", "--text_encoder", "none", "--device",
+            "cpu", "--class_word", "toy", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(ValueError, match="is a WanPipeline; infer.py supports StableDiffusionXLPipeline and Sana"):
+        evaluate.main(evaluate.parse_args(argv))
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_line_error_is_one_line(runs, tiny_sdxl, evaluators, tmp_path):
     (tmp_path / "empty").mkdir()
     argv = evaluate_args(tiny_sdxl, evaluators, tmp_path / "out", "--embeddings", str(runs["sdxl"]),

@@ -83,7 +83,7 @@ def test_sdxl_loads_every_format_into_both_encoders(runs, tiny_sdxl, tmp_path, f
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    vectors = infer.assign_encoders(concepts[0], pipe, "sdxl")
+    vectors = infer.assign_encoders(concepts[0], pipe, infer.FAMILIES["sdxl"])
     infer.add_tokens_to_sdxl(pipe, ROBOT, vectors)
     assert torch.equal(row(pipe, "text_encoder", ROBOT), l_vector[0])
     if form != "a1111 file":
@@ -262,6 +262,20 @@ def infer_error_runs(runs, tiny_sdxl, tmp_path_factory):
 def test_bad_input_gives_one_line_error(infer_error_runs, name):
     assert_one_line_error(*infer_error_runs[name])
     assert not list(infer_error_runs["out"].glob("*.png"))
+
+
+def test_a_pipeline_of_no_known_family_is_refused_in_one_line_before_loading(tmp_path):
+    model = tmp_path / "wan"
+    model.mkdir()  # model_index.json alone: a run that got past detection would fail on the missing weights
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    save_file({ROBOT: torch.randn(1, 32)}, tmp_path / "robot.safetensors")
+    argv = ["--pretrained_model_name_or_path", str(model), "--embeddings", str(tmp_path / "robot.safetensors"),
+            "--prompt", f"a {ROBOT}", "--device", "cpu", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    proc = run_script_cases(REPO / "infer.py", {"wan": argv})["wan"]
+    assert_one_line_error(
+        proc, "is a WanPipeline; infer.py supports StableDiffusionXLPipeline and SanaPipeline checkpoints."
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_token_in_no_prompt_is_warned(runs, tiny_sdxl, tmp_path, capsys):

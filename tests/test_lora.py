@@ -184,7 +184,7 @@ def test_peft_missing_is_one_line_naming_the_install(tiny_sdxl, tmp_path, monkey
     real = dti.importlib.util.find_spec
     monkeypatch.setattr(dti.importlib.util, "find_spec", lambda name: None if name == "peft" else real(name))
     with pytest.raises(ValueError, match=r"^--lora_rank needs peft: pip install peft\.$"):
-        dti.validate_args(dti.parse_args(training_args(tiny_sdxl, tmp_path, "--lora_rank", "4")))
+        dti.validate_args(dti.parse_args(training_args(tiny_sdxl, tmp_path, "--lora_rank", "4")), dti.FAMILY)
 
 
 def test_two_processes_equal_one_with_a_lora(straight, tiny_sdxl, tmp_path):

@@ -154,6 +154,6 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_embeddings(
         script.main(script.parse_args(argv))
     saved = load_file(tmp_path / "out" / "learned_embeds.safetensors")[TOKEN]
     norm_scale = saved.norm().item()
-    per_step = len(SCRIPTS[family].TEXT_ENCODERS)
+    per_step = len(SCRIPTS[family].FAMILY.text_encoders)
     assert len(history) == last * per_step and all(torch.equal(h, history[0]) for h in history[::per_step])
     assert torch.allclose(saved, history[0] * norm_scale, atol=1e-6)  # only step 1 updated

@@ -378,7 +378,7 @@ def test_cached_latents_give_the_same_loss_as_encoding_each_step(tiny_sdxl):
     assert dataset.crops_are_fixed
     samples = [dataset[p] for p in range(10)]
     batch = dti.collate([next(s for s in samples if s["flip"]), next(s for s in samples if not s["flip"])])
-    cache = dti.LatentCache(dataset, vae)
+    cache = dti.LatentCache(dataset, partial(dti.FAMILY.latent_posterior, vae))
     fresh, cached = dti.vae_posterior(vae, batch["pixel_values"]), cache(batch)
     assert torch.allclose(fresh[0], cached[0], atol=1e-5) and torch.allclose(fresh[1], cached[1], atol=1e-5)
     dataset.with_pixels = False  # what the script sets once the latents are cached: no image work per sample

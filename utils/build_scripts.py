@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+OUTPUT = REPO  # where the scripts go
 CORE = REPO / "dti" / "core"
 FAMILIES = {"sdxl": REPO / "dti" / "families" / "sdxl.py", "sana": REPO / "dti" / "families" / "sana.py"}
 FAMILY = "<family>"  # where the family's adapter goes among the sections
@@ -136,7 +137,7 @@ def main(argv=None):
     sys.path.insert(0, str(REPO))
     stale = []
     for name in FAMILIES:
-        target = REPO / f"train_dti_{name}.py"
+        target = OUTPUT / f"train_dti_{name}.py"
         text = build(name)
         if args.check:
             if not target.is_file() or target.read_text() != text:

@@ -80,9 +80,9 @@ class Family:
     def check_models(self, args, models):
         """Checks that need the loaded configs (e.g. the resolution against the autoencoder's factor)."""
 
-    def prepare_text_encoders(self, args, models, first_free_id):
-        """Called before the learned tokens are attached; first_free_id: the first id after every concept's tokens.
-        Returns extras for Models.extras."""
+    def prepare_text_encoders(self, args, models, tokenizers, first_free_id):
+        """Called once the models are loaded, before the learned tokens are attached (first_free_id: the first id
+        after every concept's tokens). Returns extras for Models.extras."""
         return {}
 
     def encode_initializer(self, args, tokenizers, text_encoders, num_vectors):

@@ -197,7 +197,7 @@ def setup(args, family):
         scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         args.learning_rate, args.lora_learning_rate = args.learning_rate * scale, args.lora_learning_rate * scale
 
-    models.extras = family.prepare_text_encoders(args, models, concepts[-1].placeholder_ids[0][-1] + 1)
+    models.extras = family.prepare_text_encoders(args, models, tokenizers, concepts[-1].placeholder_ids[0][-1] + 1)
     attach_concepts(concepts, tokenizers, models.text_encoders, seed, vocabulary_sizes, family)
     frozen = {family.denoiser: models.denoiser, "vae": models.vae, **dict(zip(family.text_encoders,
               models.text_encoders, strict=True))}  # fmt: skip

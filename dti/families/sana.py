@@ -290,7 +290,7 @@ class Sana(Family):
         if args.resolution % vae_factor:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of the DC-AE factor {vae_factor}.")
 
-    def prepare_text_encoders(self, args, models, first_free_id):
+    def prepare_text_encoders(self, args, models, tokenizers, first_free_id):
         """--zero_pad: the zero row sits after every concept's tokens."""
         return {"zero_pad_id": add_zero_pad_row(models.text_encoders[0], first_free_id) if args.zero_pad else None}
 

@@ -110,7 +110,7 @@ def vae_posterior(vae, pixel_values):
 
 
 def load_tokenizers(args):
-    """Both CLIP tokenizers and the model_index, after checking that the model is an SDXL-layout checkpoint."""
+    """Both CLIP tokenizers, after checking that the model is an SDXL-layout diffusers checkpoint."""
     from diffusers import DiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -127,12 +127,11 @@ def load_tokenizers(args):
     missing = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer_2") if c not in model_index]
     if missing or min(len(t) for t in tokenizers) < 1000:
         raise ValueError(f"--pretrained_model_name_or_path {path!r} is not an SDXL checkpoint (missing {missing}).")
-    return tokenizers, model_index
+    return tokenizers
 
 
-def load_models(args, tokenizers):
-    """The frozen SDXL components, fp32 (cast later, after the vocabulary statistics are taken), CLIP pooling as
-    --pooled_output says."""
+def load_models(args):
+    """The frozen SDXL components, fp32 (cast later, after the vocabulary statistics are taken)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -147,8 +146,6 @@ def load_models(args, tokenizers):
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
     except (OSError, ValueError) as error:
         raise ValueError(f"--pretrained_model_name_or_path {path!r}: a component failed to load ({error}).") from error
-    for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
-        set_pooled_output(text_encoder, tokenizer, args.pooled_output)
     return Models(text_encoders, vae, unet, noise_scheduler, sampler=None)
 
 
@@ -204,7 +201,7 @@ class SDXL(Family):
         return args
 
     def load_tokenizers(self, args):
-        return load_tokenizers(args)
+        return load_tokenizers(args), None  # the model_index is only checked
 
     def prompt_tokenizers(self, args, tokenizers):
         tokenize = partial(tokenize_prompt, tokenizers)
@@ -214,12 +211,18 @@ class SDXL(Family):
         return {"pooled_output": args.pooled_output}
 
     def load_models(self, args, model_index, tokenizers):
-        return load_models(args, tokenizers)
+        return load_models(args)
 
     def check_models(self, args, models):
         vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         if args.resolution % vae_factor:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
+
+    def prepare_text_encoders(self, args, models, tokenizers, first_free_id):
+        """CLIP pooling as --pooled_output says."""
+        for text_encoder, tokenizer in zip(models.text_encoders, tokenizers, strict=True):
+            set_pooled_output(text_encoder, tokenizer, args.pooled_output)
+        return {}
 
     def encode_initializer(self, args, tokenizers, text_encoders, num_vectors):
         return encode_initializer(args, tokenizers, text_encoders, num_vectors)

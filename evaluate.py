@@ -408,15 +408,15 @@ def generation_settings(args, family, dtype_name, concept):
         "model": args.pretrained_model_name_or_path,
         "revision": args.revision,
         "variant": args.variant,
-        "family": family,
+        "family": family.name,
         "scheduler": args.scheduler,
-        "num_inference_steps": args.num_inference_steps or infer.DEFAULT_STEPS[family],
+        "num_inference_steps": args.num_inference_steps or family.default_steps,
         "guidance_scale": args.guidance_scale,
         "height": args.height,
         "width": args.width,
         "negative_prompt": args.negative_prompt,
         "complex_human_instruction": args.complex_human_instruction,
-        "pooled_output": infer.pooled_output(args, [concept]) if family == "sdxl" else None,
+        "pooled_output": infer.pooled_output(args, [concept]) if family.uses_pooled_output else None,
         "rescale": args.rescale,
         "dtype": dtype_name,
         "token": concept.token,
@@ -461,10 +461,7 @@ def put_token(pipe, family, concept, loaded, tables, rescale):
     for encoder, tensor in vectors.items():
         tokenizer = getattr(pipe, infer.TOKENIZERS[encoder])
         infer.check_new_token(tokenizer, name, len(tensor), ", ".join(concept.sources))
-    if family == "sdxl":
-        infer.add_tokens_to_sdxl(pipe, name, vectors)
-    else:
-        infer.add_tokens_to_sana(pipe, name, vectors["text_encoder"])
+    family.add_tokens(pipe, name, vectors)
     loaded[name] = shapes
     return name
 
@@ -480,7 +477,7 @@ def generate_missing(jobs, args, family, device, dtype_name, settings):
     adapters = infer.load_loras(pipe, [source for job in jobs for source in run_loras(args, job.concept)])
     tables = {}
     if args.rescale:  # the vocabulary before any token is added
-        for encoder in infer.ENCODERS[family]:
+        for encoder in family.encoders:
             tables[encoder] = infer.vocabulary_table(pipe, encoder, len(getattr(pipe, infer.TOKENIZERS[encoder])))
     loaded = {}  # name in the pipeline -> {encoder: shape}
     with tqdm(total=total, desc="Generating", unit="image") as bar:
@@ -489,8 +486,8 @@ def generate_missing(jobs, args, family, device, dtype_name, settings):
                 continue
             name = put_token(pipe, family, job.concept, loaded, tables, args.rescale)
             infer.use_loras(pipe, adapters, run_loras(args, job.concept), args.lora_scale)
-            instruction = infer.sana_instruction(args, [job.concept]) if family == "sana" else None
-            if family == "sdxl":
+            instruction = infer.sana_instruction(args, [job.concept]) if family.uses_complex_human_instruction else None
+            if family.uses_pooled_output:
                 infer.set_pooled_output(pipe, wanted["pooled_output"])
             (job.folder / "images").mkdir(parents=True, exist_ok=True)
             write_atomically(job.folder / "generation.json", json.dumps(wanted, indent=2))
@@ -796,11 +793,11 @@ def main(args):
     runs = collect_runs(jobs, results, metrics, args)
     summary = {
         "model": args.pretrained_model_name_or_path,
-        "family": family,
+        "family": family.name,
         "benchmark": args.benchmark,
         "prompt_set": args.prompt_file or args.prompt_set,
         "seeds": args.seeds,
-        "num_inference_steps": args.num_inference_steps or infer.DEFAULT_STEPS[family],
+        "num_inference_steps": args.num_inference_steps or family.default_steps,
         "image_encoder": args.image_encoder,
         "text_encoder": args.text_encoder,
         "clip_model": args.clip_model,

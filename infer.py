@@ -16,6 +16,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +27,8 @@ from safetensors import safe_open
 
 __version__ = "0.1.0"
 
-FAMILIES = {"StableDiffusionXL": "sdxl", "Sana": "sana"}
-ENCODERS = {"sdxl": ("text_encoder", "text_encoder_2"), "sana": ("text_encoder",)}
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 COMBINED_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
-DEFAULT_STEPS = {"sdxl": 25, "sana": 20}
 TRAINING_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what --lora_rank training writes next to the embeddings
 
@@ -57,7 +55,8 @@ def add_pipeline_arguments(parser, dtype_help="auto: bfloat16 on CUDA, float32 o
     parser.add_argument("--revision", default=None, help="Revision of the model.")
     parser.add_argument("--variant", default=None, help="Weight variant of the model, e.g. fp16.")
     parser.add_argument("--negative_prompt", default=None, help="Negative prompt.")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: 25 (SDXL), 20 (SANA).")
+    steps = ", ".join(f"{family.default_steps} ({family.label})" for family in FAMILIES.values())
+    parser.add_argument("--num_inference_steps", type=int, default=None, help=f"Default: {steps}.")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
     parser.add_argument("--height", type=int, default=None, help="Default: the model's.")
     parser.add_argument("--width", type=int, default=None, help="Default: the model's.")
@@ -324,8 +323,9 @@ def token_names(token, num_vectors):
 
 
 def assign_encoders(concept, pipe, family):
-    """Map each of the concept's vector sets to the encoder of the same width; errors name the file and widths."""
-    widths = {name: getattr(pipe, name).get_input_embeddings().weight.shape[1] for name in ENCODERS[family]}
+    """Map each of the concept's vector sets to the family's encoder of the same width; errors name the file and
+    widths."""
+    widths = {name: getattr(pipe, name).get_input_embeddings().weight.shape[1] for name in family.encoders}
     assigned = {}
     for key, vectors in concept.vectors.items():
         matches = [key] if key in widths else [n for n, w in widths.items() if w == vectors.shape[1]]
@@ -446,12 +446,88 @@ def report(vectors, table, tokenizer, top=5):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Generation
+# Families: every difference between the pipelines infer.py and evaluate.py drive, in one table
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def add_tokens_to_sana_encoders(pipe, token, vectors_by_encoder):
+    """add_tokens_to_sana in the per-encoder form the family table uses (SANA has one encoder, Gemma)."""
+    return add_tokens_to_sana(pipe, token, vectors_by_encoder["text_encoder"])
+
+
+def sdxl_inputs(pipe, prompt, instruction):
+    """SDXL's prompt as written (its pipeline expands multi-vector tokens itself) and no extra pipeline arguments."""
+    return prompt, {}
+
+
+def sana_inputs(pipe, prompt, instruction):
+    """SANA's prompt with multi-vector tokens written out, its complex human instruction, and the asked size kept."""
+    extra = {"complex_human_instruction": instruction, "use_resolution_binning": False}
+    return expand_prompt(prompt, pipe.tokenizer), extra
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """One pipeline family: how it is recognised, loaded, given tokens and sampled."""
+
+    name: str  # what generations.json and metrics.json record
+    label: str  # how help texts name it
+    pipeline: str  # the diffusers pipeline class
+    class_prefix: str  # model_index.json's _class_name starts with it
+    encoders: tuple  # text encoder components, each with its tokenizer in TOKENIZERS
+    default_steps: int  # --num_inference_steps when not given
+    schedulers: dict  # --scheduler value -> diffusers scheduler class; a value not here keeps the checkpoint's own
+    add_tokens: Callable  # (pipe, token, {encoder: [k, d]}): load a learned token
+    inputs: Callable  # (pipe, prompt, instruction) -> (prompt, extra pipeline arguments)
+    uses_complex_human_instruction: bool  # --complex_human_instruction applies
+    uses_pooled_output: bool  # --pooled_output applies (where both CLIP encoders pool)
+
+
+FAMILIES = {
+    family.name: family
+    for family in (
+        Family(
+            name="sdxl",
+            label="SDXL",
+            pipeline="StableDiffusionXLPipeline",
+            class_prefix="StableDiffusionXL",
+            encoders=("text_encoder", "text_encoder_2"),
+            default_steps=25,
+            # DPM-Solver++ by default: the sampler the paper's SDXL images were made with
+            schedulers={
+                "default": "DPMSolverMultistepScheduler",
+                "dpm": "DPMSolverMultistepScheduler",
+                "euler": "EulerDiscreteScheduler",
+            },
+            add_tokens=add_tokens_to_sdxl,
+            inputs=sdxl_inputs,
+            uses_complex_human_instruction=False,
+            uses_pooled_output=True,
+        ),
+        Family(
+            name="sana",
+            label="SANA",
+            pipeline="SanaPipeline",
+            class_prefix="Sana",
+            encoders=("text_encoder",),
+            default_steps=20,
+            schedulers={"dpm": "DPMSolverMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler"},
+            add_tokens=add_tokens_to_sana_encoders,
+            inputs=sana_inputs,
+            uses_complex_human_instruction=True,
+            uses_pooled_output=False,
+        ),
+    )
+}
+
+
+def listing(names):
+    """Names joined as prose: 'a', 'a and b', 'a, b and c'."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
 def detect_family(args):
-    """'sdxl' or 'sana', from the checkpoint's model_index.json."""
+    """The Family of the checkpoint, from the _class_name of its model_index.json; any other pipeline is refused."""
     from diffusers import DiffusionPipeline
 
     try:
@@ -460,29 +536,30 @@ def detect_family(args):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {reason}") from error
     class_name = index.get("_class_name", "")
-    for prefix, family in FAMILIES.items():
-        if class_name.startswith(prefix):
+    for family in FAMILIES.values():
+        if class_name.startswith(family.class_prefix):
             return family
+    supported = listing([family.pipeline for family in FAMILIES.values()])
     raise ValueError(
-        f"--pretrained_model_name_or_path is a {class_name or 'unknown pipeline'}; "
-        "infer.py supports StableDiffusionXLPipeline and SanaPipeline checkpoints."
+        f"--pretrained_model_name_or_path is a {class_name or 'unknown pipeline'}; infer.py supports {supported} "
+        "checkpoints."
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def load_pipeline(args, family, dtype, device):
     import diffusers
 
-    pipeline_class = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.SanaPipeline
+    pipeline_class = getattr(diffusers, family.pipeline)
     dtype_keyword = "dtype" if version.parse(diffusers.__version__).release >= (0, 40) else "torch_dtype"
     pipe = pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **{dtype_keyword: dtype}
     )
-    schedulers = {
-        "sdxl": {"default": "DPMSolverMultistepScheduler", "dpm": "DPMSolverMultistepScheduler",
-                 "euler": "EulerDiscreteScheduler"},
-        "sana": {"dpm": "DPMSolverMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler"},
-    }  # fmt: skip
-    name = schedulers[family].get(args.scheduler)
+    name = family.schedulers.get(args.scheduler)
     if name:
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     if args.enable_model_cpu_offload:
@@ -522,17 +599,15 @@ def slug(text, length=48):
 def generate(pipe, family, prompt, seeds, args, instruction):
     """One batch of images of one prompt, image i seeded with seeds[i] (CPU generators: the same on every device)."""
     kwargs = {
-        "num_inference_steps": args.num_inference_steps or DEFAULT_STEPS[family],
+        "num_inference_steps": args.num_inference_steps or family.default_steps,
         "num_images_per_prompt": len(seeds),
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
     }
     for key in ("guidance_scale", "height", "width", "negative_prompt"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
-    if family == "sana":
-        prompt = expand_prompt(prompt, pipe.tokenizer)
-        kwargs |= {"complex_human_instruction": instruction, "use_resolution_binning": False}
-    return pipe(prompt, **kwargs).images
+    prompt, extra = family.inputs(pipe, prompt, instruction)
+    return pipe(prompt, **kwargs | extra).images
 
 
 def save_image(image, path):
@@ -628,8 +703,8 @@ def main(args):
     use_loras(pipe, load_loras(pipe, loras), loras, args.lora_scale)
 
     # Vocabulary tables before any token is added: the reference for --rescale and --report.
-    tokenizers = {encoder: getattr(pipe, TOKENIZERS[encoder]) for encoder in ENCODERS[family]}
-    tables = {encoder: vocabulary_table(pipe, encoder, len(tokenizers[encoder])) for encoder in ENCODERS[family]}
+    tokenizers = {encoder: getattr(pipe, TOKENIZERS[encoder]) for encoder in family.encoders}
+    tables = {encoder: vocabulary_table(pipe, encoder, len(tokenizers[encoder])) for encoder in family.encoders}
     loaded, reports = {}, {}
     for concept in concepts:
         vectors = assign_encoders(concept, pipe, family)
@@ -637,14 +712,11 @@ def main(args):
             check_new_token(tokenizers[encoder], concept.token, len(tensor), ", ".join(concept.sources))
             if args.rescale:
                 vectors[encoder] = rescale(tensor, tables[encoder], args.rescale)
-        if family == "sdxl":
-            missing = [e for e in ENCODERS["sdxl"] if e not in vectors]
-            if missing:
-                print(f"warning: {concept.token} has no vectors for {missing}; it is loaded into the others only.",
-                      file=sys.stderr)  # fmt: skip
-            add_tokens_to_sdxl(pipe, concept.token, vectors)
-        else:
-            add_tokens_to_sana(pipe, concept.token, vectors["text_encoder"])
+        missing = [e for e in family.encoders if e not in vectors]
+        if missing:
+            print(f"warning: {concept.token} has no vectors for {missing}; it is loaded into the others only.",
+                  file=sys.stderr)  # fmt: skip
+        family.add_tokens(pipe, concept.token, vectors)
         loaded[concept.token] = vectors
         if args.report:
             reports[concept.token] = {e: report(v, tables[e], tokenizers[e]) for e, v in vectors.items()}
@@ -661,8 +733,8 @@ def main(args):
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    instruction = sana_instruction(args, concepts) if family == "sana" else None
-    pooling = pooled_output(args, concepts) if family == "sdxl" else None
+    instruction = sana_instruction(args, concepts) if family.uses_complex_human_instruction else None
+    pooling = pooled_output(args, concepts) if family.uses_pooled_output else None
     if pooling:
         set_pooled_output(pipe, pooling)
     seeds = [args.seed + i for i in range(args.num_images_per_prompt)]
@@ -679,11 +751,11 @@ def main(args):
     settings = dict(vars(args))
     summary = {
         "model": args.pretrained_model_name_or_path,
-        "family": family,
+        "family": family.name,
         "dtype": dtype_name,
         "device": device,
         "scheduler": type(pipe.scheduler).__name__,
-        "num_inference_steps": args.num_inference_steps or DEFAULT_STEPS[family],
+        "num_inference_steps": args.num_inference_steps or family.default_steps,
         "complex_human_instruction": instruction,
         "pooled_output": pooling,
         "loras": [lora_record(source, args.lora_scale) for source in dict.fromkeys(loras)],

@@ -318,7 +318,9 @@ def prebuilt(script, models):
 
         def load_models(self, args, model_index, tokenizers):
             for text_encoder in models["text_encoders"]:
-                text_encoder.get_input_embeddings()._forward_hooks.clear()
+                for module in text_encoder.modules():  # the learned rows' hooks sit on the embedding modules
+                    if isinstance(module, torch.nn.Embedding):
+                        module._forward_hooks.clear()
             for model in (models["denoiser"], *models["text_encoders"]):
                 set_checkpointing(model, False)
             frozen = list(models["text_encoders"]), models["vae"], models["denoiser"], models["noise_scheduler"]

@@ -34,6 +34,14 @@ def tiny_sana(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+    """Folder of a tiny random-weight WanPipeline (see tests/tiny_wan.py)."""
+    from tests.tiny_wan import save_tiny_wan
+
+    return save_tiny_wan(tmp_path_factory.mktemp("tiny-wan") / "pipeline")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_fp16_variant(tmp_path_factory):
     """The same tiny pipeline stored as an fp16 variant (*.fp16.safetensors), like `--variant fp16` checkpoints."""
     import torch
@@ -83,6 +91,19 @@ def train_sana(tiny_sana, tmp_path):
         output_dir = Path(output_dir or tmp_path / "out")
         argv = training_args(tiny_sana, output_dir, "--gradient_accumulation_steps", "1", *extra, **kwargs)
         return train_dti_sana.main(train_dti_sana.parse_args(argv)), output_dir
+
+    return run
+
+
+@pytest.fixture
+def train_wan(tiny_wan, tmp_path):
+    """Run train_dti_wan.main in-process on the tiny Wan pipeline (64 px, batch 2, 3 steps); (result, output_dir)."""
+    import train_dti_wan
+
+    def run(*extra, output_dir=None, **kwargs):
+        output_dir = Path(output_dir or tmp_path / "out")
+        argv = training_args(tiny_wan, output_dir, "--gradient_accumulation_steps", "1", *extra, **kwargs)
+        return train_dti_wan.main(train_dti_wan.parse_args(argv)), output_dir
 
     return run
 

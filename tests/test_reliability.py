@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 import train_dti_sana
 import train_dti_sdxl
+import train_dti_wan
 from tests.conftest import REPO, assert_one_line_error, training_args
 
-SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana, "wan": train_dti_wan}
 TOKEN = "<toy-robot>"
 
 
@@ -36,9 +37,9 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sana"])
-def test_two_interruptions_then_resume_end_bit_identical(family, tiny_sdxl, tiny_sana, tmp_path):
-    model = model_of(family, tiny_sdxl, tiny_sana)
+@pytest.mark.parametrize("family", ["sdxl", "sana", "wan"])
+def test_two_interruptions_then_resume_end_bit_identical(family, request, tmp_path):
+    model = request.getfixturevalue(f"tiny_{family}")
     flags = ["--max_train_steps", "20", "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1"]
     flags += ["--gradient_accumulation_steps", "1"]
     script = SCRIPTS[family]

@@ -320,14 +320,17 @@ def parse_arguments(family, input_args=None):
     logs.add_argument(
         "--validation_prompt",
         type=str,
-        default=DEFAULT_VALIDATION_PROMPT,
+        default=family.defaults.get("validation_prompt", DEFAULT_VALIDATION_PROMPT),
         help="Prompt of the validation images; '{}' stands for the placeholder token.",
     )
     logs.add_argument(
         "--num_validation_images", type=int, default=4, help="Images per validation; 0 turns validation off."
     )
     logs.add_argument(
-        "--validation_steps", type=int, default=50, help="Validate every N steps (and always at the end)."
+        "--validation_steps",
+        type=int,
+        default=family.defaults.get("validation_steps", 50),
+        help="Validate every N steps (and always at the end).",
     )
     logs.add_argument(
         "--save_steps",

@@ -127,10 +127,9 @@ class RiemannianSGD(torch.optim.Optimizer):
 
 
 def inject_learned_tokens(text_encoder, first_token_id, tokens):
-    """Make the encoder's input embedding return tokens.embeddings() for ids first_token_id .. first_token_id+k-1.
-
-    Only the k learned rows take part in autograd; the embedding table itself is never written or differentiated.
-    """
+    """Make the encoder's input embedding return tokens.embeddings() for ids first_token_id .. first_token_id+k-1:
+    every embedding module that holds the input table (an encoder may look its ids up through a second module tied to
+    the same table). Only the k learned rows take part in autograd; the table itself is never differentiated."""
     num_vectors = len(tokens.embeddings())
 
     def hook(module, inputs, output):
@@ -140,7 +139,9 @@ def inject_learned_tokens(text_encoder, first_token_id, tokens):
         learned = (tokens.embeddings() * scale).to(output.dtype)[offset.clamp(0, num_vectors - 1)]
         return torch.where(is_learned.unsqueeze(-1), learned, output)
 
-    return text_encoder.get_input_embeddings().register_forward_hook(hook)
+    table = text_encoder.get_input_embeddings().weight
+    modules = [m for m in text_encoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is table]
+    return [module.register_forward_hook(hook) for module in modules]
 
 
 def check_prompts_fit(args, tokenize, templates, placeholder_ids, num_vectors):
@@ -171,7 +172,7 @@ def placeholder_prompt_token(placeholder_token, num_vectors):
     return " ".join(placeholder_names(placeholder_token, num_vectors))
 
 
-def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
+def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors, add_tokens=None):
     """Add <tok>, <tok>_1, ... to the tokenizer; return their ids (consecutive, after the pretrained vocabulary)."""
     names = placeholder_names(placeholder_token, num_vectors)
     vocabulary_size = len(tokenizer)
@@ -182,7 +183,10 @@ def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
         ):
             suggestion = f"<{name.strip('<>')}-1>"
             raise ValueError(f"--placeholder_token {name!r} is already in the vocabulary; choose e.g. {suggestion!r}.")
-    tokenizer.add_tokens(names)
+    if add_tokens is None:
+        tokenizer.add_tokens(names)
+    else:
+        add_tokens(tokenizer, names)  # the family's way
     ids = tokenizer.convert_tokens_to_ids(names)
     if ids != list(range(vocabulary_size, vocabulary_size + num_vectors)):
         raise ValueError(
@@ -239,6 +243,17 @@ def content_positions(tokenizer, ids, initializer_token, num_vectors):
     )
 
 
+def initializer_hidden_states(text, tokenizer, text_encoder, initializer_token, num_vectors, **forward):
+    """CrossInit's start on one text encoder, [k, d] fp32: its last hidden state (after its final norm) at the
+    initializer's content positions. text: the initializer alone tokenized as a prompt, {"input_ids", "attention_mask"}
+    lists; forward: extra arguments of the encoder's forward."""
+    positions = content_positions(tokenizer, text["input_ids"], initializer_token, num_vectors)
+    ids, mask = (torch.tensor([text[key]], device=text_encoder.device) for key in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        hidden_states = text_encoder(ids, attention_mask=mask, **forward).last_hidden_state
+    return hidden_states[0, positions].float()
+
+
 def make_learned_tokens(args, text_encoder, init_ids, seed, name, vocabulary_size, contextual=None):
     """Build DirectionalTokens (dti), TextualInversionTokens (ti) or CrossInitTokens (crossinit, from the contextual
     vectors [k, d]) for one text encoder from its pretrained table (the first vocabulary_size rows: the tokenizer's
@@ -262,12 +277,13 @@ def make_learned_tokens(args, text_encoder, init_ids, seed, name, vocabulary_siz
     return DirectionalTokens(prior, initial, norm_scale, kappa=args.kappa, beta=beta)
 
 
-def add_concept_tokens(args, tokenizers, in_prompt=True):
+def add_concept_tokens(args, tokenizers, in_prompt=True, add_tokens=None):
     """Add the placeholder to every tokenizer. Returns (initializer ids, placeholder ids) per tokenizer."""
     init_ids = [initializer_token_ids(t, args.initializer_token, args.num_vectors, in_prompt) for t in tokenizers]
     if len({len(ids) for ids in init_ids}) > 1:
         raise ValueError(f"--initializer_token {args.initializer_token!r} tokenizes differently in the tokenizers.")
-    placeholder_ids = [add_placeholder_tokens(t, args.placeholder_token, len(init_ids[0])) for t in tokenizers]
+    k = len(init_ids[0])
+    placeholder_ids = [add_placeholder_tokens(t, args.placeholder_token, k, add_tokens) for t in tokenizers]
     return init_ids, placeholder_ids
 
 

@@ -34,7 +34,8 @@ class Family:
     text_encoder_label = ""  # how --help names the text encoder(s)
     fp32_modules = ()  # components kept in fp32 under mixed precision
     vae_label, vae_factor = "VAE", 8  # the autoencoder's name and its downsampling factor (for --help)
-    defaults = {}  # the defaults of resolution, train_batch_size, gradient_accumulation_steps, max_train_steps
+    defaults = {}  # resolution, train_batch_size, gradient_accumulation_steps, max_train_steps (and, optionally,
+    # validation_prompt and validation_steps)
     default_kappa = 1e-4  # --kappa of --method dti
     placeholder_rule = ""  # what --help adds about the placeholder's spelling
     pipeline_expands_tokens = True  # whether the family's pipeline expands <tok> into <tok> <tok>_1 ... itself
@@ -63,6 +64,10 @@ class Family:
         """(tokenize, fit): prompt -> {key: ids} as training feeds the text encoders, and as the context check reads
         it (the room a prompt has)."""
         raise NotImplementedError
+
+    def add_tokens(self, tokenizer, names):
+        """Add the new tokens' names to a tokenizer (as diffusers' loaders add them: plain strings)."""
+        tokenizer.add_tokens(names)
 
     def initializer_in_prompt(self, args):
         """Whether the class word's pieces are taken as inside a prompt (after a space) or as the bare word."""

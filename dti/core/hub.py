@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from dti.core.constants import logger
+from dti.core.constants import LORA_WEIGHT_NAME, logger
 from dti.core.data import validation_prompt
 from dti.core.plumbing import write_atomically
 from dti.core.step import lora_description
@@ -117,6 +117,11 @@ def training_table(args, learned, num_processes):
     if args.lora_rank:
         rows += [("LoRA", f"{lora_description(args)}; lr {args.lora_learning_rate:g} from step {args.lora_start_step}")]
     return "| setting | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def lora_snippet_line(args, repo_id):
+    """The model card snippet's line that loads the run's LoRA ("" without one)."""
+    return f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHT_NAME}")\n' if args.lora_rank else ""
 
 
 def save_model_card(args, learned, step, num_processes, repo_id, family):

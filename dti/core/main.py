@@ -68,14 +68,14 @@ class Concept:
     guard: NonFiniteGuard = None
 
 
-def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True):
+def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True, add_tokens=None):
     """Per concept, before any model loads: its tokens added to every tokenizer (after the previous concepts'), its
     prompts checked against the context (fit: prompt -> {key: ids}), its images read. Returns one Concept each; an
     error names its --concepts_list entry."""
     concepts = []
     for args in concept_args:
         try:
-            init_ids, placeholder_ids = add_concept_tokens(args, tokenizers, in_prompt)
+            init_ids, placeholder_ids = add_concept_tokens(args, tokenizers, in_prompt, add_tokens)
             num_vectors = len(init_ids[0])
             templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
             check_prompts_fit(args, fit, templates, placeholder_ids, num_vectors)
@@ -187,7 +187,8 @@ def setup(args, family):
     tokenizers, model_index = family.load_tokenizers(args)
     vocabulary_sizes = [len(t) for t in tokenizers]
     tokenize, fit = family.prompt_tokenizers(args, tokenizers)
-    concepts = prepare_concepts(concept_args, tokenizers, fit, in_prompt=family.initializer_in_prompt(args))
+    in_prompt = family.initializer_in_prompt(args)
+    concepts = prepare_concepts(concept_args, tokenizers, fit, in_prompt, family.add_tokens)
     claim_output_dirs(args, concepts, accelerator)
     identity = run_identity(args, concepts) | family.identity(args)
     checkpoint = find_checkpoint(args, identity) if args.resume_from_checkpoint else None

@@ -17,19 +17,24 @@ import argparse
 import inspect
 import json
 import random
-import sys
 from functools import partial
 
 import torch
 
-from dti.core.arguments import parse_arguments
-from dti.core.constants import LORA_WEIGHT_NAME
 from dti.core.data import keyed_generators, stable_seed
-from dti.core.dti import content_positions
+from dti.core.dti import initializer_hidden_states
 from dti.core.family import Family, Models
-from dti.core.main import train
-from dti.core.plumbing import TrainingStopped
+from dti.core.hub import lora_snippet_line
+from dti.core.loading import (
+    auto_tokenizer,
+    check_layout,
+    checkpoint_sampler,
+    load_components,
+    load_tokenizers_and_index,
+)
 from dti.core.step import lora_description
+from dti.shared.flow_matching import add_flow_matching_arguments, flow_matching_inputs, flow_matching_loss
+from dti.shared.token_rows import ADD_TOKEN_ROWS
 
 DEFAULT_KAPPA = 5e-5
 ZERO_PAD_SCALE, ZERO_PAD_MAX = 2.0, 15  # --zero_pad: n ~ Exponential(scale 2), rounded down, clipped to [0, 15]
@@ -113,12 +118,10 @@ def encode_initializer(args, tokenizers, text_encoders, num_vectors):
     (<bos> word pad..., no instruction). Kept as raw rows, so Gemma sees them scaled by sqrt(d), as in the authors'
     CrossInit runs."""
     text = tokenize_prompt(tokenizers[0], args.max_sequence_length, None, args.initializer_token)
-    positions = content_positions(tokenizers[0], text["input_ids"], args.initializer_token, num_vectors)
-    text_encoder = text_encoders[0]
-    ids, mask = (torch.tensor([text[key]], device=text_encoder.device) for key in ("input_ids", "attention_mask"))
-    with torch.no_grad():
-        hidden_states = text_encoder(ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return {"text_encoder": hidden_states[0, positions].float()}
+    start = initializer_hidden_states(
+        text, tokenizers[0], text_encoders[0], args.initializer_token, num_vectors, use_cache=False
+    )
+    return {"text_encoder": start}
 
 
 def training_loss(
@@ -127,19 +130,10 @@ def training_loss(
     """SANA's rectified-flow loss of each sample of a batch, [B] (the mean over its elements), as diffusers' SANA
     training examples compute it, the prompts zero-padded when zero_pad_id is given. latent_mean: [B, C, H/32, W/32]
     DC-AE latents (latent_std is zero)."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-
     device, dtype = latent_mean.device, transformer.dtype
     generators = keyed_generators(seed, batch["position"].tolist(), device)
     latents = latent_mean * vae_scale
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g, device=device) for g in generators])
-    density = partial(compute_density_for_timestep_sampling, args.weighting_scheme, 1, args.logit_mean,
-                      args.logit_std, args.mode_scale)  # fmt: skip
-    u = torch.cat([density(device=device, generator=g).to(device) for g in generators])
-    indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(noise_scheduler.timesteps) - 1)
-    timesteps = noise_scheduler.timesteps.to(device)[indices]
-    sigmas = noise_scheduler.sigmas.to(device)[indices].reshape(-1, 1, 1, 1)
-    noisy_latents = (1.0 - sigmas) * latents + sigmas * noise
+    noisy_latents, noise, timesteps, sigmas = flow_matching_inputs(latents, generators, noise_scheduler, args)
 
     text = batch["text"]
     if zero_pad_id is not None:
@@ -152,9 +146,7 @@ def training_loss(
         timestep=timesteps,
         return_dict=False,
     )[0]
-    weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
-    target = noise - latents
-    return (weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(len(latents), -1).mean(1)
+    return flow_matching_loss(model_pred, latents, noise, sigmas, args)
 
 
 def vae_posterior(vae, pixel_values):
@@ -166,21 +158,9 @@ def vae_posterior(vae, pixel_values):
 
 def load_tokenizers(args):
     """[the Gemma tokenizer] and the pipeline's model_index, after checking that the model is a SanaPipeline."""
-    from diffusers import DiffusionPipeline
-    from transformers import AutoTokenizer
-
-    path = args.pretrained_model_name_or_path
-    try:
-        model_index = DiffusionPipeline.load_config(path, revision=args.revision)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision)
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"--pretrained_model_name_or_path {path!r} could not be loaded ({reason}).") from error
-    missing = [c for c in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if c not in model_index]
-    if missing or "Sana" not in model_index.get("_class_name", ""):
-        raise ValueError(
-            f"--pretrained_model_name_or_path {path!r} is not a SanaPipeline checkpoint (missing {missing})."
-        )
+    model_index, (tokenizer,) = load_tokenizers_and_index(args, auto_tokenizer)
+    components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    check_layout(args, model_index, components, "SanaPipeline", "Sana" not in model_index.get("_class_name", ""))
     tokenizer.padding_side = "right"  # as SanaPipeline sets it
     return [tokenizer], model_index
 
@@ -188,23 +168,21 @@ def load_tokenizers(args):
 def load_models(args, model_index):
     """The frozen SANA components, fp32 (cast later, after the vocabulary statistics are taken): the Gemma-2 text
     encoder, the DC-AE, the transformer, the flow-matching training scheduler and the checkpoint's own sampler."""
-    import diffusers
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
     from transformers import AutoModel
 
-    path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "variant": args.variant}
-    try:
+    def load(path, common):
         text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", **common)
         vae = AutoencoderDC.from_pretrained(path, subfolder="vae", **common)
         transformer = SanaTransformer2DModel.from_pretrained(path, subfolder="transformer", **common)
+        revision = common["revision"]
         noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            path, subfolder="scheduler", revision=args.revision
+            path, subfolder="scheduler", revision=revision
         )
-        sampler_class = getattr(diffusers, model_index["scheduler"][1])
-        sampler = sampler_class.from_pretrained(path, subfolder="scheduler", revision=args.revision)
-    except (OSError, ValueError, AttributeError) as error:
-        raise ValueError(f"--pretrained_model_name_or_path {path!r}: a component failed to load ({error}).") from error
-    return Models([text_encoder], vae, transformer, noise_scheduler, sampler)
+        sampler = checkpoint_sampler(path, model_index, revision)
+        return Models([text_encoder], vae, transformer, noise_scheduler, sampler)
+
+    return load_components(args, load)
 
 
 class Sana(Family):
@@ -247,15 +225,7 @@ class Sana(Family):
             help="Which Gemma piece of the class word gives the prior and initial rows. in_prompt: the piece a prompt "
             "holds ('▁robot'), what inference feeds. bare: the word alone ('robot'), as the authors' code takes it.",
         )
-        sana.add_argument(
-            "--weighting_scheme",
-            choices=["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"],
-            default="none",
-            help="Timestep sampling / loss weighting of the flow-matching loss, as in diffusers' SANA examples.",
-        )
-        sana.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal timestep density.")
-        sana.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit_normal timestep density.")
-        sana.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode timestep density.")
+        add_flow_matching_arguments(sana)
 
     def validate(self, args):
         return validate_sana_args(args)
@@ -348,7 +318,7 @@ class Sana(Family):
             if args.lora_rank
             else ""
         )
-        lora_line = f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHT_NAME}")\n' if args.lora_rank else ""
+        lora_line = lora_snippet_line(args, repo_id)
         about = (
             f"`{token}` is a concept token learned as new rows of the Gemma-2 input embedding table from the class "
             f'word "{args.initializer_token}" with {method}. SanaPipeline has no `load_textual_inversion`; these lines '
@@ -370,13 +340,7 @@ path = hf_hub_download("{repo_id}", "learned_embeds.safetensors")
 vectors = load_file(path)[token]
 with safe_open(path, framework="pt") as f:
     instruction = json.loads(f.metadata()["complex_human_instruction"])  # what training used
-names = [token] + [f"{{token}}_{{i}}" for i in range(1, len(vectors))]
-pipe.tokenizer.add_tokens(names)
-if pipe.text_encoder.get_input_embeddings().weight.shape[0] < len(pipe.tokenizer):
-    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
-table = pipe.text_encoder.get_input_embeddings().weight
-with torch.no_grad():
-    table[pipe.tokenizer.convert_tokens_to_ids(names)] = vectors.to(table.device, table.dtype)
+{ADD_TOKEN_ROWS}
 prompt = "{prompt}".replace(token, " ".join(names))
 {lora_line}image = pipe(prompt, complex_human_instruction=instruction).images[0]
 ```
@@ -393,19 +357,3 @@ prompt = "{prompt}".replace(token, " ".join(names))
 
 
 FAMILY = Sana()
-
-
-def parse_args(input_args=None):
-    """The command line (tests pass a list)."""
-    return parse_arguments(FAMILY, input_args)
-
-
-def main(args):
-    return train(args, FAMILY)
-
-
-if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, TrainingStopped) as error:
-        sys.exit(f"error: {error}")

@@ -10,19 +10,17 @@ unit hypersphere, by Riemannian SGD with a von Mises-Fisher prior toward the cla
 The outputs load with `pipe.load_textual_inversion(...)` in diffusers and in ComfyUI / A1111 (see README.md).
 """
 
-import sys
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from dti.core.arguments import parse_arguments
-from dti.core.constants import LORA_WEIGHT_NAME
 from dti.core.data import keyed_generators
 from dti.core.dti import content_positions
 from dti.core.family import Family, Models
-from dti.core.main import train
-from dti.core.plumbing import TrainingStopped, concept_name
+from dti.core.hub import lora_snippet_line
+from dti.core.loading import check_layout, load_components, load_tokenizers_and_index
+from dti.core.plumbing import concept_name
 from dti.core.step import lora_description
 
 DEFAULT_KAPPA = 1e-4
@@ -111,22 +109,16 @@ def vae_posterior(vae, pixel_values):
 
 def load_tokenizers(args):
     """Both CLIP tokenizers, after checking that the model is an SDXL-layout diffusers checkpoint."""
-    from diffusers import DiffusionPipeline
     from transformers import CLIPTokenizer
 
-    path = args.pretrained_model_name_or_path
-    try:
-        model_index = DiffusionPipeline.load_config(path, revision=args.revision)
-        tokenizers = [
-            CLIPTokenizer.from_pretrained(path, subfolder=subfolder, revision=args.revision)
-            for subfolder in ("tokenizer", "tokenizer_2")
+    def load(path, revision):
+        return [
+            CLIPTokenizer.from_pretrained(path, subfolder=s, revision=revision) for s in ("tokenizer", "tokenizer_2")
         ]
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"--pretrained_model_name_or_path {path!r} could not be loaded ({reason}).") from error
-    missing = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer_2") if c not in model_index]
-    if missing or min(len(t) for t in tokenizers) < 1000:
-        raise ValueError(f"--pretrained_model_name_or_path {path!r} is not an SDXL checkpoint (missing {missing}).")
+
+    model_index, tokenizers = load_tokenizers_and_index(args, load)
+    components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer_2")
+    check_layout(args, model_index, components, "SDXL", min(len(t) for t in tokenizers) < 1000)
     return tokenizers
 
 
@@ -135,18 +127,17 @@ def load_models(args):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "variant": args.variant}
-    try:
+    def load(path, common):
         text_encoders = [
             CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **common),
             CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **common),
         ]
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--pretrained_model_name_or_path {path!r}: a component failed to load ({error}).") from error
-    return Models(text_encoders, vae, unet, noise_scheduler, sampler=None)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=common["revision"])
+        return Models(text_encoders, vae, unet, noise_scheduler, sampler=None)
+
+    return load_components(args, load)
 
 
 def check_output_names(args):
@@ -271,7 +262,7 @@ class SDXL(Family):
         token, name = args.placeholder_token, concept_name(args.placeholder_token)
         prompt = f"a painting of {token} in the style of Van Gogh"
         pooling_line = POOL_AT_END_OF_TEXT + "\n" if args.pooled_output == "eos" else ""
-        lora_line = f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHT_NAME}")\n' if args.lora_rank else ""
+        lora_line = lora_snippet_line(args, repo_id)
         lora_sentence = f" A LoRA of the UNet was trained with it ({lora_description(args)})." if args.lora_rank else ""
         lora_loader = " and `load_lora_weights`" if args.lora_rank else ""
         lora_note = (
@@ -312,19 +303,3 @@ ComfyUI: put `{name}.safetensors` in `models/embeddings/` and write `embedding:{
 
 
 FAMILY = SDXL()
-
-
-def parse_args(input_args=None):
-    """The command line (tests pass a list)."""
-    return parse_arguments(FAMILY, input_args)
-
-
-def main(args):
-    return train(args, FAMILY)
-
-
-if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, TrainingStopped) as error:
-        sys.exit(f"error: {error}")

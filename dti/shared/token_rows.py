@@ -1,0 +1,10 @@
+"""New token rows by hand, for pipelines without load_textual_inversion: the lines a model card shows."""
+
+# After `vectors = load_file(...)[token]` ([k, d]): add <tok>, <tok>_1, ... and write their rows.
+ADD_TOKEN_ROWS = """names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
+pipe.tokenizer.add_tokens(names)
+if pipe.text_encoder.get_input_embeddings().weight.shape[0] < len(pipe.tokenizer):
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+table = pipe.text_encoder.get_input_embeddings().weight
+with torch.no_grad():
+    table[pipe.tokenizer.convert_tokens_to_ids(names)] = vectors.to(table.device, table.dtype)"""

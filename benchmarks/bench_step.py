@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 # Copyright 2026 The DTI diffusers authors. Licensed under the Apache License, Version 2.0.
-"""Time the training step of train_dti_sdxl.py and train_dti_sana.py on the real architectures (random weights
-from benchmarks/configs, nothing downloaded) or on the tiny test models, against the floor: the frozen denoiser's
-forward plus its input-gradient backward, which no textual-inversion step can avoid.
+"""Time the training step of train_dti_sdxl.py, train_dti_sana.py and train_dti_wan.py on the real architectures
+(random weights from benchmarks/configs, nothing downloaded) or on the tiny test models, against the floor: the
+frozen denoiser's forward plus its input-gradient backward, which no textual-inversion step can avoid.
 
     python benchmarks/bench_step.py --family sdxl --resolution 768 --batch_size 4            # one GPU
     python benchmarks/bench_step.py --family sana --config tiny --device cpu --steps 3       # a quick check
@@ -34,11 +34,12 @@ sys.path.insert(0, str(REPO))
 
 import train_dti_sana  # noqa: E402
 import train_dti_sdxl  # noqa: E402
+import train_dti_wan  # noqa: E402
 
 CONFIGS = REPO / "benchmarks" / "configs"
-REAL_CONFIGS = {"sdxl": ["sdxl-base-1.0"], "sana": ["sana-1.5-1.6b", "sana-1.5-4.8b"]}
-SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
-DENOISER = {"sdxl": "unet", "sana": "transformer"}
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana, "wan": train_dti_wan}
+REAL_CONFIGS = {"sdxl": ["sdxl-base-1.0"], "sana": ["sana-1.5-1.6b", "sana-1.5-4.8b"],
+                "wan": ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]}  # fmt: skip
 # Variant -> the scripts' flags. "floor" is the denoiser alone. Checkpointing and 8-bit variants run last: they
 # change the models in place.
 VARIANTS = {
@@ -62,7 +63,7 @@ def parse_args(input_args=None):
         description="Time the DTI training step against the denoiser's forward + input-gradient backward.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--family", choices=["sdxl", "sana"], default="sdxl", help="Which script and model family.")
+    parser.add_argument("--family", choices=list(SCRIPTS), default="sdxl", help="Which script and model family.")
     parser.add_argument(
         "--config",
         default=None,
@@ -106,7 +107,8 @@ def parse_args(input_args=None):
     parser.add_argument("--output", default="bench_step.json", help="JSON file with every number of the table.")
     args = parser.parse_args(input_args)
     tiny = args.config == "tiny"
-    defaults = {"sdxl": (768, 4, 1), "sana": (1024, 2, 2)}[args.family]
+    family = SCRIPTS[args.family].FAMILY.defaults  # the script's own defaults
+    defaults = family["resolution"], family["train_batch_size"], family["gradient_accumulation_steps"]
     args.config = args.config or REAL_CONFIGS[args.family][0]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.resolution = args.resolution or (64 if tiny else defaults[0])
@@ -132,52 +134,84 @@ def read_config(folder, name):
     return {k: v for k, v in config.items() if k not in ("_class_name", "_diffusers_version", "architectures")}
 
 
+def tiny_pipeline(family):
+    from tests.tiny_sana import build_tiny_sana
+    from tests.tiny_sdxl import build_tiny_sdxl
+    from tests.tiny_wan import build_tiny_wan
+
+    return {"sdxl": build_tiny_sdxl, "sana": build_tiny_sana, "wan": build_tiny_wan}[family]()
+
+
 def build_models(family, config, device):
     """{text_encoders, vae, denoiser, noise_scheduler, tokenizers}: random weights, fp32, on the device."""
     import diffusers
-    import transformers
 
+    seam = SCRIPTS[family].FAMILY
     if config == "tiny":
-        from tests.tiny_sana import build_tiny_sana
-        from tests.tiny_sdxl import build_tiny_sdxl
-
-        pipe = build_tiny_sdxl() if family == "sdxl" else build_tiny_sana()
-        encoders = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
-        tokenizers = ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
-        scheduler_class = diffusers.DDPMScheduler if family == "sdxl" else diffusers.FlowMatchEulerDiscreteScheduler
+        pipe = tiny_pipeline(family)
+        training = {"sdxl": diffusers.DDPMScheduler}.get(family, diffusers.FlowMatchEulerDiscreteScheduler)
         return {
-            "text_encoders": [getattr(pipe, e).to(device) for e in encoders],
+            "text_encoders": [getattr(pipe, e).to(device) for e in seam.text_encoders],
             "vae": pipe.vae.to(device),
-            "denoiser": getattr(pipe, DENOISER[family]).to(device),
-            "noise_scheduler": scheduler_class.from_config(pipe.scheduler.config),
-            "tokenizers": [getattr(pipe, t) for t in tokenizers],
+            "denoiser": getattr(pipe, seam.denoiser).to(device),
+            "noise_scheduler": training.from_config(pipe.scheduler.config),
+            "tokenizers": [getattr(pipe, t) for t in seam.tokenizers],
         }
     with torch.device(device):  # random init on the device: seconds, not minutes
-        if family == "sdxl":
-            from tests.tiny_sdxl import _tokenizer
+        return {"sdxl": real_sdxl, "sana": real_sana, "wan": real_wan}[family](config)
 
-            text_encoders = [
-                transformers.CLIPTextModel(transformers.CLIPTextConfig(**read_config(config, "text_encoder"))),
-                transformers.CLIPTextModelWithProjection(
-                    transformers.CLIPTextConfig(**read_config(config, "text_encoder_2"))
-                ),
-            ]
-            vae = diffusers.AutoencoderKL.from_config(read_config(config, "vae"))
-            denoiser = diffusers.UNet2DConditionModel.from_config(read_config(config, "unet"))
-            noise_scheduler = diffusers.DDPMScheduler.from_config(read_config(config, "scheduler"))
-            tokenizers = [_tokenizer("<|endoftext|>"), _tokenizer("!")]  # the real CLIP vocabulary
-        else:
-            from tests.tiny_sana import build_tiny_tokenizer
 
-            gemma = read_config(config, "text_encoder")
-            gemma.pop("model_type", None)
-            text_encoders = [transformers.Gemma2Model(transformers.Gemma2Config(**gemma))]
-            vae = diffusers.AutoencoderDC.from_config(read_config(config, "vae"))
-            denoiser = diffusers.SanaTransformer2DModel.from_config(read_config(config, "transformer"))
-            noise_scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(read_config(config, "scheduler"))
-            tokenizers = [build_tiny_tokenizer()]  # token ids index the full 256k table; the text length is fixed
-    return {"text_encoders": text_encoders, "vae": vae, "denoiser": denoiser, "noise_scheduler": noise_scheduler,
-            "tokenizers": tokenizers}  # fmt: skip
+def real_sdxl(config):
+    import diffusers
+    import transformers
+
+    from tests.tiny_sdxl import _tokenizer
+
+    text_encoders = [
+        transformers.CLIPTextModel(transformers.CLIPTextConfig(**read_config(config, "text_encoder"))),
+        transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**read_config(config, "text_encoder_2"))),
+    ]
+    return {
+        "text_encoders": text_encoders,
+        "vae": diffusers.AutoencoderKL.from_config(read_config(config, "vae")),
+        "denoiser": diffusers.UNet2DConditionModel.from_config(read_config(config, "unet")),
+        "noise_scheduler": diffusers.DDPMScheduler.from_config(read_config(config, "scheduler")),
+        "tokenizers": [_tokenizer("<|endoftext|>"), _tokenizer("!")],  # the real CLIP vocabulary
+    }
+
+
+def real_sana(config):
+    import diffusers
+    import transformers
+
+    from tests.tiny_sana import build_tiny_tokenizer
+
+    gemma = read_config(config, "text_encoder")
+    gemma.pop("model_type", None)
+    return {
+        "text_encoders": [transformers.Gemma2Model(transformers.Gemma2Config(**gemma))],
+        "vae": diffusers.AutoencoderDC.from_config(read_config(config, "vae")),
+        "denoiser": diffusers.SanaTransformer2DModel.from_config(read_config(config, "transformer")),
+        "noise_scheduler": diffusers.FlowMatchEulerDiscreteScheduler.from_config(read_config(config, "scheduler")),
+        "tokenizers": [build_tiny_tokenizer()],  # token ids index the full 256k table; the text length is fixed
+    }
+
+
+def real_wan(config):
+    import diffusers
+    import transformers
+
+    from tests.tiny_wan import build_tiny_tokenizer
+
+    umt5 = read_config(config, "text_encoder")
+    umt5.pop("model_type", None)
+    return {
+        "text_encoders": [transformers.UMT5EncoderModel(transformers.UMT5Config(**umt5))],
+        "vae": diffusers.AutoencoderKLWan.from_config(read_config(config, "vae")),
+        "denoiser": diffusers.WanTransformer3DModel.from_config(read_config(config, "transformer")),
+        "noise_scheduler": diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
+        "tokenizers": [build_tiny_tokenizer()],  # ids index the full table; the text length (512) is fixed
+    }
 
 
 def set_checkpointing(module, enabled):
@@ -242,35 +276,56 @@ def measure(step, opts, device, flops=True):
     return {"times": times, "peak_memory_gib": peak, "flops": count_flops(step) if flops else None}
 
 
+def randn(generator, device, dtype, *shape):
+    return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+
+def sdxl_floor(denoiser, opts, generator, device, dtype, text_length):
+    """(latents, text, forward(text)) of one SDXL micro-batch."""
+    b, config, side = opts.batch_size, denoiser.config, opts.resolution // 8
+    latents = randn(generator, device, dtype, b, config.in_channels, side, side)
+    text = randn(generator, device, dtype, b, 77, config.cross_attention_dim)
+    pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    size = [opts.resolution, opts.resolution, 0, 0, opts.resolution, opts.resolution]
+    added = {"text_embeds": randn(generator, device, dtype, b, pooled_width),
+             "time_ids": torch.tensor(size, device=device, dtype=dtype).expand(b, 6)}  # fmt: skip
+    timesteps = torch.randint(0, 1000, (b,), generator=generator, device=device)
+    return latents, text, lambda text: denoiser(latents, timesteps, text, added_cond_kwargs=added).sample
+
+
+def sana_floor(denoiser, opts, generator, device, dtype, text_length):
+    """(latents, text, forward(text)) of one SANA micro-batch."""
+    b, config, side = opts.batch_size, denoiser.config, opts.resolution // 32
+    latents = randn(generator, device, dtype, b, config.in_channels, side, side)
+    text = randn(generator, device, dtype, b, text_length, config.caption_channels)
+    mask = torch.ones(b, text_length, device=device, dtype=torch.long)
+    timesteps = torch.rand(b, generator=generator, device=device) * 1000
+
+    def forward(text):
+        return denoiser(hidden_states=latents, encoder_hidden_states=text, encoder_attention_mask=mask,
+                        timestep=timesteps, return_dict=False)[0]  # fmt: skip
+
+    return latents, text, forward
+
+
+def wan_floor(denoiser, opts, generator, device, dtype, text_length):
+    """(latents, text, forward(text)) of one Wan micro-batch: images as 1-frame videos."""
+    b, config, side = opts.batch_size, denoiser.config, opts.resolution // 8
+    latents = randn(generator, device, dtype, b, config.in_channels, 1, side, side)
+    text = randn(generator, device, dtype, b, text_length, config.text_dim)
+    timesteps = torch.rand(b, generator=generator, device=device) * 1000
+
+    def forward(text):
+        return denoiser(hidden_states=latents, timestep=timesteps, encoder_hidden_states=text, return_dict=False)[0]
+
+    return latents, text, forward
+
+
 def floor_step(family, denoiser, opts, device, dtype, text_length):
     """The denoiser's forward and the backward to its text input only (weights frozen), for every micro-batch."""
     generator = torch.Generator(device).manual_seed(opts.seed)
-    b, config = opts.batch_size, denoiser.config
-    if family == "sdxl":
-        side = opts.resolution // 8
-        latents = torch.randn(b, config.in_channels, side, side, generator=generator, device=device, dtype=dtype)
-        text = torch.randn(b, 77, config.cross_attention_dim, generator=generator, device=device, dtype=dtype)
-        pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        added = {
-            "text_embeds": torch.randn(b, pooled_width, generator=generator, device=device, dtype=dtype),
-            "time_ids": torch.tensor([opts.resolution, opts.resolution, 0, 0, opts.resolution, opts.resolution],
-                                     device=device, dtype=dtype).expand(b, 6),
-        }  # fmt: skip
-        timesteps = torch.randint(0, 1000, (b,), generator=generator, device=device)
-
-        def forward(text):
-            return denoiser(latents, timesteps, text, added_cond_kwargs=added).sample
-    else:
-        side = opts.resolution // 32
-        latents = torch.randn(b, config.in_channels, side, side, generator=generator, device=device, dtype=dtype)
-        text = torch.randn(b, text_length, config.caption_channels, generator=generator, device=device, dtype=dtype)
-        mask = torch.ones(b, text_length, device=device, dtype=torch.long)
-        timesteps = torch.rand(b, generator=generator, device=device) * 1000
-
-        def forward(text):
-            return denoiser(hidden_states=latents, encoder_hidden_states=text, encoder_attention_mask=mask,
-                            timestep=timesteps, return_dict=False)[0]  # fmt: skip
-
+    inputs = {"sdxl": sdxl_floor, "sana": sana_floor, "wan": wan_floor}[family]
+    latents, text, forward = inputs(denoiser, opts, generator, device, dtype, text_length)
     target = torch.randn(latents.shape, generator=generator, device=device)
 
     def step():
@@ -354,7 +409,7 @@ def run(opts):
     models = build_models(opts.family, opts.config, device)
     build_s = time.perf_counter() - started
     defaults = SCRIPTS[opts.family].parse_args(script_argv(opts, [], "unused"))
-    text_length = getattr(defaults, "max_sequence_length", 77)  # SANA's text length; CLIP's 77
+    text_length = getattr(defaults, "max_sequence_length", 77)  # the script's text length; CLIP's 77
     parameters = {
         name: sum(p.numel() for p in module.parameters())
         for name, module in [("denoiser", models["denoiser"]), ("vae", models["vae"])]

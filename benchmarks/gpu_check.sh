@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Step time, peak memory and FLOPs of DTI on SDXL and SANA at the authors' settings, on one NVIDIA GPU, with random
-# weights of the real architectures (nothing is downloaded). About 8 minutes on one H100.
+# Step time, peak memory and FLOPs of DTI on SDXL, SANA and Wan 2.1 at the authors' settings, on one NVIDIA GPU, with random
+# weights of the real architectures (nothing is downloaded). About 9 minutes on one H100 (estimated: the Wan line has not run on a GPU).
 #
 #   bash benchmarks/gpu_check.sh [output folder]          (default: benchmarks/results)
 #
@@ -24,6 +24,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
   --variants floor dti+cache dti+gc+cache dti+gc+cache+8bit --output "$out/sdxl-1024.json"
 "$python" "${bench[@]}" --family sana --config sana-1.5-1.6b --resolution 1024 --batch_size 2 \
   --gradient_accumulation_steps 2 --output "$out/sana-1.6b-1024.json"
+# Wan 2.1 1.3B at the DTI authors' settings: 512 px images as 1-frame videos, batch 2 x accumulation 2.
+"$python" "${bench[@]}" --family wan --config wan2.1-t2v-1.3b --resolution 512 --batch_size 2 \
+  --gradient_accumulation_steps 2 --variants floor dti dti+cache ti+cache dti+cache+compile dti+gc+cache \
+  --output "$out/wan-1.3b-512.json"
 if [ "${WITH_SANA_4_8B:-0}" = 1 ]; then
   "$python" "${bench[@]}" --family sana --config sana-1.5-4.8b --resolution 1024 --batch_size 2 \
     --gradient_accumulation_steps 2 --variants floor dti+cache dti+gc+cache --output "$out/sana-4.8b-1024.json"

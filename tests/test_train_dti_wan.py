@@ -154,3 +154,19 @@ def test_two_processes_end_identical_and_equal_a_single_process_run(train_wan, t
     result, _ = train_wan("--train_batch_size", "2", output_dir=tmp_path / "single")
     single = result.learned["text_encoder"].embeddings().detach()
     assert torch.allclose(single, ranks[0]["final"]["text_encoder"], atol=1e-5 * single.norm().item())
+
+
+def test_the_benchmark_times_the_wan_step_against_its_floor(tmp_path):
+    """bench_step.py --family wan: the floor and the DTI variants run; the DTI variants end at the same loss."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_step
+
+    argv = ["--family", "wan", "--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--variants",
+            "floor", "dti", "dti+cache", "--output", str(tmp_path / "bench.json")]  # fmt: skip
+    rows = {row["variant"]: row for row in bench_step.main(bench_step.parse_args(argv))["results"]}
+    assert list(rows) == ["floor", "dti", "dti+cache"] and rows["floor"]["loss"] is None
+    assert rows["dti+cache"]["loss"] == pytest.approx(rows["dti"]["loss"], rel=1e-5)

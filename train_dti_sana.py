@@ -1483,9 +1483,11 @@ def flow_matching_loss(model_pred, latents, noise, sigmas, args):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# After `vectors = load_file(...)[token]` ([k, d]): add <tok>, <tok>_1, ... and write their rows.
-ADD_TOKEN_ROWS = """names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
-pipe.tokenizer.add_tokens(names)
+def add_token_rows(added="names"):
+    """After `vectors = load_file(...)[token]` ([k, d]): add <tok>, <tok>_1, ... (as `added`, an expression over
+    `names`) and write their rows."""
+    return f"""names = [token] + [f"{{token}}_{{i}}" for i in range(1, len(vectors))]
+pipe.tokenizer.add_tokens({added})
 if pipe.text_encoder.get_input_embeddings().weight.shape[0] < len(pipe.tokenizer):
     pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
 table = pipe.text_encoder.get_input_embeddings().weight
@@ -1802,7 +1804,7 @@ path = hf_hub_download("{repo_id}", "learned_embeds.safetensors")
 vectors = load_file(path)[token]
 with safe_open(path, framework="pt") as f:
     instruction = json.loads(f.metadata()["complex_human_instruction"])  # what training used
-{ADD_TOKEN_ROWS}
+{add_token_rows()}
 prompt = "{prompt}".replace(token, " ".join(names))
 {lora_line}image = pipe(prompt, complex_human_instruction=instruction).images[0]
 ```

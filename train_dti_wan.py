@@ -1482,9 +1482,11 @@ def flow_matching_loss(model_pred, latents, noise, sigmas, args):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# After `vectors = load_file(...)[token]` ([k, d]): add <tok>, <tok>_1, ... and write their rows.
-ADD_TOKEN_ROWS = """names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
-pipe.tokenizer.add_tokens(names)
+def add_token_rows(added="names"):
+    """After `vectors = load_file(...)[token]` ([k, d]): add <tok>, <tok>_1, ... (as `added`, an expression over
+    `names`) and write their rows."""
+    return f"""names = [token] + [f"{{token}}_{{i}}" for i in range(1, len(vectors))]
+pipe.tokenizer.add_tokens({added})
 if pipe.text_encoder.get_input_embeddings().weight.shape[0] < len(pipe.tokenizer):
     pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
 table = pipe.text_encoder.get_input_embeddings().weight
@@ -1719,13 +1721,14 @@ from diffusers import WanPipeline
 from diffusers.utils import export_to_video
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
+from transformers import AddedToken
 
 base_model, token = "{args.pretrained_model_name_or_path}", "{token}"
 pipe = WanPipeline.from_pretrained(base_model, torch_dtype=torch.bfloat16)
 pipe.vae.to(torch.float32)
 pipe.to("cuda")
 vectors = load_file(hf_hub_download("{repo_id}", "learned_embeds.safetensors"))[token]
-{ADD_TOKEN_ROWS}
+{add_token_rows("[AddedToken(name, lstrip=True) for name in names]")}
 prompt = "a {token} on a beach".replace(token, " ".join(names))
 {lora_line}video = pipe(prompt, num_frames=33).frames[0]
 export_to_video(video, "video.mp4", fps=16)

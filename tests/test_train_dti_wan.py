@@ -170,3 +170,24 @@ def test_the_benchmark_times_the_wan_step_against_its_floor(tmp_path):
     rows = {row["variant"]: row for row in bench_step.main(bench_step.parse_args(argv))["results"]}
     assert list(rows) == ["floor", "dti", "dti+cache"] and rows["floor"]["loss"] is None
     assert rows["dti+cache"]["loss"] == pytest.approx(rows["dti"]["loss"], rel=1e-5)
+
+
+def test_model_card_parses_and_its_snippet_loads_the_token(train_wan, monkeypatch):
+    import re
+
+    import huggingface_hub
+
+    _, out = train_wan("--max_train_steps", "1", "--num_validation_images", "1")
+    card = huggingface_hub.ModelCard.load(out / "README.md")
+    assert {"dti", "wan", "textual-inversion"} <= set(card.data.to_dict()["tags"])
+    code = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    code = code.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32")
+    code = code.replace("num_frames=33)", 'num_frames=1, num_inference_steps=2, height=64, width=64, output_type="np")')
+    code = code.replace('export_to_video(video, "video.mp4", fps=16)', "")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(out / name))
+    namespace = {}
+    exec(compile(code, "model-card-snippet", "exec"), namespace)
+    assert namespace["video"].shape == (1, 64, 64, 3)
+    pipe = namespace["pipe"]
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(PLACEHOLDER)]
+    assert torch.equal(row, load_file(out / "learned_embeds.safetensors")[PLACEHOLDER][0])

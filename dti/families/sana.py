@@ -34,7 +34,7 @@ from dti.core.loading import (
 )
 from dti.core.step import lora_description
 from dti.shared.flow_matching import add_flow_matching_arguments, flow_matching_inputs, flow_matching_loss
-from dti.shared.token_rows import ADD_TOKEN_ROWS
+from dti.shared.token_rows import add_token_rows
 
 DEFAULT_KAPPA = 5e-5
 ZERO_PAD_SCALE, ZERO_PAD_MAX = 2.0, 15  # --zero_pad: n ~ Exponential(scale 2), rounded down, clipped to [0, 15]
@@ -340,7 +340,7 @@ path = hf_hub_download("{repo_id}", "learned_embeds.safetensors")
 vectors = load_file(path)[token]
 with safe_open(path, framework="pt") as f:
     instruction = json.loads(f.metadata()["complex_human_instruction"])  # what training used
-{ADD_TOKEN_ROWS}
+{add_token_rows()}
 prompt = "{prompt}".replace(token, " ".join(names))
 {lora_line}image = pipe(prompt, complex_human_instruction=instruction).images[0]
 ```

@@ -30,7 +30,7 @@ from dti.core.loading import (
 )
 from dti.core.step import lora_description
 from dti.shared.flow_matching import add_flow_matching_arguments, flow_matching_inputs, flow_matching_loss
-from dti.shared.token_rows import ADD_TOKEN_ROWS
+from dti.shared.token_rows import add_token_rows
 
 DEFAULT_KAPPA = 5e-5
 # The authors' training shift: their FlowMatchEulerDiscreteScheduler, built from the published scheduler config
@@ -254,13 +254,14 @@ from diffusers import WanPipeline
 from diffusers.utils import export_to_video
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
+from transformers import AddedToken
 
 base_model, token = "{args.pretrained_model_name_or_path}", "{token}"
 pipe = WanPipeline.from_pretrained(base_model, torch_dtype=torch.bfloat16)
 pipe.vae.to(torch.float32)
 pipe.to("cuda")
 vectors = load_file(hf_hub_download("{repo_id}", "learned_embeds.safetensors"))[token]
-{ADD_TOKEN_ROWS}
+{add_token_rows("[AddedToken(name, lstrip=True) for name in names]")}
 prompt = "a {token} on a beach".replace(token, " ".join(names))
 {lora_line}video = pipe(prompt, num_frames=33).frames[0]
 export_to_video(video, "video.mp4", fps=16)

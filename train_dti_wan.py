@@ -17,13 +17,13 @@ is rectified flow on the Wan VAE's normalised latents: x_t = (1 - sigma) x_0 + s
 WanPipeline has no load_textual_inversion: see README.md for the loader (infer.py loads the token).
 
 How this file reads (top to bottom):
-- Constants and `parse_arguments` (every flag; Wan 2.1's own in `Wan.add_arguments`), then the data: images,
-  the prompt templates around the token, and `StreamSampler`, the resumable order of samples.
+- Constants and `parse_arguments` (every flag; Wan 2.1's own in `Wan.add_arguments`), then the data:
+  images, the prompt templates around the token, and `StreamSampler`, the resumable order of samples.
 - The DTI core: `DirectionalTokens` (the fixed norm m*, the direction v, the vMF prior) and `RiemannianSGD`, the
   update of the paper (tangent projection, normalised step, retraction); the baselines' `TextualInversionTokens`
   and `CrossInitTokens`; how the new tokens enter the tokenizers and text encoders (`attach_learned_tokens`).
-- The family: `Family` lists what the core asks of a family; `Wan` answers for Wan 2.1 (models, prompt encoding,
-  `training_loss`, validation, output files, model card).
+- The family: `Family` lists what the core asks of a family; `Wan` answers for Wan 2.1 (models, prompt
+  encoding, `training_loss`, validation, output files, model card).
 - The step: `data_gradient`, `NonFiniteGuard.finite`, `apply_update`; the optional LoRA (`DenoiserLoRA`).
 - `train` is the loop; `setup` builds what it needs; `train_step` is one step of the spec.
 - Safe to skip on a first read: the plumbing at the end (checkpoints, locks, signals, trackers, Hub, model card).

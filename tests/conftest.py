@@ -42,6 +42,14 @@ def tiny_wan(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_klein(tmp_path_factory):
+    """Folder of a tiny random-weight Flux2KleinPipeline, base (see tests/tiny_flux2_klein.py)."""
+    from tests.tiny_flux2_klein import save_tiny_flux2_klein
+
+    return save_tiny_flux2_klein(tmp_path_factory.mktemp("tiny-klein") / "pipeline")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_fp16_variant(tmp_path_factory):
     """The same tiny pipeline stored as an fp16 variant (*.fp16.safetensors), like `--variant fp16` checkpoints."""
     import torch
@@ -104,6 +112,21 @@ def train_wan(tiny_wan, tmp_path):
         output_dir = Path(output_dir or tmp_path / "out")
         argv = training_args(tiny_wan, output_dir, "--gradient_accumulation_steps", "1", *extra, **kwargs)
         return train_dti_wan.main(train_dti_wan.parse_args(argv)), output_dir
+
+    return run
+
+
+@pytest.fixture
+def train_klein(tiny_flux2_klein, tmp_path):
+    """Run train_dti_flux2_klein.main in-process on the tiny klein pipeline (64 px, batch 2, 3 steps, 64 text tokens);
+    (result, output_dir)."""
+    import train_dti_flux2_klein
+
+    def run(*extra, output_dir=None, **kwargs):
+        output_dir = Path(output_dir or tmp_path / "out")
+        flags = ["--gradient_accumulation_steps", "1", "--max_sequence_length", "64"]
+        argv = training_args(tiny_flux2_klein, output_dir, *flags, *extra, **kwargs)
+        return train_dti_flux2_klein.main(train_dti_flux2_klein.parse_args(argv)), output_dir
 
     return run
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO  # where the scripts go
 CORE = REPO / "dti" / "core"
 SHARED = REPO / "dti" / "shared"  # code some families share; a script holds what its adapter imports
-FAMILIES = {name: REPO / "dti" / "families" / f"{name}.py" for name in ("sdxl", "sana", "wan")}
+FAMILIES = {name: REPO / "dti" / "families" / f"{name}.py" for name in ("sdxl", "sana", "wan", "flux2_klein")}
 FAMILY = "<family>"  # where the family's adapter goes among the sections
 # (banner, source) in the order a reader meets them; None: a banner over the sources that follow.
 SECTIONS = [
@@ -44,13 +44,13 @@ SECTIONS = [
 ]
 MAP = """
 How this file reads (top to bottom):
-- Constants and `parse_arguments` (every flag; {title}'s own in `{cls}.add_arguments`), then the data: images,
-  the prompt templates around the token, and `StreamSampler`, the resumable order of samples.
+- Constants and `parse_arguments` (every flag; {title}'s own in `{cls}.add_arguments`), then the data:
+  images, the prompt templates around the token, and `StreamSampler`, the resumable order of samples.
 - The DTI core: `DirectionalTokens` (the fixed norm m*, the direction v, the vMF prior) and `RiemannianSGD`, the
   update of the paper (tangent projection, normalised step, retraction); the baselines' `TextualInversionTokens`
   and `CrossInitTokens`; how the new tokens enter the tokenizers and text encoders (`attach_learned_tokens`).
-- The family: `Family` lists what the core asks of a family; `{cls}` answers for {title} (models, prompt encoding,
-  `training_loss`, validation, output files, model card).
+- The family: `Family` lists what the core asks of a family; `{cls}` answers for {title} (models, prompt
+  encoding, `training_loss`, validation, output files, model card).
 - The step: `data_gradient`, `NonFiniteGuard.finite`, `apply_update`; the optional LoRA (`DenoiserLoRA`).
 - `train` is the loop; `setup` builds what it needs; `train_step` is one step of the spec.
 - Safe to skip on a first read: the plumbing at the end (checkpoints, locks, signals, trackers, Hub, model card).

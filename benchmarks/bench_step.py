@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # Copyright 2026 The DTI diffusers authors. Licensed under the Apache License, Version 2.0.
-"""Time the training step of train_dti_sdxl.py, train_dti_sana.py and train_dti_wan.py on the real architectures
-(random weights from benchmarks/configs, nothing downloaded) or on the tiny test models, against the floor: the
+"""Time the training step of train_dti_sdxl.py, train_dti_sana.py, train_dti_wan.py and train_dti_flux2_klein.py on
+the real architectures (random weights from benchmarks/configs, nothing downloaded) or on the tiny test models, against the floor: the
 frozen denoiser's forward plus its input-gradient backward, which no textual-inversion step can avoid.
 
     python benchmarks/bench_step.py --family sdxl --resolution 768 --batch_size 4            # one GPU
@@ -32,14 +32,16 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import train_dti_flux2_klein  # noqa: E402
 import train_dti_sana  # noqa: E402
 import train_dti_sdxl  # noqa: E402
 import train_dti_wan  # noqa: E402
 
 CONFIGS = REPO / "benchmarks" / "configs"
-SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana, "wan": train_dti_wan}
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana, "wan": train_dti_wan, "flux2-klein": train_dti_flux2_klein}
 REAL_CONFIGS = {"sdxl": ["sdxl-base-1.0"], "sana": ["sana-1.5-1.6b", "sana-1.5-4.8b"],
-                "wan": ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]}  # fmt: skip
+                "wan": ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"],
+                "flux2-klein": ["flux2-klein-base-4b", "flux2-klein-base-9b"]}  # fmt: skip
 # Variant -> the scripts' flags. "floor" is the denoiser alone. Checkpointing and 8-bit variants run last: they
 # change the models in place.
 VARIANTS = {
@@ -135,11 +137,14 @@ def read_config(folder, name):
 
 
 def tiny_pipeline(family):
+    from tests.tiny_flux2_klein import build_tiny_flux2_klein
     from tests.tiny_sana import build_tiny_sana
     from tests.tiny_sdxl import build_tiny_sdxl
     from tests.tiny_wan import build_tiny_wan
 
-    return {"sdxl": build_tiny_sdxl, "sana": build_tiny_sana, "wan": build_tiny_wan}[family]()
+    builders = {"sdxl": build_tiny_sdxl, "sana": build_tiny_sana, "wan": build_tiny_wan,
+                "flux2-klein": build_tiny_flux2_klein}  # fmt: skip
+    return builders[family]()
 
 
 def build_models(family, config, device):
@@ -158,7 +163,7 @@ def build_models(family, config, device):
             "tokenizers": [getattr(pipe, t) for t in seam.tokenizers],
         }
     with torch.device(device):  # random init on the device: seconds, not minutes
-        return {"sdxl": real_sdxl, "sana": real_sana, "wan": real_wan}[family](config)
+        return {"sdxl": real_sdxl, "sana": real_sana, "wan": real_wan, "flux2-klein": real_klein}[family](config)
 
 
 def real_sdxl(config):
@@ -210,6 +215,25 @@ def real_wan(config):
         "vae": diffusers.AutoencoderKLWan.from_config(read_config(config, "vae")),
         "denoiser": diffusers.WanTransformer3DModel.from_config(read_config(config, "transformer")),
         "noise_scheduler": diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
+        "tokenizers": [build_tiny_tokenizer()],  # ids index the full table; the text length (512) is fixed
+    }
+
+
+def real_klein(config):
+    import diffusers
+    import transformers
+
+    from tests.tiny_flux2_klein import build_tiny_tokenizer
+
+    qwen3 = read_config(config, "text_encoder")
+    qwen3.pop("model_type", None)
+    text_encoder = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen3))
+    train_dti_flux2_klein.keep_conditioning_layers(text_encoder)  # as the script does
+    return {
+        "text_encoders": [text_encoder],
+        "vae": diffusers.AutoencoderKLFlux2.from_config(read_config(config, "vae")),
+        "denoiser": diffusers.Flux2Transformer2DModel.from_config(read_config(config, "transformer")),
+        "noise_scheduler": diffusers.FlowMatchEulerDiscreteScheduler.from_config(read_config(config, "scheduler")),
         "tokenizers": [build_tiny_tokenizer()],  # ids index the full table; the text length (512) is fixed
     }
 
@@ -321,10 +345,28 @@ def wan_floor(denoiser, opts, generator, device, dtype, text_length):
     return latents, text, forward
 
 
+def klein_floor(denoiser, opts, generator, device, dtype, text_length):
+    """(latents, text, forward(text)) of one FLUX.2 [klein] micro-batch: packed 2x2 patches and their ids."""
+    from diffusers import Flux2KleinPipeline
+
+    b, config, side = opts.batch_size, denoiser.config, opts.resolution // 16
+    latents = randn(generator, device, dtype, b, side * side, config.in_channels)
+    text = randn(generator, device, dtype, b, text_length, config.joint_attention_dim)
+    image_ids = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(b, 1, side, side)).to(device)
+    text_ids = Flux2KleinPipeline._prepare_text_ids(text).to(device)
+    timesteps = torch.rand(b, generator=generator, device=device)
+
+    def forward(text):
+        return denoiser(hidden_states=latents, timestep=timesteps, guidance=None, encoder_hidden_states=text,
+                        txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]  # fmt: skip
+
+    return latents, text, forward
+
+
 def floor_step(family, denoiser, opts, device, dtype, text_length):
     """The denoiser's forward and the backward to its text input only (weights frozen), for every micro-batch."""
     generator = torch.Generator(device).manual_seed(opts.seed)
-    inputs = {"sdxl": sdxl_floor, "sana": sana_floor, "wan": wan_floor}[family]
+    inputs = {"sdxl": sdxl_floor, "sana": sana_floor, "wan": wan_floor, "flux2-klein": klein_floor}[family]
     latents, text, forward = inputs(denoiser, opts, generator, device, dtype, text_length)
     target = torch.randn(latents.shape, generator=generator, device=device)
 

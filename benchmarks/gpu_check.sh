@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Step time, peak memory and FLOPs of DTI on SDXL, SANA and Wan 2.1 at the authors' settings, on one NVIDIA GPU, with random
-# weights of the real architectures (nothing is downloaded). About 9 minutes on one H100 (estimated: the Wan line has not run on a GPU).
+# Step time, peak memory and FLOPs of DTI on SDXL, SANA, Wan 2.1 and FLUX.2 [klein] at the authors' settings, on one NVIDIA GPU, with random
+# weights of the real architectures (nothing is downloaded). About 10 minutes on one H100 (estimated: the Wan and klein lines have not run on a GPU).
 #
 #   bash benchmarks/gpu_check.sh [output folder]          (default: benchmarks/results)
 #
@@ -28,6 +28,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$python" "${bench[@]}" --family wan --config wan2.1-t2v-1.3b --resolution 512 --batch_size 2 \
   --gradient_accumulation_steps 2 --variants floor dti dti+cache ti+cache dti+cache+compile dti+gc+cache \
   --output "$out/wan-1.3b-512.json"
+# FLUX.2 [klein] base 4B at 1024 px, batch 2 x accumulation 2 (our defaults; the Qwen3 encoder cut after layer 28).
+"$python" "${bench[@]}" --family flux2-klein --config flux2-klein-base-4b --resolution 1024 --batch_size 2 \
+  --gradient_accumulation_steps 2 --variants floor dti dti+cache dti+gc+cache --output "$out/klein-4b-1024.json"
 if [ "${WITH_SANA_4_8B:-0}" = 1 ]; then
   "$python" "${bench[@]}" --family sana --config sana-1.5-4.8b --resolution 1024 --batch_size 2 \
     --gradient_accumulation_steps 2 --variants floor dti+cache dti+gc+cache --output "$out/sana-4.8b-1024.json"

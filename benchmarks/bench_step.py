@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 # Copyright 2026 The DTI diffusers authors. Licensed under the Apache License, Version 2.0.
 """Time the training step of train_dti_sdxl.py, train_dti_sana.py, train_dti_wan.py and train_dti_flux2_klein.py on
-the real architectures (random weights from benchmarks/configs, nothing downloaded) or on the tiny test models, against the floor: the
-frozen denoiser's forward plus its input-gradient backward, which no textual-inversion step can avoid.
+the real architectures (random weights from benchmarks/configs, nothing downloaded) or on the tiny test models,
+against the floor: the frozen denoiser's forward plus its input-gradient backward, which no textual-inversion step
+can avoid.
 
     python benchmarks/bench_step.py --family sdxl --resolution 768 --batch_size 4            # one GPU
     python benchmarks/bench_step.py --family sana --config tiny --device cpu --steps 3       # a quick check

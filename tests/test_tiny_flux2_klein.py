@@ -38,6 +38,16 @@ def templated(tokenizer, prompt):
     return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """512 tokens through 36 layers 32 wide are thousands of tiny ops: a second thread only adds its wake-ups (5-20x
+    slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_flux2_klein(tmp_path_factory):
     """Folder of a tiny random-weight Flux2KleinPipeline, the base model (see tests/tiny_flux2_klein.py)."""

@@ -6,7 +6,8 @@
       --embeddings out-robot out-robot-ti --instance_data_dir assets/toy_robot --class_word toy --output_dir eval
 
 For every run (a training output folder or an embedding file) and every prompt of the set, one image per seed is made
-with the run's token in the prompt's `{}` slot, through infer.py's loader and sampler. Then:
+with the run's token in the prompt's `{}` slot, through infer.py's loader and sampler (for Wan, the first frame of a
+video, at the run's training resolution unless `--wan_resolution pipeline`). Then:
 
 - image sim: the mean cosine between the DINOv2 CLS feature of a generated image and those of the reference images;
 - text sim: SigLIP's image-text probability sigmoid(logit) of the generated image and the prompt with the class word
@@ -48,6 +49,7 @@ METRIC_NAMES = {"image_sim": "image sim", "text_sim": "text sim", "clip_t": "CLI
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0
 THUMBNAIL = 128  # largest side of an image in the contact sheets, px
+RUN_SAMPLING = ("height", "width", "num_frames", "max_sequence_length")  # settings resolved per run, in generation.json
 
 
 def parse_args(input_args=None):
@@ -56,7 +58,18 @@ def parse_args(input_args=None):
         formatter_class=infer.HelpFormatter,
     )
     infer.add_pipeline_arguments(
-        parser, dtype_help="Of the pipeline (auto: bfloat16 on CUDA, float32 on CPU); evaluation models run in float32."
+        parser,
+        dtype_help="Of the pipeline (auto: bfloat16 on CUDA, float32 on CPU); evaluation models run in float32.",
+        size_help="Default: the model's (Wan: see --wan_resolution).",
+        num_frames_help="Wan: frames per video, 4k + 1; the first frame is scored. Default: 1.",
+    )
+    parser.add_argument(
+        "--wan_resolution",
+        choices=["training", "pipeline"],
+        default="training",
+        help="Wan: the size of the images where --height / --width are not given. training: the run's training "
+        "resolution (square, from its metadata); pipeline: WanPipeline's default 480x832, as the DTI authors "
+        "evaluated Wan (WanPipeline's defaults: 480x832, 50 steps, CFG 5, the first frame scored).",
     )
     parser.add_argument(
         "--embeddings",
@@ -402,8 +415,27 @@ def run_loras(args, concept):
     return ([concept.lora] if concept.lora else []) + args.lora
 
 
+def generation_size(args, family, concept):
+    """(height, width) of a run's images: --height / --width; for Wan, where they are not given, the run's training
+    resolution (square, from its metadata) or, with --wan_resolution pipeline, WanPipeline's 480x832. None: the
+    pipeline's own."""
+    if not family.video or (args.height and args.width):
+        return args.height, args.width
+    if args.wan_resolution == "pipeline":
+        from diffusers import WanPipeline
+
+        default = [infer.inspect_default(WanPipeline.__call__, key) for key in ("height", "width")]
+    elif "resolution" in concept.metadata:
+        default = [int(concept.metadata["resolution"])] * 2
+    else:
+        raise ValueError(f"--embeddings {', '.join(concept.sources)}: no training resolution in its metadata; give "
+                         "--height and --width, or --wan_resolution pipeline.")  # fmt: skip
+    return args.height or default[0], args.width or default[1]
+
+
 def generation_settings(args, family, dtype_name, concept):
     """What the images of one run depend on; stored next to them so that a resumed call cannot mix settings."""
+    height, width = generation_size(args, family, concept)
     return {
         "model": args.pretrained_model_name_or_path,
         "revision": args.revision,
@@ -412,8 +444,9 @@ def generation_settings(args, family, dtype_name, concept):
         "scheduler": args.scheduler,
         "num_inference_steps": args.num_inference_steps or family.default_steps,
         "guidance_scale": args.guidance_scale,
-        "height": args.height,
-        "width": args.width,
+        "height": height,
+        "width": width,
+        **infer.video_settings(args, family, [concept]),  # Wan: num_frames, max_sequence_length
         "negative_prompt": args.negative_prompt,
         "complex_human_instruction": args.complex_human_instruction,
         "pooled_output": infer.pooled_output(args, [concept]) if family.uses_pooled_output else None,
@@ -491,12 +524,14 @@ def generate_missing(jobs, args, family, device, dtype_name, settings):
                 infer.set_pooled_output(pipe, wanted["pooled_output"])
             (job.folder / "images").mkdir(parents=True, exist_ok=True)
             write_atomically(job.folder / "generation.json", json.dumps(wanted, indent=2))
+            sampled = {key: wanted[key] for key in RUN_SAMPLING if key in wanted}
+            sampling = argparse.Namespace(**vars(args) | sampled)  # the run's own size (Wan: its training resolution)
             for entry in job.prompts:
                 seeds = [seed for e, seed in missing if e is entry]
                 for start in range(0, len(seeds), args.batch_size):
                     batch = seeds[start : start + args.batch_size]
                     prompt = entry["template"].replace("{}", name)
-                    images = infer.generate(pipe, family, prompt, batch, args, instruction)
+                    images = infer.generate(pipe, family, prompt, batch, sampling, instruction)
                     for seed, image in zip(batch, images, strict=True):
                         infer.save_image(image, job.image_path(entry, seed))
                     bar.update(len(batch))
@@ -781,6 +816,7 @@ def main(args):
     infer.check_output_dir(args.output_dir)
     jobs = dreambooth_plan(args) if args.benchmark else single_plan(args)
     family = infer.detect_family(args)
+    infer.check_video_flags(args, family)
     check_evaluation_models(args)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     settings = [generation_settings(args, family, dtype_name, job.concept) for job in jobs]

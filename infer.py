@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 # Copyright 2026 The DTI diffusers authors. Licensed under the Apache License, Version 2.0.
-"""Generate images with learned DTI / Textual Inversion tokens on SDXL and SANA, and blend two concepts on the sphere.
+"""Generate images with learned DTI / Textual Inversion tokens on SDXL, SANA and Wan 2.1 (videos too), and blend two
+concepts on the sphere.
 
     python infer.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --embeddings out-robot \\
       --prompt "a painting of <toy-robot> in the style of Van Gogh" --num_images_per_prompt 4 --output_dir gen
 
-The loader functions (`load_embeddings`, `add_tokens_to_sdxl`, `add_tokens_to_sana`, `expand_prompt`) are what to
-copy into your own code; SanaPipeline has no load_textual_inversion of its own.
+The loader functions (`load_embeddings`, `add_tokens_to_sdxl`, `add_tokens_to_sana`, `add_tokens_to_wan`,
+`expand_prompt`) are what to copy into your own code; SanaPipeline and WanPipeline have no load_textual_inversion of
+their own. A Wan image is the one frame of a 1-frame video; `--num_frames 33` writes .mp4 videos instead.
 """
 
 import argparse
@@ -31,6 +33,8 @@ TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 COMBINED_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 TRAINING_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what --lora_rank training writes next to the embeddings
+VIDEO_FPS = 16  # Wan 2.1's frame rate
+WAN_TEMPORAL_FACTOR = 4  # the Wan 2.1 VAE compresses time 4x: a video has 4k + 1 frames
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -49,22 +53,37 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def add_pipeline_arguments(parser, dtype_help="auto: bfloat16 on CUDA, float32 on CPU."):
+def add_pipeline_arguments(
+    parser,
+    dtype_help="auto: bfloat16 on CUDA, float32 on CPU.",
+    size_help="Default: the model's (Wan: WanPipeline's 480x832).",
+    num_frames_help="Wan: frames per video, 4k + 1: 1 writes a PNG of its frame, more an .mp4 at 16 fps. Default: 1.",
+):
     """The flags that load a pipeline and sample from it; evaluate.py shares them."""
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL or SANA diffusers checkpoint.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path", required=True, help="SDXL, SANA or Wan 2.1 (T2V) diffusers checkpoint."
+    )
     parser.add_argument("--revision", default=None, help="Revision of the model.")
     parser.add_argument("--variant", default=None, help="Weight variant of the model, e.g. fp16.")
     parser.add_argument("--negative_prompt", default=None, help="Negative prompt.")
     steps = ", ".join(f"{family.default_steps} ({family.label})" for family in FAMILIES.values())
     parser.add_argument("--num_inference_steps", type=int, default=None, help=f"Default: {steps}.")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
-    parser.add_argument("--height", type=int, default=None, help="Default: the model's.")
-    parser.add_argument("--width", type=int, default=None, help="Default: the model's.")
+    parser.add_argument("--height", type=int, default=None, help=size_help)
+    parser.add_argument("--width", type=int, default=None, help=size_help)
     parser.add_argument(
         "--scheduler",
         choices=["default", "dpm", "euler"],
         default="default",
-        help="default: DPM-Solver++ for SDXL (as the paper samples), the checkpoint's own sampler for SANA.",
+        help="default: DPM-Solver++ for SDXL (as the paper samples), the checkpoint's own sampler for SANA and Wan "
+        "(Wan 2.1: UniPC with flow shift 3). dpm / euler: DPM-Solver++ / Euler (Wan: with the flow shift kept).",
+    )
+    parser.add_argument("--num_frames", type=int, default=None, help=num_frames_help)
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="Wan: text tokens the transformer sees. Default: the embeddings' metadata (as trained), else 512.",
     )
     parser.add_argument(
         "--complex_human_instruction",
@@ -94,7 +113,7 @@ def add_pipeline_arguments(parser, dtype_help="auto: bfloat16 on CUDA, float32 o
 
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
-        description="Generate with learned DTI / TI tokens on SDXL and SANA.",
+        description="Generate with learned DTI / TI tokens on SDXL, SANA and Wan 2.1.",
         formatter_class=HelpFormatter,
     )
     add_pipeline_arguments(parser)
@@ -356,18 +375,35 @@ def add_tokens_to_sdxl(pipe, token, vectors_by_encoder):
         )
 
 
-def add_tokens_to_sana(pipe, token, vectors):
-    """Load a token into SanaPipeline: add <tok>, <tok>_1, ... to the Gemma tokenizer and write the rows [k, d]
-    into the input embedding table (the raw table: Gemma scales it by sqrt(d) itself). Returns the token ids."""
-    names = token_names(token, len(vectors))
-    pipe.tokenizer.add_tokens(names)
-    ids = pipe.tokenizer.convert_tokens_to_ids(names)
-    if pipe.text_encoder.get_input_embeddings().weight.shape[0] <= max(ids):
-        pipe.text_encoder.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
-    table = pipe.text_encoder.get_input_embeddings().weight
+def add_token_rows(tokenizer, text_encoder, tokens, vectors):
+    """Add tokens (strings or AddedTokens) to the tokenizer and write their rows [k, d] into the encoder's input
+    embedding table, resized only when an id falls past its end (a published table may have spare rows). Returns the
+    token ids."""
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids([str(token) for token in tokens])
+    if text_encoder.get_input_embeddings().weight.shape[0] <= max(ids):
+        text_encoder.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         table[ids] = vectors.to(table.device, table.dtype)
     return ids
+
+
+def add_tokens_to_sana(pipe, token, vectors):
+    """Load a token into SanaPipeline: add <tok>, <tok>_1, ... to the Gemma tokenizer and write the rows [k, d]
+    into the input embedding table (the raw table: Gemma scales it by sqrt(d) itself). Returns the token ids."""
+    return add_token_rows(pipe.tokenizer, pipe.text_encoder, token_names(token, len(vectors)), vectors)
+
+
+def add_tokens_to_wan(pipe, token, vectors):
+    """Load a token into WanPipeline as train_dti_wan.py added it: <tok>, <tok>_1, ... as AddedToken(lstrip=True) (the
+    space before a token belongs to it, so transformers 4.56 and 5.x give the ids training saw), rows [k, d] of the
+    UMT5 table (the published table has spare rows past the tokenizer: resized only when too small). Returns the
+    ids."""
+    from transformers import AddedToken
+
+    tokens = [AddedToken(name, lstrip=True) for name in token_names(token, len(vectors))]
+    return add_token_rows(pipe.tokenizer, pipe.text_encoder, tokens, vectors)
 
 
 def expand_prompt(prompt, tokenizer):
@@ -466,6 +502,24 @@ def sana_inputs(pipe, prompt, instruction):
     return expand_prompt(prompt, pipe.tokenizer), extra
 
 
+def add_tokens_to_wan_encoders(pipe, token, vectors_by_encoder):
+    """add_tokens_to_wan in the per-encoder form the family table uses (Wan has one encoder, UMT5)."""
+    return add_tokens_to_wan(pipe, token, vectors_by_encoder["text_encoder"])
+
+
+def wan_inputs(pipe, prompt, instruction):
+    """Wan's prompt with multi-vector tokens written out (WanPipeline cannot expand them); no extra arguments."""
+    return expand_prompt(prompt, pipe.tokenizer), {}
+
+
+def flow_match_euler(config):
+    """FlowMatchEulerDiscreteScheduler with the checkpoint's sampling shift: Wan's UniPC config names it flow_shift,
+    which FlowMatchEuler's own key (shift) would otherwise leave at 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(config, shift=config.get("flow_shift", 1.0))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Family:
     """One pipeline family: how it is recognised, loaded, given tokens and sampled."""
@@ -476,11 +530,15 @@ class Family:
     class_prefix: str  # model_index.json's _class_name starts with it
     encoders: tuple  # text encoder components, each with its tokenizer in TOKENIZERS
     default_steps: int  # --num_inference_steps when not given
-    schedulers: dict  # --scheduler value -> diffusers scheduler class; a value not here keeps the checkpoint's own
+    # --scheduler value -> diffusers scheduler class name, or a function of the checkpoint's scheduler config that
+    # builds one; a value not here keeps the checkpoint's own
+    schedulers: dict
     add_tokens: Callable  # (pipe, token, {encoder: [k, d]}): load a learned token
     inputs: Callable  # (pipe, prompt, instruction) -> (prompt, extra pipeline arguments)
     uses_complex_human_instruction: bool  # --complex_human_instruction applies
     uses_pooled_output: bool  # --pooled_output applies (where both CLIP encoders pool)
+    video: bool  # the pipeline makes videos: num_videos_per_prompt and num_frames in, .frames out
+    fp32_modules: tuple  # components kept in float32 whatever --dtype says
 
 
 FAMILIES = {
@@ -503,6 +561,8 @@ FAMILIES = {
             inputs=sdxl_inputs,
             uses_complex_human_instruction=False,
             uses_pooled_output=True,
+            video=False,
+            fp32_modules=(),
         ),
         Family(
             name="sana",
@@ -516,6 +576,24 @@ FAMILIES = {
             inputs=sana_inputs,
             uses_complex_human_instruction=True,
             uses_pooled_output=False,
+            video=False,
+            fp32_modules=(),
+        ),
+        Family(
+            name="wan",
+            label="Wan",
+            pipeline="WanPipeline",
+            class_prefix="WanPipeline",
+            encoders=("text_encoder",),
+            default_steps=50,  # WanPipeline's own
+            # the checkpoint's UniPC by default; DPM-Solver++ keeps its flow_shift through from_config
+            schedulers={"dpm": "DPMSolverMultistepScheduler", "euler": flow_match_euler},
+            add_tokens=add_tokens_to_wan_encoders,
+            inputs=wan_inputs,
+            uses_complex_human_instruction=False,
+            uses_pooled_output=False,
+            video=True,
+            fp32_modules=("vae",),  # the Wan VAE decodes in float32, as training keeps it and diffusers recommends
         ),
     )
 }
@@ -556,12 +634,14 @@ def load_pipeline(args, family, dtype, device):
 
     pipeline_class = getattr(diffusers, family.pipeline)
     dtype_keyword = "dtype" if version.parse(diffusers.__version__).release >= (0, 40) else "torch_dtype"
+    if family.fp32_modules:  # loaded in float32 from the start, not cast up after a lossy load
+        dtype = {"default": dtype} | dict.fromkeys(family.fp32_modules, torch.float32)
     pipe = pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **{dtype_keyword: dtype}
     )
-    name = family.schedulers.get(args.scheduler)
-    if name:
-        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    choice, config = family.schedulers.get(args.scheduler), pipe.scheduler.config
+    if choice:
+        pipe.scheduler = choice(config) if callable(choice) else getattr(diffusers, choice).from_config(config)
     if args.enable_model_cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -596,23 +676,45 @@ def slug(text, length=48):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
 
 
-def generate(pipe, family, prompt, seeds, args, instruction):
-    """One batch of images of one prompt, image i seeded with seeds[i] (CPU generators: the same on every device)."""
+def sample(pipe, family, prompt, seeds, args, instruction):
+    """One batch of one prompt, sample i seeded with seeds[i] (CPU generators: the same on every device): PIL images,
+    or for a video family videos of args.num_frames PIL frames at args.max_sequence_length text tokens."""
+    count = "num_videos_per_prompt" if family.video else "num_images_per_prompt"
     kwargs = {
         "num_inference_steps": args.num_inference_steps or family.default_steps,
-        "num_images_per_prompt": len(seeds),
+        count: len(seeds),
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
     }
     for key in ("guidance_scale", "height", "width", "negative_prompt"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
+    if family.video:
+        kwargs |= {"num_frames": args.num_frames, "max_sequence_length": args.max_sequence_length, "output_type": "pil"}
     prompt, extra = family.inputs(pipe, prompt, instruction)
-    return pipe(prompt, **kwargs | extra).images
+    output = pipe(prompt, **kwargs | extra)
+    return list(output.frames) if family.video else output.images
+
+
+def generate(pipe, family, prompt, seeds, args, instruction):
+    """One batch of images of one prompt, image i seeded with seeds[i]; for a video family each video's first frame
+    (the only one at --num_frames 1)."""
+    samples = sample(pipe, family, prompt, seeds, args, instruction)
+    return [frames[0] for frames in samples] if family.video else samples
 
 
 def save_image(image, path):
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path.name
+
+
+def save_video(frames, path):
+    """PIL frames as an .mp4 at VIDEO_FPS (diffusers' export_to_video, through imageio and its ffmpeg)."""
+    from diffusers.utils import export_to_video
+
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # imageio picks the format from the suffix
+    export_to_video(frames, str(tmp), fps=VIDEO_FPS)
     tmp.replace(path)
     return path.name
 
@@ -668,6 +770,54 @@ def check_device(device):
     return device
 
 
+def check_video_flags(args, family):
+    """--num_frames and --max_sequence_length are for Wan only, and checked before any model loads: 4k + 1 frames
+    (WanPipeline would round other counts silently)."""
+    if not family.video:
+        for flag in ("num_frames", "max_sequence_length"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} is for Wan (video) checkpoints; {family.pipeline} makes images.")
+        return
+    frames = args.num_frames
+    if frames is not None and (frames < 1 or (frames - 1) % WAN_TEMPORAL_FACTOR):
+        raise ValueError(f"--num_frames must be 4k + 1 (1, 5, 9, ..., 81), got {frames}: the Wan VAE groups frames "
+                         f"by {WAN_TEMPORAL_FACTOR} after the first.")  # fmt: skip
+    if args.max_sequence_length is not None and args.max_sequence_length < 2:
+        raise ValueError(f"--max_sequence_length must be at least 2, got {args.max_sequence_length}.")
+
+
+def check_video_export():
+    """export_to_video writes .mp4 through imageio and imageio-ffmpeg (without imageio diffusers tries OpenCV)."""
+    missing = [name for name in ("imageio", "imageio_ffmpeg") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError("--num_frames above 1 writes .mp4 videos, which needs imageio and imageio-ffmpeg: pip install "
+                         "imageio imageio-ffmpeg.")  # fmt: skip
+
+
+def sequence_length(args, concepts):
+    """Wan's text length: --max_sequence_length, else the one the embeddings were trained with, else WanPipeline's
+    512."""
+    if args.max_sequence_length is not None:
+        return args.max_sequence_length
+    key = "max_sequence_length"
+    recorded = {c.token: int(c.metadata[key]) for c in concepts if key in c.metadata}
+    if len(set(recorded.values())) > 1:
+        found = ", ".join(f"{token}: {length}" for token, length in recorded.items())
+        raise ValueError(f"--embeddings were trained with different max_sequence_length ({found}); pass "
+                         "--max_sequence_length.")  # fmt: skip
+    from diffusers import WanPipeline
+
+    return next(iter(recorded.values()), inspect_default(WanPipeline.__call__, "max_sequence_length"))
+
+
+def video_settings(args, family, concepts):
+    """What a video family samples with beyond the shared flags ({} for image families): num_frames and
+    max_sequence_length."""
+    if not family.video:
+        return {}
+    return {"num_frames": args.num_frames or 1, "max_sequence_length": sequence_length(args, concepts)}
+
+
 def check_output_dir(output_dir, flag="--output_dir"):
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
@@ -698,6 +848,14 @@ def main(args):
     if not prompts and not args.report:
         raise ValueError("Nothing to do: give --prompt, --prompt_file or --report.")
     family = detect_family(args)
+    check_video_flags(args, family)
+    video = video_settings(args, family, concepts)
+    videos = video.get("num_frames", 1) > 1
+    if videos and args.interpolate:
+        raise ValueError("--interpolate renders still frames; leave out --num_frames (or give 1).")
+    if videos:
+        check_video_export()
+    sampling = argparse.Namespace(**vars(args) | video)  # the flags with the video family's settings resolved
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = load_pipeline(args, family, getattr(torch, dtype_name), device)
     use_loras(pipe, load_loras(pipe, loras), loras, args.lora_scale)
@@ -740,13 +898,15 @@ def main(args):
     seeds = [args.seed + i for i in range(args.num_images_per_prompt)]
     records, frames = [], []
     for p, prompt in enumerate(prompts):
-        images = generate(pipe, family, prompt, seeds, args, instruction)
-        for i, (seed, image) in enumerate(zip(seeds, images, strict=True)):
-            file = save_image(image, output_dir / f"p{p:02d}-i{i}-seed{seed}-{slug(prompt)}.png")
+        samples = sample(pipe, family, prompt, seeds, sampling, instruction)
+        images = [clip[0] for clip in samples] if family.video else samples  # a video's first frame
+        for i, (seed, image, clip) in enumerate(zip(seeds, images, samples, strict=True)):
+            path = output_dir / f"p{p:02d}-i{i}-seed{seed}-{slug(prompt)}.{'mp4' if videos else 'png'}"
+            file = save_video(clip, path) if videos else save_image(image, path)
             records.append({"file": file, "prompt": prompt, "prompt_index": p, "index": i, "seed": seed})
         save_image(strip(images), output_dir / f"p{p:02d}-grid-{slug(prompt)}.png")
         if args.interpolate:
-            frames += interpolate(pipe, family, prompt, p, loaded, args, instruction, output_dir)
+            frames += interpolate(pipe, family, prompt, p, loaded, sampling, instruction, output_dir)
 
     settings = dict(vars(args))
     summary = {
@@ -758,6 +918,8 @@ def main(args):
         "num_inference_steps": args.num_inference_steps or family.default_steps,
         "complex_human_instruction": instruction,
         "pooled_output": pooling,
+        "num_frames": video.get("num_frames"),
+        "max_sequence_length": video.get("max_sequence_length"),
         "loras": [lora_record(source, args.lora_scale) for source in dict.fromkeys(loras)],
         "settings": settings,
         "embeddings": [

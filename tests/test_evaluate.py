@@ -281,6 +281,35 @@ def test_sana_runs_through_the_sana_path(runs, tiny_sana, evaluators, tmp_path):
     assert json.loads((tmp_path / "out" / "sana-dti" / "generation.json").read_text())["num_inference_steps"] == 2
 
 
+def test_wan_runs_are_scored_on_the_first_frame_at_the_training_resolution(tiny_wan, evaluators, tmp_path):
+    import train_dti_wan
+
+    run = train_in_process(train_dti_wan, tiny_wan, tmp_path / "wan-dti", "--gradient_accumulation_steps", "1")
+    argv = evaluate_args(tiny_wan, evaluators, tmp_path / "out", "--embeddings", str(run), "--instance_data_dir",
+                         str(ASSETS), "--max_prompts", "1")  # fmt: skip
+    del argv[argv.index("--height") : argv.index("--height") + 4]  # no --height / --width: the training resolution
+    summary, calls, _ = run_evaluate(argv)
+    assert summary["family"] == "wan" and calls == [(f"a {ROBOT} in the jungle", [0, 1])]
+    result = summary["runs"]["wan-dti"]["subjects"]["toy_robot"]
+    assert result["prompts"][0]["text_prompt"] == "a robot in the jungle" and len(result["images"]) == 2
+    assert all(0 < image["text_sim"] < 1 for image in result["images"])
+    settings = json.loads((tmp_path / "out" / "wan-dti" / "generation.json").read_text())
+    assert (settings["height"], settings["width"], settings["num_frames"], settings["max_sequence_length"]) == (
+        64, 64, 1, 512
+    )  # fmt: skip
+    assert Image.open(tmp_path / "out" / result["images"][0]["file"]).size == (64, 64)
+
+    def size(*flags, concept=None):
+        args, wan = evaluate.parse_args([*argv, *flags]), infer.FAMILIES["wan"]
+        settings = evaluate.generation_settings(args, wan, "float32", concept or evaluate.load_run(run))
+        return settings["height"], settings["width"]
+
+    assert size("--wan_resolution", "pipeline") == (480, 832)  # WanPipeline's default, as the DTI authors evaluated
+    assert size("--height", "32", "--width", "48", "--wan_resolution", "pipeline") == (32, 48)
+    with pytest.raises(ValueError, match="no training resolution in its metadata; give --height and --width"):
+        size(concept=infer.Concept(ROBOT, {"width:32": torch.ones(1, 32)}, ["robot.safetensors"]))
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -291,6 +320,7 @@ def test_sana_runs_through_the_sana_path(runs, tiny_sana, evaluators, tmp_path):
         ("benchmark without folders", r"--benchmark dreambooth needs --dreambooth_dir"),
         ("no subjects found", r"No subjects found: --dreambooth_dir"),
         ("text encoder not SigLIP", r"--text_encoder .* is a dinov2 model"),
+        ("frames for an image model", r"--num_frames is for Wan \(video\) checkpoints; StableDiffusionXLPipeline"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(runs, tiny_sdxl, evaluators, tmp_path, case, expected):
@@ -306,6 +336,7 @@ def test_bad_input_is_refused_before_anything_is_written(runs, tiny_sdxl, evalua
         "benchmark without folders": ["--benchmark", "dreambooth", "--runs_root", str(empty)],
         "no subjects found": ["--benchmark", "dreambooth", "--dreambooth_dir", str(empty), "--runs_root", str(empty)],
         "text encoder not SigLIP": [*single, "--text_encoder", str(evaluators["dinov2"])],
+        "frames for an image model": [*single, "--num_frames", "5"],
     }[case]
     with pytest.raises(ValueError, match=expected):
         evaluate.main(evaluate.parse_args(evaluate_args(tiny_sdxl, evaluators, tmp_path / "out", *extra)))
@@ -313,15 +344,15 @@ def test_bad_input_is_refused_before_anything_is_written(runs, tiny_sdxl, evalua
 
 
 def test_a_pipeline_of_no_known_family_is_refused_before_any_image(tmp_path, monkeypatch):
-    model = tmp_path / "wan"
+    model = tmp_path / "sd3"
     model.mkdir()
-    (model / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     save_file({ROBOT: torch.randn(1, 32)}, tmp_path / "robot.safetensors")
     monkeypatch.setattr(infer, "load_pipeline", lambda *args: pytest.fail("a pipeline was loaded"))
     argv = ["--pretrained_model_name_or_path", str(model), "--embeddings", str(tmp_path / "robot.safetensors"),
             "--instance_data_dir", str(ASSETS), "--image_encoder", "none", "--text_encoder", "none", "--device",
             "cpu", "--class_word", "toy", "--output_dir", str(tmp_path / "out")]  # fmt: skip
-    with pytest.raises(ValueError, match="is a WanPipeline; infer.py supports StableDiffusionXLPipeline and Sana"):
+    with pytest.raises(ValueError, match="is a StableDiffusion3Pipeline; infer.py supports StableDiffusionXLPipeline,"):
         evaluate.main(evaluate.parse_args(argv))
     assert not (tmp_path / "out").exists()
 

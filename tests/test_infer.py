@@ -1,4 +1,4 @@
-"""Tests of infer.py on the tiny SDXL and SANA pipelines, with embeddings made by the training scripts."""
+"""Tests of infer.py on the tiny SDXL, SANA and Wan pipelines, with embeddings made by the training scripts."""
 
 import json
 
@@ -12,6 +12,7 @@ import infer
 from tests.conftest import REPO, assert_one_line_error, run_script_cases, training_args
 
 ROBOT, CAT = "<toy-robot>", "<toy-cat>"
+PACK = "<red-pack>"  # a Wan token of two vectors ("red backpack" is two pieces)
 
 
 def train_in_process(script, model, output_dir, *extra):
@@ -231,6 +232,7 @@ ERROR_CASES = {
     "token already exists": (["--embeddings", "ROBOTWORD"], "already exists"),
     "unsupported pipeline": (["--pretrained_model_name_or_path", "OTHERPIPE"], "supports StableDiffusionXLPipeline"),
     "bad rescale": (["--rescale", "median"], "--rescale"),
+    "video flag on an image model": (["--num_frames", "5"], "--num_frames is for Wan (video) checkpoints; Stable"),
 }
 
 
@@ -265,16 +267,15 @@ def test_bad_input_gives_one_line_error(infer_error_runs, name):
 
 
 def test_a_pipeline_of_no_known_family_is_refused_in_one_line_before_loading(tmp_path):
-    model = tmp_path / "wan"
+    model = tmp_path / "sd3"
     model.mkdir()  # model_index.json alone: a run that got past detection would fail on the missing weights
-    (model / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     save_file({ROBOT: torch.randn(1, 32)}, tmp_path / "robot.safetensors")
     argv = ["--pretrained_model_name_or_path", str(model), "--embeddings", str(tmp_path / "robot.safetensors"),
             "--prompt", f"a {ROBOT}", "--device", "cpu", "--output_dir", str(tmp_path / "out")]  # fmt: skip
-    proc = run_script_cases(REPO / "infer.py", {"wan": argv})["wan"]
-    assert_one_line_error(
-        proc, "is a WanPipeline; infer.py supports StableDiffusionXLPipeline and SanaPipeline checkpoints."
-    )
+    proc = run_script_cases(REPO / "infer.py", {"sd3": argv})["sd3"]
+    assert_one_line_error(proc, "is a StableDiffusion3Pipeline; infer.py supports StableDiffusionXLPipeline, "
+                                "SanaPipeline and WanPipeline checkpoints.")  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 
@@ -313,3 +314,133 @@ def test_hub_ids_and_weight_name_resolve_to_files(runs, monkeypatch):
     assert infer.embedding_files(str(folder), "toy-robot.safetensors") == [folder / "toy-robot.safetensors"]
     (concept,) = infer.load_embeddings(["me/robot-concept"])
     assert set(concept.vectors) == {"width:32", "width:48"} and concept.token == ROBOT
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wan 2.1
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wan_run(tiny_wan, tmp_path_factory):
+    """(training result, output folder) of a two-vector token trained for 2 steps on the tiny Wan pipeline, with
+    64 text tokens (not WanPipeline's 512: infer.py must take the length from the metadata)."""
+    import train_dti_wan
+
+    folder = tmp_path_factory.mktemp("wan") / "red-pack"
+    flags = ["--max_train_steps", "2", "--gradient_accumulation_steps", "1", "--placeholder_token", PACK,
+             "--initializer_token", "red backpack", "--max_sequence_length", "64"]  # fmt: skip
+    result = train_in_process(train_dti_wan, tiny_wan, folder, *flags)
+    return result, folder
+
+
+def wan_frame_by_hand(model, folder, prompt, seed):
+    """The 64 px first frame WanPipeline makes after the rows are put in as README.md shows (AddedToken, lstrip)."""
+    from diffusers import WanPipeline
+    from transformers import AddedToken
+
+    pipe = WanPipeline.from_pretrained(model)
+    vectors = load_file(folder / "learned_embeds.safetensors")[PACK]
+    names = [PACK, f"{PACK}_1"]
+    pipe.tokenizer.add_tokens([AddedToken(name, lstrip=True) for name in names])
+    table = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[pipe.tokenizer.convert_tokens_to_ids(names)] = vectors
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt.replace(PACK, " ".join(names)), height=64, width=64, num_frames=1, num_inference_steps=2,
+                max_sequence_length=64, generator=generator, output_type="pil").frames[0][0]  # fmt: skip
+
+
+def test_wan_writes_the_first_frame_as_a_png_and_a_5_frame_mp4(wan_run, tiny_wan, tmp_path):
+    imageio = pytest.importorskip("imageio.v2", reason="pip install imageio imageio-ffmpeg")
+    _, folder = wan_run
+    prompt = f"a photo of a {PACK} on a beach"
+    still = run_infer(tiny_wan, tmp_path / "still", "--embeddings", str(folder), "--prompt", prompt, "--seed", "3")
+    assert (still["family"], still["scheduler"], still["num_frames"]) == ("wan", "UniPCMultistepScheduler", 1)
+    assert still["max_sequence_length"] == 64 and still["embeddings"][0]["encoders"] == {"text_encoder": [2, 32]}
+    png = tmp_path / "still" / "p00-i0-seed3-a-photo-of-a-red-pack-on-a-beach.png"
+    assert still["images"][0]["file"] == png.name
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(wan_frame_by_hand(tiny_wan, folder, prompt, 3)))
+
+    video = run_infer(tiny_wan, tmp_path / "video", "--embeddings", str(folder), "--prompt", prompt, "--seed", "3",
+                      "--num_frames", "5", "--scheduler", "euler")  # fmt: skip
+    assert video["scheduler"] == "FlowMatchEulerDiscreteScheduler" and video["num_frames"] == 5
+    assert json.loads((tmp_path / "video" / "generations.json").read_text())["num_frames"] == 5
+    (mp4,) = (tmp_path / "video").glob("*.mp4")
+    assert video["images"][0]["file"] == mp4.name == png.with_suffix(".mp4").name
+    with imageio.get_reader(mp4, format="FFMPEG") as reader:
+        assert reader.count_frames() == 5 and reader.get_meta_data()["fps"] == 16
+        assert reader.get_data(0).shape == (64, 64, 3)
+    assert Image.open(tmp_path / "video" / "p00-grid-a-photo-of-a-red-pack-on-a-beach.png").size == (64, 64)
+
+
+def test_the_wan_token_changes_the_image(wan_run, tiny_wan, tmp_path):
+    _, folder = wan_run
+    run_infer(tiny_wan, tmp_path / "token", "--embeddings", str(folder), "--prompt", f"a photo of a {PACK}")
+    run_infer(tiny_wan, tmp_path / "words", "--prompt", "a photo of a red backpack")
+    token, words = (np.asarray(Image.open(next((tmp_path / d).glob("p00-i0-*.png")))) for d in ("token", "words"))
+    assert token.shape == words.shape == (64, 64, 3) and not np.array_equal(token, words)  # the tiny text path is weak
+
+
+def test_infer_feeds_wan_the_ids_training_fed(wan_run, tiny_wan, tmp_path, monkeypatch):
+    """The ids the UMT5 encoder gets from infer.py (the token added as training adds it, the prompt expanded) are the
+    ids train_dti_wan.tokenize_prompt gives the same prompt with the training's tokenizer."""
+    import train_dti_wan
+
+    result, folder = wan_run
+    fed, load = [], infer.load_pipeline
+
+    def load_and_watch(*args):
+        pipe = load(*args)
+        pipe.text_encoder.register_forward_pre_hook(lambda module, inputs: fed.extend(inputs[0].tolist()))
+        return pipe
+
+    monkeypatch.setattr(infer, "load_pipeline", load_and_watch)
+    prompt = f"a photo of a {PACK} on a beach"
+    run_infer(tiny_wan, tmp_path / "g", "--embeddings", str(folder), "--prompt", prompt, "--guidance_scale", "1")
+    tokenizer = result.components["tokenizer"]
+    trained = train_dti_wan.tokenize_prompt(tokenizer, 64, prompt.replace(PACK, f"{PACK} {PACK}_1"))["input_ids"]
+    new_ids = tokenizer.convert_tokens_to_ids([PACK, f"{PACK}_1"])
+    assert fed == [trained] and trained[4:6] == new_ids and new_ids[0] >= len(tokenizer) - 2
+
+
+def test_wan_samplers_keep_the_flow_shift_and_the_vae_stays_float32(tiny_wan):
+    def load(scheduler):
+        args = infer.parse_args(["--pretrained_model_name_or_path", str(tiny_wan), "--scheduler", scheduler])
+        return infer.load_pipeline(args, infer.FAMILIES["wan"], torch.bfloat16, "cpu")
+
+    default, dpm, euler = load("default"), load("dpm"), load("euler")
+    assert type(default.scheduler).__name__ == "UniPCMultistepScheduler" and default.scheduler.config.flow_shift == 3
+    assert type(dpm.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert (dpm.scheduler.config.flow_shift, dpm.scheduler.config.use_flow_sigmas) == (3.0, True)
+    assert type(euler.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and euler.scheduler.config.shift == 3
+    assert default.vae.dtype == torch.float32  # the rest in the asked dtype
+    assert default.transformer.dtype == default.text_encoder.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--num_frames", "4"], r"--num_frames must be 4k \+ 1 \(1, 5, 9, ..., 81\), got 4"),
+        (["--num_frames", "5", "--interpolate", PACK, PACK], "--interpolate renders still frames"),
+        (["--max_sequence_length", "1"], "--max_sequence_length must be at least 2, got 1."),
+    ],
+)
+def test_wan_video_flags_are_refused_before_loading(wan_run, tiny_wan, tmp_path, monkeypatch, flags, expected):
+    monkeypatch.setattr(infer, "load_pipeline", lambda *args: pytest.fail("a pipeline was loaded"))
+    with pytest.raises(ValueError, match=expected):
+        run_infer(tiny_wan, tmp_path / "out", "--embeddings", str(wan_run[1]), "--prompt", f"a {PACK}", *flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wan_videos_without_imageio_are_refused_before_loading(wan_run, tiny_wan, tmp_path, monkeypatch):
+    import importlib.util
+
+    _, folder = wan_run
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name.startswith("imageio") else
+                        find_spec(name, *rest))  # fmt: skip
+    monkeypatch.setattr(infer, "load_pipeline", lambda *args: pytest.fail("a pipeline was loaded"))
+    with pytest.raises(ValueError, match=r"needs imageio and imageio-ffmpeg: pip install imageio imageio-ffmpeg\.$"):
+        run_infer(tiny_wan, tmp_path / "out", "--embeddings", str(folder), "--prompt", f"a {PACK}", "--num_frames", "5")
+    assert not (tmp_path / "out").exists()

@@ -2437,12 +2437,27 @@ def train_step(run):
     run.logs.add(run.step, step_loss, lr, finite)
 
 
+def validate_one_concept(run, concept):
+    """Validation images of one concept at this step. A validation that fails (the pipeline, memory) never costs the
+    training: one warning line names the step and the error (the traceback follows it in the log) and the run goes
+    on."""
+    prompt_token = placeholder_prompt_token(concept.args.placeholder_token, concept.num_vectors)
+    try:
+        log_validation(run.components, run.models, concept.args, run.accelerator, run.seed, run.step, prompt_token,
+                       run.family)  # fmt: skip
+    except TrainingStopped:  # a full disk stops the run, validation or not
+        raise
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        of = f" of {concept.args.placeholder_token}" if concept.prefix else ""
+        logger.warning(f"Validation{of} at step {run.step} failed ({type(error).__name__}: {reason}); training goes "
+                       "on without its images.", exc_info=True)  # fmt: skip
+
+
 def validate_concepts(run):
     """Validation images of every concept at this step."""
     for c in run.concepts:
-        prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
-        log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
-                       run.family)  # fmt: skip
+        validate_one_concept(run, c)
 
 
 def save_in_run(run, validate):
@@ -2493,9 +2508,7 @@ def finish(run, validate):
     save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
     for c in run.concepts:
         if validate and run.step % args.validation_steps != 0:
-            prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
-            log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
-                           run.family)  # fmt: skip
+            validate_one_concept(run, c)
         repo_id = create_hub_repo(c.args, run.hub_token) if args.push_to_hub else hub_repo_id(c.args)
         save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
         if args.push_to_hub:
@@ -2980,6 +2993,9 @@ def make_accelerator(args):
         f"{state.device}, mixed precision {state.mixed_precision}.",
         main_process_only=False,
     )
+    if state.mixed_precision in ("fp16", "bf16") and state.device.type == "cpu":
+        logger.warning(f"--mixed_precision {state.mixed_precision} on a machine without CUDA: CPUs run it slowly, some "
+                       "operations not at all; --mixed_precision no is the CPU's precision.")  # fmt: skip
     if accelerator.num_processes != world_size:
         raise ValueError(f"WORLD_SIZE is {world_size} but accelerate runs {accelerator.num_processes} process(es).")
     if args.allow_tf32:

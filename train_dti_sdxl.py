@@ -1443,6 +1443,22 @@ def vae_posterior(vae, pixel_values):
     return dist.mean.float(), dist.std.float()
 
 
+def decode_latents(pipeline, latents):
+    """PIL images of a StableDiffusionXLPipeline's latents [B, 4, h, w], unscaled as the pipeline unscales them and
+    decoded by the VAE in its own dtype: under fp16 the VAE stays fp32 (it overflows in fp16) while the UNet's latents
+    are fp16, and the pipeline casts them only on MPS. In fp32 and bf16 the images are the pipeline's, bit for bit."""
+    vae, config = pipeline.vae, pipeline.vae.config
+    latents = latents.to(vae.device, vae.dtype)
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents) for v in (config.latents_mean, config.latents_std))
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    with torch.no_grad():
+        images = vae.decode(latents, return_dict=False)[0]
+    return pipeline.image_processor.postprocess(images, output_type="pil")
+
+
 def load_tokenizers(args):
     """Both CLIP tokenizers, after checking that the model is an SDXL-layout diffusers checkpoint."""
     from diffusers import DiffusionPipeline
@@ -1570,16 +1586,24 @@ class SDXL(Family):
                              seed=seed, resolution=args.resolution)  # fmt: skip
 
     def validation_images(self, components, models, args, prompt, generators):
-        """DPM-Solver, 25 steps, at the training resolution."""
+        """DPM-Solver, 25 steps, at the training resolution; the latents decoded by the VAE in its own dtype."""
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
         scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
         pipeline = StableDiffusionXLPipeline(**components, scheduler=scheduler, add_watermarker=False)
         pipeline.set_progress_bar_config(disable=True)
         return [
-            pipeline(
-                prompt, num_inference_steps=25, height=args.resolution, width=args.resolution, generator=generator
-            ).images[0]
+            decode_latents(
+                pipeline,
+                pipeline(
+                    prompt,
+                    num_inference_steps=25,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generator,
+                    output_type="latent",
+                ).images,
+            )[0]
             for generator in generators
         ]
 
@@ -2358,12 +2382,27 @@ def train_step(run):
     run.logs.add(run.step, step_loss, lr, finite)
 
 
+def validate_one_concept(run, concept):
+    """Validation images of one concept at this step. A validation that fails (the pipeline, memory) never costs the
+    training: one warning line names the step and the error (the traceback follows it in the log) and the run goes
+    on."""
+    prompt_token = placeholder_prompt_token(concept.args.placeholder_token, concept.num_vectors)
+    try:
+        log_validation(run.components, run.models, concept.args, run.accelerator, run.seed, run.step, prompt_token,
+                       run.family)  # fmt: skip
+    except TrainingStopped:  # a full disk stops the run, validation or not
+        raise
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        of = f" of {concept.args.placeholder_token}" if concept.prefix else ""
+        logger.warning(f"Validation{of} at step {run.step} failed ({type(error).__name__}: {reason}); training goes "
+                       "on without its images.", exc_info=True)  # fmt: skip
+
+
 def validate_concepts(run):
     """Validation images of every concept at this step."""
     for c in run.concepts:
-        prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
-        log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
-                       run.family)  # fmt: skip
+        validate_one_concept(run, c)
 
 
 def save_in_run(run, validate):
@@ -2414,9 +2453,7 @@ def finish(run, validate):
     save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
     for c in run.concepts:
         if validate and run.step % args.validation_steps != 0:
-            prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
-            log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
-                           run.family)  # fmt: skip
+            validate_one_concept(run, c)
         repo_id = create_hub_repo(c.args, run.hub_token) if args.push_to_hub else hub_repo_id(c.args)
         save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
         if args.push_to_hub:
@@ -2901,6 +2938,9 @@ def make_accelerator(args):
         f"{state.device}, mixed precision {state.mixed_precision}.",
         main_process_only=False,
     )
+    if state.mixed_precision in ("fp16", "bf16") and state.device.type == "cpu":
+        logger.warning(f"--mixed_precision {state.mixed_precision} on a machine without CUDA: CPUs run it slowly, some "
+                       "operations not at all; --mixed_precision no is the CPU's precision.")  # fmt: skip
     if accelerator.num_processes != world_size:
         raise ValueError(f"WORLD_SIZE is {world_size} but accelerate runs {accelerator.num_processes} process(es).")
     if args.allow_tf32:

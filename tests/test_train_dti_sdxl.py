@@ -284,6 +284,36 @@ def test_validation_writes_a_grid_every_validation_steps_and_at_the_end(train):
     assert Image.open(out / "validation" / "step-3.png").size == (128, 64)
 
 
+def test_fp16_validation_decodes_with_the_fp32_vae(train, caplog):
+    """Under fp16 the VAE stays fp32 and the UNet's latents are fp16: the validation images still come (no dtype
+    error), and the CPU run is warned about."""
+    with caplog.at_level("WARNING"):
+        result, out = train("--mixed_precision", "fp16", "--max_train_steps", "1", "--num_validation_images", "1",
+                            "--validation_steps", "1")  # fmt: skip
+    assert result.components["unet"].dtype == torch.float16 and result.components["vae"].dtype == torch.float32
+    image = np.asarray(Image.open(out / "validation" / "step-1.png"))
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    assert "--mixed_precision fp16 on a machine without CUDA" in caplog.text
+
+
+def test_a_validation_that_fails_is_reported_and_training_goes_on(train, monkeypatch, caplog):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("the pipeline broke\nsecond line")
+
+    monkeypatch.setattr(dti.SDXL, "validation_images", broken)
+    with caplog.at_level("WARNING"):
+        _, out = train("--num_validation_images", "1", "--validation_steps", "2", "--checkpointing_steps", "2")
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 2 and all("\n" not in r.getMessage() for r in failed)  # one line each
+    for record, step in zip(failed, (2, 3), strict=True):
+        expected = f"Validation at step {step} failed (RuntimeError: the pipeline broke); training goes on without"
+        assert expected in record.getMessage()
+    assert all(r.exc_info for r in failed)  # the traceback is in the log
+    assert {"learned_embeds.safetensors", "learned_embeds_2.safetensors", "README.md", "checkpoint-2"} <= {
+        p.name for p in out.iterdir()
+    }
+
+
 def test_variant_fp16_checkpoints_load_and_the_norm_comes_from_their_table(tiny_sdxl_fp16_variant, tmp_path):
     from transformers import CLIPTextModel
 

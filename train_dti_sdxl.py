@@ -54,7 +54,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.logging import get_logger
+from accelerate.logging import MultiProcessAdapter, get_logger
+from accelerate.state import PartialState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from diffusers.optimization import get_scheduler
 from PIL import Image, ImageOps
@@ -70,7 +71,19 @@ from tqdm.auto import tqdm
 
 __version__ = "0.1.0"
 
-logger = get_logger(__name__)
+
+class RunLogger(MultiProcessAdapter):
+    """accelerate's logger (main_process_only=, in_order=), whose [RANK i] prefix tells processes apart: a run of one
+    process gets none."""
+
+    def process(self, msg, kwargs):
+        if PartialState().num_processes > 1:
+            return super().process(msg, kwargs)
+        kwargs.setdefault("stacklevel", 2)  # as accelerate's: the record names the caller, not this adapter
+        return msg, kwargs
+
+
+logger = RunLogger(get_logger(__name__).logger, {})
 
 OBJECT_TEMPLATES = [
     "a photo of a {}",
@@ -2073,7 +2086,7 @@ def report_steps(step_logs, concepts, accelerator, progress):
         step, _, logs = records[-1]
         loss = sum(logs[f"{c.prefix}loss"] for c in concepts) / len(concepts)
         angle = sum(logs[f"{c.prefix}text_encoder/angle_deg"] for c in concepts) / len(concepts)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{angle:.2f}", at_step=step)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{angle:.2f}", step=step)
 
 
 class LatentCache:

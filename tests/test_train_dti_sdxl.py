@@ -304,10 +304,10 @@ def test_a_validation_that_fails_is_reported_and_training_goes_on(train, monkeyp
     with caplog.at_level("WARNING"):
         _, out = train("--num_validation_images", "1", "--validation_steps", "2", "--checkpointing_steps", "2")
     failed = [r for r in caplog.records if "failed" in r.getMessage()]
-    assert len(failed) == 2 and all("\n" not in r.getMessage() for r in failed)  # one line each
-    for record, step in zip(failed, (2, 3), strict=True):
-        expected = f"Validation at step {step} failed (RuntimeError: the pipeline broke); training goes on without"
-        assert expected in record.getMessage()
+    assert [r.getMessage() for r in failed] == [
+        f"Validation at step {step} failed (RuntimeError: the pipeline broke); training goes on without its images."
+        for step in (2, 3)
+    ]  # one line each, and no [RANK 0] prefix in a run of one process
     assert all(r.exc_info for r in failed)  # the traceback is in the log
     assert {"learned_embeds.safetensors", "learned_embeds_2.safetensors", "README.md", "checkpoint-2"} <= {
         p.name for p in out.iterdir()
@@ -339,6 +339,25 @@ def test_an_unset_seed_is_drawn_logged_and_recorded(train, tiny_sdxl, tmp_path, 
     _, again = train("--seed", seed, output_dir=tmp_path / "again")
     assert torch.equal(load_file(again / "learned_embeds.safetensors")[PLACEHOLDER],
                        load_file(tmp_path / "out" / "learned_embeds.safetensors")[PLACEHOLDER])  # fmt: skip
+
+
+def test_one_process_logs_without_a_rank_prefix_and_the_bar_shows_the_step(train, capfd, caplog):
+    with caplog.at_level("INFO"):
+        train("--max_train_steps", "2", "--logging_steps", "1")
+    assert caplog.records and not [r for r in caplog.records if "[RANK" in r.getMessage()]
+    bar = capfd.readouterr().err.replace("\r", "\n").splitlines()
+    assert [line for line in bar if line.startswith("Steps: 100%")][-1].endswith("step=2]")
+
+
+def test_several_processes_log_with_their_rank(monkeypatch):
+    import accelerate.logging
+
+    state = SimpleNamespace(num_processes=2, process_index=1, is_main_process=False)
+    for module in (dti, accelerate.logging):
+        monkeypatch.setattr(module, "PartialState", lambda: state)
+    assert dti.logger.process("saved", {})[0] == "[RANK 1] saved"
+    state.num_processes, state.process_index = 1, 0
+    assert dti.logger.process("saved", {})[0] == "saved"
 
 
 def test_trackers_get_loss_lr_norm_cosine_and_angle_every_step(train, monkeypatch):

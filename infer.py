@@ -10,6 +10,7 @@ copy into your own code; SanaPipeline has no load_textual_inversion of its own.
 """
 
 import argparse
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -45,6 +46,23 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse without prefix matching (--num_images is not taken for --num_images_per_prompt), with usage errors
+    printed as one line (for an unknown flag, the closest known one), as in the training scripts."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")]
+            if not flags:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
+            known = [flag for flag in self._option_string_actions if flag.startswith("--")]
+            close = difflib.get_close_matches(flags[0], known, n=1)
+            self.error(f"unknown flag {flags[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+        return namespace
+
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
 

@@ -32,6 +32,7 @@ How this file reads (top to bottom):
 import argparse
 import atexit
 import contextlib
+import difflib
 import errno
 import hashlib
 import importlib.util
@@ -141,6 +142,7 @@ STYLE_TEMPLATES = [
     "a large painting in the style of {}",
 ]
 
+MIN_TRAINING_IMAGES = 3  # fewer train without error, with a warning: 3-6 views of a concept learn it reliably
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CONVERTIBLE_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "PA"}
 DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3, "crossinit": 5e-3}
@@ -188,10 +190,29 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, with usage errors printed as one line (the flag and what is wrong) instead of the full usage."""
+    """argparse without prefix matching (--max_train is not taken for --max_train_steps), with usage errors printed as
+    one line (the flag and what is wrong; for an unknown flag, the closest known one) instead of the full usage."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(unknown_arguments(unknown, self._option_string_actions))
+        return namespace
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def unknown_arguments(unknown, known_flags):
+    """The message for arguments no flag takes: the first unknown flag and the known flag closest to it."""
+    flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")]
+    if not flags:
+        return f"unrecognized arguments: {' '.join(unknown)}"
+    close = difflib.get_close_matches(flags[0], [flag for flag in known_flags if flag.startswith("--")], n=1)
+    return f"unknown flag {flags[0]}" + (f"; did you mean {close[0]}?" if close else "")
 
 
 def parse_arguments(family, input_args=None):
@@ -561,8 +582,14 @@ def validate_args(args, family):
 
 def validate_concept(args):
     """Check one concept's own flags (a --concepts_list entry's keys): its token, its initializer, one data source."""
-    if args.placeholder_token is None or args.initializer_token is None:
-        raise ValueError("Give --placeholder_token and --initializer_token (one concept) or --concepts_list (several).")
+    examples = {"--placeholder_token": "'<my-dog>' (the new token)", "--initializer_token": "dog (its class word)"}
+    missing = [flag for flag in examples if getattr(args, flag[2:]) is None]
+    if missing:
+        give = " ".join(f"{flag} {examples[flag]}" for flag in missing)
+        verb = "is" if len(missing) == 1 else "are"
+        raise ValueError(
+            f"{' and '.join(missing)} {verb} missing: give {give}, or --concepts_list for several concepts."
+        )
     checks = [
         (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
         (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),
@@ -2295,6 +2322,10 @@ def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True):
             raise ValueError(
                 f"--concepts_list entry {args.concept_index} ({args.placeholder_token}): {error}"
             ) from None
+        if len(images) < MIN_TRAINING_IMAGES:
+            of = "" if args.concept_index is None else f" of {args.placeholder_token}"
+            logger.warning(f"Only {len(images)} training image(s){of}: {MIN_TRAINING_IMAGES} to 6 images of the "
+                           "concept (other backgrounds, angles, light) learn it more reliably.")  # fmt: skip
         if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
             logger.warning(
                 f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token."

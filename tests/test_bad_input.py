@@ -190,6 +190,10 @@ def training_cases(family, bad):
         "corrupt_only": ([*data, str(bad["corrupt"])], None, 1, "holds no readable image"),
     }  # fmt: skip
     cases |= {
+        "abbreviated_flag": (["--max_train", "2"], None, 2, "unknown flag --max_train; did you mean --max_train_steps"),
+        "misspelled_flag": (["--lerning_rate=1"], None, 2, "unknown flag --lerning_rate; did you mean --learning_rate"),
+        "no_initializer": ([], "no initializer", 1, "--initializer_token is missing: give --initializer_token dog"),
+        "no_placeholder": ([], "no placeholder", 1, "--placeholder_token is missing: give --placeholder_token"),
         "lora_rank_negative": (["--lora_rank", "-1"], None, 1, "--lora_rank must be zero (no LoRA) or positive."),
         "lora_flag_without_rank": (["--lora_alpha", "8"], None, 1, "--lora_alpha applies to a LoRA only: add"),
         "lora_start_too_late": (
@@ -258,10 +262,11 @@ def test_bad_training_input_ends_in_one_line_and_leaves_the_output_folder(
         if "--dataset_name" in extra:  # one data source only
             at = argv.index("--train_data_dir")
             argv = argv[:at] + argv[at + 2 :]
-        for flag in (
-            ("--train_data_dir", "--placeholder_token", "--initializer_token") if "--concepts_list" in extra else ()
-        ):
-            at = argv.index(flag)  # the list replaces the one concept's flags
+        dropped = {"no initializer": ("--initializer_token",), "no placeholder": ("--placeholder_token",)}.get(how, ())
+        if "--concepts_list" in extra:  # the list replaces the one concept's flags
+            dropped = ("--train_data_dir", "--placeholder_token", "--initializer_token")
+        for flag in dropped:
+            at = argv.index(flag)
             argv = argv[:at] + argv[at + 2 :]
         argvs[name] = argv
     procs = run_script_cases(REPO / f"train_dti_{family}.py", argvs)
@@ -342,12 +347,14 @@ def test_bad_infer_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
     }
     if not torch.cuda.is_available():
         flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")
-    for name, (flags, expected) in flag_cases.items():
+    usage = {"abbreviated_flag": (["--num_images", "2"], "unknown flag --num_images; did you mean --num_images_per_"),
+             "misspelled_flag": (["--promt", "a"], "unknown flag --promt; did you mean --prompt?")}  # fmt: skip
+    for name, (flags, expected) in (flag_cases | usage).items():
         argvs[name] = [*common, "--output_dir", str(tmp_path / name), "--embeddings", good, *flags]
         cases[name] = (None, expected)
     procs = run_script_cases(REPO / "infer.py", argvs)
     for name, (_, expected) in cases.items():
-        assert procs[name].returncode == 1, (name, procs[name].stderr[-2000:])
+        assert procs[name].returncode == (2 if name in usage else 1), (name, procs[name].stderr[-2000:])
         assert_one_line_error(procs[name], expected)
         assert not (tmp_path / name).exists(), name  # nothing written
     assert bad_files["a_file"].read_text() == "a file, not a folder\n"
@@ -374,12 +381,13 @@ def test_bad_evaluate_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
     }
     if not torch.cuda.is_available():
         flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")
-    for name, (flags, text) in flag_cases.items():
+    usage = {"abbreviated_flag": (["--seed", "1"], "unknown flag --seed; did you mean --seeds?")}
+    for name, (flags, text) in (flag_cases | usage).items():
         argvs[name] = [*common, "--output_dir", str(tmp_path / name), "--embeddings", good, *flags]
         expected[name] = text
     procs = run_script_cases(REPO / "evaluate.py", argvs)
     for name, text in expected.items():
-        assert procs[name].returncode == 1, (name, procs[name].stderr[-2000:])
+        assert procs[name].returncode == (2 if name in usage else 1), (name, procs[name].stderr[-2000:])
         assert_one_line_error(procs[name], text)
         assert not (tmp_path / name).exists(), name
     assert "warning: skipping" in procs["bomb_references"].stderr

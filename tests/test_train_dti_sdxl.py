@@ -494,7 +494,9 @@ def test_images_are_converted_and_exif_rotation_is_honoured(tmp_path):
     assert loaded["rgba.png"].getpixel((0, 0)) == (255, 255, 255)  # transparent pixels become white
 
 
-def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(train, tmp_path, caplog):
+def test_an_unreadable_image_is_skipped_with_a_warning_naming_it_and_too_few_images_are_warned_of(
+    train, tmp_path, caplog
+):
     data = tmp_path / "data"
     data.mkdir()
     for path in sorted(ASSETS.iterdir())[:2]:
@@ -503,6 +505,7 @@ def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(train, tmp_path
     with caplog.at_level("WARNING"):
         _, out = train("--max_train_steps", "1", data_dir=data)
     assert "broken.jpg" in caplog.text
+    assert "Only 2 training image(s): 3 to 6 images of the concept" in caplog.text  # trained all the same
     assert (out / "learned_embeds.safetensors").is_file()
 
 

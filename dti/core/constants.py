@@ -71,6 +71,7 @@ STYLE_TEMPLATES = [
     "a large painting in the style of {}",
 ]
 
+MIN_TRAINING_IMAGES = 3  # fewer train without error, with a warning: 3-6 views of a concept learn it reliably
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CONVERTIBLE_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "PA"}
 DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3, "crossinit": 5e-3}

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from dti.core.arguments import check_inputs, ignored_flags, read_concepts, validate_args
 from dti.core.checkpoints import find_checkpoint, resume, run_identity, save_checkpoint
-from dti.core.constants import OBJECT_TEMPLATES, STYLE_TEMPLATES, logger
+from dti.core.constants import MIN_TRAINING_IMAGES, OBJECT_TEMPLATES, STYLE_TEMPLATES, logger
 from dti.core.data import DTIDataset, load_dataset_images, load_training_images, validation_prompt
 from dti.core.dti import add_concept_tokens, attach_learned_tokens, check_prompts_fit, placeholder_prompt_token
 from dti.core.family import Models
@@ -90,6 +90,10 @@ def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True):
             raise ValueError(
                 f"--concepts_list entry {args.concept_index} ({args.placeholder_token}): {error}"
             ) from None
+        if len(images) < MIN_TRAINING_IMAGES:
+            of = "" if args.concept_index is None else f" of {args.placeholder_token}"
+            logger.warning(f"Only {len(images)} training image(s){of}: {MIN_TRAINING_IMAGES} to 6 images of the "
+                           "concept (other backgrounds, angles, light) learn it more reliably.")  # fmt: skip
         if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
             logger.warning(
                 f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token."

@@ -549,6 +549,7 @@ class Encoder:
 def model_config(name, flag):
     from transformers import AutoConfig
 
+    infer.check_hub_model(flag, name, filename="config.json")
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:

@@ -18,7 +18,7 @@ from dti.core.constants import MIN_TRAINING_IMAGES, OBJECT_TEMPLATES, STYLE_TEMP
 from dti.core.data import DTIDataset, load_dataset_images, load_training_images, validation_prompt
 from dti.core.dti import add_concept_tokens, attach_learned_tokens, check_prompts_fit, placeholder_prompt_token
 from dti.core.family import Models
-from dti.core.hub import create_hub_repo, hub_repo_id, hub_token, push_to_hub, save_model_card
+from dti.core.hub import check_hub_model, create_hub_repo, hub_repo_id, hub_token, push_to_hub, save_model_card
 from dti.core.plumbing import (
     StopRequest,
     TrainingStopped,
@@ -182,6 +182,7 @@ def setup(args, family):
     concept_args = check_run(args, family)
     token = hub_token(args)
     accelerator = make_accelerator(args)
+    check_hub_model("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, args.revision)
     for warning in ignored_flags(args):
         logger.warning(warning)
     seed = resolve_seed(args, accelerator)

@@ -17,6 +17,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -544,6 +545,16 @@ def listing(names):
     return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
+def counted(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def done_line(started, written, folder):
+    """The last line of a run: how long it took and what it wrote where."""
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    return f"Done in {minutes}m{seconds:02d}s: wrote {listing(written)} in {folder}."
+
+
 def hub_unreachable(timeout=3.0):
     """Why the Hub cannot be reached now (HF_HUB_OFFLINE, or the error of one request without retries), or None."""
     from huggingface_hub import constants
@@ -737,6 +748,7 @@ def check_output_dir(output_dir, flag="--output_dir"):
 
 
 def main(args):
+    started = time.monotonic()
     if not (args.seed >= 0 and args.seed + args.num_images_per_prompt <= 2**32):
         raise ValueError("--seed must be in [0, 2**32 - 1], with room for --num_images_per_prompt seeds after it.")
     device = check_device(args.device)
@@ -839,6 +851,10 @@ def main(args):
     tmp = output_dir / ".generations.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(output_dir / "generations.json")  # never a half-written record
+    written = [counted(len(records), "image"), counted(len(prompts), "grid")] if prompts else []
+    if frames:
+        written.append(f"{counted(len(frames), 'interpolation frame')} and {counted(len(prompts), 'strip')}")
+    print(done_line(started, [*written, "generations.json"], output_dir))
     return summary
 
 

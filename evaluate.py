@@ -27,6 +27,7 @@ import math
 import re
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -584,6 +585,7 @@ class Encoder:
 def model_config(name, flag):
     from transformers import AutoConfig
 
+    infer.check_hub_model(flag, name, filename="config.json")
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
@@ -810,6 +812,7 @@ def subject_info(subject):
 
 
 def main(args):
+    started = time.monotonic()
     check_numbers(args)
     infer.check_loras(args)
     device = infer.check_device(args.device)
@@ -852,6 +855,9 @@ def main(args):
     write_atomically(output_dir / "metrics.csv", metrics_csv(runs, metrics))
     write_atomically(output_dir / "metrics.json", json.dumps(summary, indent=2))
     print(format_table(runs, metrics))
+    sheets = infer.counted(len(jobs), "contact sheet")
+    written = ["metrics.json", "metrics.csv", "scatter.png", f"{sheets} ({infer.counted(generated, 'new image')})"]
+    print(infer.done_line(started, written, output_dir))
     return summary
 
 

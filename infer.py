@@ -12,12 +12,14 @@ their own. A Wan image is the one frame of a 1-frame video; `--num_frames 33` wr
 """
 
 import argparse
+import difflib
 import hashlib
 import importlib.util
 import json
 import math
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,23 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse without prefix matching (--num_images is not taken for --num_images_per_prompt), with usage errors
+    printed as one line (for an unknown flag, the closest known one), as in the training scripts."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")]
+            if not flags:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
+            known = [flag for flag in self._option_string_actions if flag.startswith("--")]
+            close = difflib.get_close_matches(flags[0], known, n=1)
+            self.error(f"unknown flag {flags[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+        return namespace
+
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
 
@@ -604,10 +623,64 @@ def listing(names):
     return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
+def counted(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def done_line(started, written, folder):
+    """The last line of a run: how long it took and what it wrote where."""
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    return f"Done in {minutes}m{seconds:02d}s: wrote {listing(written)} in {folder}."
+
+
+def hub_unreachable(timeout=3.0):
+    """Why the Hub cannot be reached now (HF_HUB_OFFLINE, or the error of one request without retries), or None."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, is a reachable Hub
+    except Exception as error:  # requests' or httpx's connection errors and timeouts
+        return f"{constants.ENDPOINT} did not answer: {type(error).__name__}"
+    return None
+
+
+def check_hub_model(flag, name, revision=None, filename="model_index.json"):
+    """Fail fast, in one line, when a model named by a Hub id cannot be had: not a local folder, the Hub out of reach
+    and the model not in the local cache (where diffusers and transformers would retry for half a minute, then blame
+    a missing file). A cached model works offline; with the Hub out of reach and HF_HUB_OFFLINE unset it loads with a
+    warning."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).is_dir():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return  # neither a folder nor a Hub id: the loader's own error says so
+    reason = hub_unreachable()
+    if reason is None:
+        return
+    if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
+        if "HF_HUB_OFFLINE" not in reason:
+            print(f"warning: the Hugging Face Hub could not be reached ({reason}): {flag} {name!r} loads from the "
+                  "local cache; set HF_HUB_OFFLINE=1 to skip the network.", file=sys.stderr)  # fmt: skip
+        return
+    raise ValueError(
+        f"{flag} {name!r} is not a local folder and the Hugging Face Hub could not be reached ({reason}), nor is it in "
+        "the local cache: download it once online and run with HF_HUB_OFFLINE=1, or give a local folder (gated models "
+        "need `hf auth login` first)."
+    )
+
+
 def detect_family(args):
     """The Family of the checkpoint, from the _class_name of its model_index.json; any other pipeline is refused."""
     from diffusers import DiffusionPipeline
 
+    check_hub_model("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, args.revision)
     try:
         index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
     except (OSError, ValueError) as error:
@@ -825,6 +898,7 @@ def check_output_dir(output_dir, flag="--output_dir"):
 
 
 def main(args):
+    started = time.monotonic()
     if not (args.seed >= 0 and args.seed + args.num_images_per_prompt <= 2**32):
         raise ValueError("--seed must be in [0, 2**32 - 1], with room for --num_images_per_prompt seeds after it.")
     device = check_device(args.device)
@@ -939,6 +1013,10 @@ def main(args):
     tmp = output_dir / ".generations.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(output_dir / "generations.json")  # never a half-written record
+    written = [counted(len(records), "image"), counted(len(prompts), "grid")] if prompts else []
+    if frames:
+        written.append(f"{counted(len(frames), 'interpolation frame')} and {counted(len(prompts), 'strip')}")
+    print(done_line(started, [*written, "generations.json"], output_dir))
     return summary
 
 

@@ -5,6 +5,7 @@ tests/cli_driver.py (one import, one fork per case). Faults that need a patched 
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,12 @@ from tests.conftest import ASSETS, REPO, assert_one_line_error, run_script_cases
 
 SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
 TOKEN = "<toy-robot>"
+FAKE_HUB_ID = "someone/no-such-model"
+OFFLINE_HUB_ID_ERROR = (
+    f"--pretrained_model_name_or_path '{FAKE_HUB_ID}' is not a local folder and the Hugging Face Hub could not be "
+    "reached (HF_HUB_OFFLINE=1 is set), nor is it in the local cache: download it once online and run with "
+    "HF_HUB_OFFLINE=1, or give a local folder (gated models need `hf auth login` first)."
+)
 
 
 def snapshot(folder):
@@ -190,6 +197,11 @@ def training_cases(family, bad):
         "corrupt_only": ([*data, str(bad["corrupt"])], None, 1, "holds no readable image"),
     }  # fmt: skip
     cases |= {
+        "abbreviated_flag": (["--max_train", "2"], None, 2, "unknown flag --max_train; did you mean --max_train_steps"),
+        "misspelled_flag": (["--lerning_rate=1"], None, 2, "unknown flag --lerning_rate; did you mean --learning_rate"),
+        "no_initializer": ([], "no initializer", 1, "--initializer_token is missing: give --initializer_token dog"),
+        "no_placeholder": ([], "no placeholder", 1, "--placeholder_token is missing: give --placeholder_token"),
+        "hub_id_offline": (["--pretrained_model_name_or_path", FAKE_HUB_ID], None, 1, OFFLINE_HUB_ID_ERROR),
         "lora_rank_negative": (["--lora_rank", "-1"], None, 1, "--lora_rank must be zero (no LoRA) or positive."),
         "lora_flag_without_rank": (["--lora_alpha", "8"], None, 1, "--lora_alpha applies to a LoRA only: add"),
         "lora_start_too_late": (
@@ -258,10 +270,11 @@ def test_bad_training_input_ends_in_one_line_and_leaves_the_output_folder(
         if "--dataset_name" in extra:  # one data source only
             at = argv.index("--train_data_dir")
             argv = argv[:at] + argv[at + 2 :]
-        for flag in (
-            ("--train_data_dir", "--placeholder_token", "--initializer_token") if "--concepts_list" in extra else ()
-        ):
-            at = argv.index(flag)  # the list replaces the one concept's flags
+        dropped = {"no initializer": ("--initializer_token",), "no placeholder": ("--placeholder_token",)}.get(how, ())
+        if "--concepts_list" in extra:  # the list replaces the one concept's flags
+            dropped = ("--train_data_dir", "--placeholder_token", "--initializer_token")
+        for flag in dropped:
+            at = argv.index(flag)
             argv = argv[:at] + argv[at + 2 :]
         argvs[name] = argv
     procs = run_script_cases(REPO / f"train_dti_{family}.py", argvs)
@@ -339,15 +352,18 @@ def test_bad_infer_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
         "lora_missing": (["--lora", str(tmp_path / "no-lora")], f"--lora {tmp_path / 'no-lora'}: no such file or"),
         "lora_not_a_lora": (["--lora", good], f"--lora {good}: not a LoRA this pipeline can load"),
         "lora_scale_nan": (["--lora_scale", "nan"], "--lora_scale must be a number, got nan."),
+        "hub_id_offline": (["--pretrained_model_name_or_path", FAKE_HUB_ID], OFFLINE_HUB_ID_ERROR),
     }
     if not torch.cuda.is_available():
         flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")
-    for name, (flags, expected) in flag_cases.items():
+    usage = {"abbreviated_flag": (["--num_images", "2"], "unknown flag --num_images; did you mean --num_images_per_"),
+             "misspelled_flag": (["--promt", "a"], "unknown flag --promt; did you mean --prompt?")}  # fmt: skip
+    for name, (flags, expected) in (flag_cases | usage).items():
         argvs[name] = [*common, "--output_dir", str(tmp_path / name), "--embeddings", good, *flags]
         cases[name] = (None, expected)
     procs = run_script_cases(REPO / "infer.py", argvs)
     for name, (_, expected) in cases.items():
-        assert procs[name].returncode == 1, (name, procs[name].stderr[-2000:])
+        assert procs[name].returncode == (2 if name in usage else 1), (name, procs[name].stderr[-2000:])
         assert_one_line_error(procs[name], expected)
         assert not (tmp_path / name).exists(), name  # nothing written
     assert bad_files["a_file"].read_text() == "a file, not a folder\n"
@@ -371,18 +387,73 @@ def test_bad_evaluate_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
             "in this folder (1 could not be read)",
         ),
         "device_unknown": (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+        "hub_id_offline": (
+            ["--pretrained_model_name_or_path", FAKE_HUB_ID, "--class_word", "toy"],
+            OFFLINE_HUB_ID_ERROR,
+        ),
+        "evaluator_hub_id_offline": (
+            ["--image_encoder", FAKE_HUB_ID, "--class_word", "toy"],
+            f"--image_encoder '{FAKE_HUB_ID}' is not a local folder and the Hugging Face Hub could not be reached",
+        ),
     }
     if not torch.cuda.is_available():
         flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")
-    for name, (flags, text) in flag_cases.items():
+    usage = {"abbreviated_flag": (["--seed", "1"], "unknown flag --seed; did you mean --seeds?")}
+    for name, (flags, text) in (flag_cases | usage).items():
         argvs[name] = [*common, "--output_dir", str(tmp_path / name), "--embeddings", good, *flags]
         expected[name] = text
     procs = run_script_cases(REPO / "evaluate.py", argvs)
     for name, text in expected.items():
-        assert procs[name].returncode == 1, (name, procs[name].stderr[-2000:])
+        assert procs[name].returncode == (2 if name in usage else 1), (name, procs[name].stderr[-2000:])
         assert_one_line_error(procs[name], text)
         assert not (tmp_path / name).exists(), name
     assert "warning: skipping" in procs["bomb_references"].stderr
+
+
+def test_a_hub_id_with_the_hub_out_of_reach_fails_in_one_line_within_seconds(tiny_sdxl, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE unset and the Hub's endpoint refusing connections (no retries for half a minute): one line
+    naming the id, the Hub and the ways out; the training script as run, infer.py's check (evaluate.py's too)
+    in-process with the endpoint set the same way."""
+    import time
+
+    from huggingface_hub import constants
+
+    import infer
+    from tests.cli_driver import run_cases
+
+    unreachable = "http://127.0.0.1:9"  # nothing listens there: every request is refused at once
+    expected = f"'{FAKE_HUB_ID}' is not a local folder and the Hugging Face Hub could not be reached ({unreachable} did"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    argv = [*training_args(tiny_sdxl, tmp_path / "out"), "--pretrained_model_name_or_path", FAKE_HUB_ID]
+    (proc,) = run_cases(REPO / "train_dti_sdxl.py", {"train": argv}, env=env | {"HF_ENDPOINT": unreachable}).values()
+    assert_one_line_error(proc, expected)
+    assert "HF_HUB_OFFLINE=1" in proc.stderr and "hf auth login" in proc.stderr and "Retry" not in proc.stderr
+    assert proc.seconds < 5 and not (tmp_path / "out").exists(), proc.seconds
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", unreachable)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=re.escape(expected)) as error:
+        infer.check_hub_model("--pretrained_model_name_or_path", FAKE_HUB_ID)
+    assert "\n" not in str(error.value) and time.monotonic() - started < 5
+
+
+def test_a_cached_hub_id_passes_the_check_offline(tmp_path, monkeypatch):
+    """A model in the local HF cache (the cache's own layout) is not refused under HF_HUB_OFFLINE=1; another is."""
+    from huggingface_hub import constants
+
+    import infer
+
+    snapshot = tmp_path / "hub" / "models--someone--cached-model" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for check in (train_dti_sdxl.check_hub_model, infer.check_hub_model):
+        check("--pretrained_model_name_or_path", "someone/cached-model")
+        with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1 is set"):
+            check("--pretrained_model_name_or_path", FAKE_HUB_ID)
 
 
 def test_an_old_a1111_file_with_a_parameter_dict_loads(tmp_path):

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -224,6 +225,8 @@ def test_evaluation_writes_metrics_table_plot_and_contact_sheets(sdxl_eval, eval
     assert table[0].split()[:4] == ["run", "method", "norm", "kappa"]
     assert table[2].split()[:3] == ["toy-ti", "ti", "free"]
     assert f"{dti['aggregate']['text_sim']['mean']:.3f}" in table[1]
+    wrote = "wrote metrics.json, metrics.csv, scatter.png and 2 contact sheets (8 new images) in " + str(out)
+    assert re.fullmatch(rf"Done in \d+m\d\ds: {re.escape(wrote)}\.", table[-1])
 
 
 def test_a_second_call_generates_nothing_and_gives_the_same_metrics(sdxl_eval):

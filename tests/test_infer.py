@@ -1,6 +1,7 @@
 """Tests of infer.py on the tiny SDXL, SANA and Wan pipelines, with embeddings made by the training scripts."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def test_sdxl_loads_every_format_into_both_encoders(runs, tiny_sdxl, tmp_path, f
         assert set(vectors) == {"text_encoder"}
 
 
-def test_generation_files_and_generations_json(runs, tiny_sdxl, tmp_path):
+def test_generation_files_and_generations_json(runs, tiny_sdxl, tmp_path, capsys):
     summary = run_infer(tiny_sdxl, tmp_path / "gen", "--embeddings", str(runs["root"] / "sdxl-robot"), "--prompt",
                         f"a photo of {ROBOT}", "--prompt", f"{ROBOT} on a beach", "--num_images_per_prompt", "2",
                         "--seed", "7")  # fmt: skip
@@ -112,6 +113,9 @@ def test_generation_files_and_generations_json(runs, tiny_sdxl, tmp_path):
     ]  # fmt: skip
     assert recorded["embeddings"][0]["encoders"] == {"text_encoder": [1, 32], "text_encoder_2": [1, 48]}
     assert recorded["settings"]["num_inference_steps"] == 2 and recorded["embeddings"][0]["metadata"]["method"] == "dti"
+    last = capsys.readouterr().out.splitlines()[-1]
+    wrote = "wrote 4 images, 2 grids and generations.json in " + re.escape(str(tmp_path / "gen"))
+    assert re.fullmatch(rf"Done in \d+m\d\ds: {wrote}\.", last)
 
 
 def test_sana_loader_gives_the_prompt_embeddings_training_computed(runs, tiny_sana):

@@ -185,6 +185,16 @@ def test_validation_images_use_the_pipeline(train_sana):
     assert grid.shape == (64, 128, 3) and grid.std() > 0
 
 
+def test_fp16_validation_images_come_with_the_fp32_dc_ae(train_sana):
+    from PIL import Image
+
+    result, out = train_sana("--mixed_precision", "fp16", "--max_train_steps", "1", "--num_validation_images", "1",
+                             "--validation_steps", "1")  # fmt: skip
+    assert result.components["transformer"].dtype == torch.float16 and result.components["vae"].dtype == torch.float32
+    image = np.asarray(Image.open(out / "validation" / "step-1.png"))
+    assert image.shape == (64, 64, 3) and image.std() > 0
+
+
 def test_two_processes_end_identical_and_equal_a_single_process_run(train_sana, tiny_sana, tmp_path):
     argv = training_args(tiny_sana, tmp_path / "ddp", "--train_batch_size", "1", "--gradient_accumulation_steps", "1")
     ranks = torchrun_ranks("train_dti_sana", argv, tmp_path / "dump", port=29534)

@@ -284,6 +284,36 @@ def test_validation_writes_a_grid_every_validation_steps_and_at_the_end(train):
     assert Image.open(out / "validation" / "step-3.png").size == (128, 64)
 
 
+def test_fp16_validation_decodes_with_the_fp32_vae(train, caplog):
+    """Under fp16 the VAE stays fp32 and the UNet's latents are fp16: the validation images still come (no dtype
+    error), and the CPU run is warned about."""
+    with caplog.at_level("WARNING"):
+        result, out = train("--mixed_precision", "fp16", "--max_train_steps", "1", "--num_validation_images", "1",
+                            "--validation_steps", "1")  # fmt: skip
+    assert result.components["unet"].dtype == torch.float16 and result.components["vae"].dtype == torch.float32
+    image = np.asarray(Image.open(out / "validation" / "step-1.png"))
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    assert "--mixed_precision fp16 on a machine without CUDA" in caplog.text
+
+
+def test_a_validation_that_fails_is_reported_and_training_goes_on(train, monkeypatch, caplog):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("the pipeline broke\nsecond line")
+
+    monkeypatch.setattr(dti.SDXL, "validation_images", broken)
+    with caplog.at_level("WARNING"):
+        _, out = train("--num_validation_images", "1", "--validation_steps", "2", "--checkpointing_steps", "2")
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert [r.getMessage() for r in failed] == [
+        f"Validation at step {step} failed (RuntimeError: the pipeline broke); training goes on without its images."
+        for step in (2, 3)
+    ]  # one line each, and no [RANK 0] prefix in a run of one process
+    assert all(r.exc_info for r in failed)  # the traceback is in the log
+    assert {"learned_embeds.safetensors", "learned_embeds_2.safetensors", "README.md", "checkpoint-2"} <= {
+        p.name for p in out.iterdir()
+    }
+
+
 def test_variant_fp16_checkpoints_load_and_the_norm_comes_from_their_table(tiny_sdxl_fp16_variant, tmp_path):
     from transformers import CLIPTextModel
 
@@ -309,6 +339,25 @@ def test_an_unset_seed_is_drawn_logged_and_recorded(train, tiny_sdxl, tmp_path, 
     _, again = train("--seed", seed, output_dir=tmp_path / "again")
     assert torch.equal(load_file(again / "learned_embeds.safetensors")[PLACEHOLDER],
                        load_file(tmp_path / "out" / "learned_embeds.safetensors")[PLACEHOLDER])  # fmt: skip
+
+
+def test_one_process_logs_without_a_rank_prefix_and_the_bar_shows_the_step(train, capfd, caplog):
+    with caplog.at_level("INFO"):
+        train("--max_train_steps", "2", "--logging_steps", "1")
+    assert caplog.records and not [r for r in caplog.records if "[RANK" in r.getMessage()]
+    bar = capfd.readouterr().err.replace("\r", "\n").splitlines()
+    assert [line for line in bar if line.startswith("Steps: 100%")][-1].endswith("step=2]")
+
+
+def test_several_processes_log_with_their_rank(monkeypatch):
+    import accelerate.logging
+
+    state = SimpleNamespace(num_processes=2, process_index=1, is_main_process=False)
+    for module in (dti, accelerate.logging):
+        monkeypatch.setattr(module, "PartialState", lambda: state)
+    assert dti.logger.process("saved", {})[0] == "[RANK 1] saved"
+    state.num_processes, state.process_index = 1, 0
+    assert dti.logger.process("saved", {})[0] == "saved"
 
 
 def test_trackers_get_loss_lr_norm_cosine_and_angle_every_step(train, monkeypatch):
@@ -445,7 +494,9 @@ def test_images_are_converted_and_exif_rotation_is_honoured(tmp_path):
     assert loaded["rgba.png"].getpixel((0, 0)) == (255, 255, 255)  # transparent pixels become white
 
 
-def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(train, tmp_path, caplog):
+def test_an_unreadable_image_is_skipped_with_a_warning_naming_it_and_too_few_images_are_warned_of(
+    train, tmp_path, caplog
+):
     data = tmp_path / "data"
     data.mkdir()
     for path in sorted(ASSETS.iterdir())[:2]:
@@ -454,6 +505,7 @@ def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(train, tmp_path
     with caplog.at_level("WARNING"):
         _, out = train("--max_train_steps", "1", data_dir=data)
     assert "broken.jpg" in caplog.text
+    assert "Only 2 training image(s): 3 to 6 images of the concept" in caplog.text  # trained all the same
     assert (out / "learned_embeds.safetensors").is_file()
 
 

@@ -1,6 +1,7 @@
 """Arguments: the flags every family shares (the family adds its own), their checks, and the concepts of a run."""
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -46,10 +47,29 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, with usage errors printed as one line (the flag and what is wrong) instead of the full usage."""
+    """argparse without prefix matching (--max_train is not taken for --max_train_steps), with usage errors printed as
+    one line (the flag and what is wrong; for an unknown flag, the closest known one) instead of the full usage."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(unknown_arguments(unknown, self._option_string_actions))
+        return namespace
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def unknown_arguments(unknown, known_flags):
+    """The message for arguments no flag takes: the first unknown flag and the known flag closest to it."""
+    flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")]
+    if not flags:
+        return f"unrecognized arguments: {' '.join(unknown)}"
+    close = difflib.get_close_matches(flags[0], [flag for flag in known_flags if flag.startswith("--")], n=1)
+    return f"unknown flag {flags[0]}" + (f"; did you mean {close[0]}?" if close else "")
 
 
 def parse_arguments(family, input_args=None):
@@ -422,8 +442,14 @@ def validate_args(args, family):
 
 def validate_concept(args):
     """Check one concept's own flags (a --concepts_list entry's keys): its token, its initializer, one data source."""
-    if args.placeholder_token is None or args.initializer_token is None:
-        raise ValueError("Give --placeholder_token and --initializer_token (one concept) or --concepts_list (several).")
+    examples = {"--placeholder_token": "'<my-dog>' (the new token)", "--initializer_token": "dog (its class word)"}
+    missing = [flag for flag in examples if getattr(args, flag[2:]) is None]
+    if missing:
+        give = " ".join(f"{flag} {examples[flag]}" for flag in missing)
+        verb = "is" if len(missing) == 1 else "are"
+        raise ValueError(
+            f"{' and '.join(missing)} {verb} missing: give {give}, or --concepts_list for several concepts."
+        )
     checks = [
         (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
         (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),

@@ -1,10 +1,23 @@
 """Templates and constants shared by every family."""
 
-from accelerate.logging import get_logger
+from accelerate.logging import MultiProcessAdapter, get_logger
+from accelerate.state import PartialState
 
 __version__ = "0.1.0"
 
-logger = get_logger(__name__)
+
+class RunLogger(MultiProcessAdapter):
+    """accelerate's logger (main_process_only=, in_order=), whose [RANK i] prefix tells processes apart: a run of one
+    process gets none."""
+
+    def process(self, msg, kwargs):
+        if PartialState().num_processes > 1:
+            return super().process(msg, kwargs)
+        kwargs.setdefault("stacklevel", 2)  # as accelerate's: the record names the caller, not this adapter
+        return msg, kwargs
+
+
+logger = RunLogger(get_logger(__name__).logger, {})
 
 OBJECT_TEMPLATES = [
     "a photo of a {}",
@@ -58,6 +71,7 @@ STYLE_TEMPLATES = [
     "a large painting in the style of {}",
 ]
 
+MIN_TRAINING_IMAGES = 3  # fewer train without error, with a warning: 3-6 views of a concept learn it reliably
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CONVERTIBLE_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "PA"}
 DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3, "crossinit": 5e-3}

@@ -30,6 +30,48 @@ def hub_token(args):
     return token
 
 
+def hub_unreachable(timeout=3.0):
+    """Why the Hub cannot be reached now (HF_HUB_OFFLINE, or the error of one request without retries), or None."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, is a reachable Hub
+    except Exception as error:  # requests' or httpx's connection errors and timeouts
+        return f"{constants.ENDPOINT} did not answer: {type(error).__name__}"
+    return None
+
+
+def check_hub_model(flag, name, revision=None, filename="model_index.json"):
+    """Fail fast, in one line, when a model named by a Hub id cannot be had: not a local folder, the Hub out of reach
+    and the model not in the local cache (where diffusers would retry for half a minute, then blame a missing file).
+    A cached model works offline; with the Hub out of reach and HF_HUB_OFFLINE unset it loads with a warning."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).is_dir():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return  # neither a folder nor a Hub id: the loader's own error says so
+    reason = hub_unreachable()
+    if reason is None:
+        return
+    if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
+        if "HF_HUB_OFFLINE" not in reason:
+            logger.warning(f"The Hugging Face Hub could not be reached ({reason}): {flag} {name!r} loads from the "
+                           "local cache; set HF_HUB_OFFLINE=1 to skip the network.")  # fmt: skip
+        return
+    raise ValueError(
+        f"{flag} {name!r} is not a local folder and the Hugging Face Hub could not be reached ({reason}), nor is it in "
+        "the local cache: download it once online and run with HF_HUB_OFFLINE=1, or give a local folder (gated models "
+        "need `hf auth login` first)."
+    )
+
+
 def base_model_license(args):
     """The base model's license from its model card: a local folder's README.md, or the Hub's card of a Hub id
     (never asked for under HF_HUB_OFFLINE=1); None where there is none."""

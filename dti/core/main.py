@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 
 from dti.core.arguments import check_inputs, ignored_flags, read_concepts, validate_args
 from dti.core.checkpoints import find_checkpoint, resume, run_identity, save_checkpoint
-from dti.core.constants import OBJECT_TEMPLATES, STYLE_TEMPLATES, logger
+from dti.core.constants import MIN_TRAINING_IMAGES, OBJECT_TEMPLATES, STYLE_TEMPLATES, logger
 from dti.core.data import DTIDataset, load_dataset_images, load_training_images, validation_prompt
 from dti.core.dti import add_concept_tokens, attach_learned_tokens, check_prompts_fit, placeholder_prompt_token
 from dti.core.family import Models
-from dti.core.hub import create_hub_repo, hub_repo_id, hub_token, push_to_hub, save_model_card
+from dti.core.hub import check_hub_model, create_hub_repo, hub_repo_id, hub_token, push_to_hub, save_model_card
 from dti.core.plumbing import (
     StopRequest,
     TrainingStopped,
@@ -90,6 +90,10 @@ def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True, add_tokens=N
             raise ValueError(
                 f"--concepts_list entry {args.concept_index} ({args.placeholder_token}): {error}"
             ) from None
+        if len(images) < MIN_TRAINING_IMAGES:
+            of = "" if args.concept_index is None else f" of {args.placeholder_token}"
+            logger.warning(f"Only {len(images)} training image(s){of}: {MIN_TRAINING_IMAGES} to 6 images of the "
+                           "concept (other backgrounds, angles, light) learn it more reliably.")  # fmt: skip
         if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
             logger.warning(
                 f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token."
@@ -178,6 +182,7 @@ def setup(args, family):
     concept_args = check_run(args, family)
     token = hub_token(args)
     accelerator = make_accelerator(args)
+    check_hub_model("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, args.revision)
     for warning in ignored_flags(args):
         logger.warning(warning)
     seed = resolve_seed(args, accelerator)
@@ -246,12 +251,27 @@ def train_step(run):
     run.logs.add(run.step, step_loss, lr, finite)
 
 
+def validate_one_concept(run, concept):
+    """Validation images of one concept at this step. A validation that fails (the pipeline, memory) never costs the
+    training: one warning line names the step and the error (the traceback follows it in the log) and the run goes
+    on."""
+    prompt_token = placeholder_prompt_token(concept.args.placeholder_token, concept.num_vectors)
+    try:
+        log_validation(run.components, run.models, concept.args, run.accelerator, run.seed, run.step, prompt_token,
+                       run.family)  # fmt: skip
+    except TrainingStopped:  # a full disk stops the run, validation or not
+        raise
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        of = f" of {concept.args.placeholder_token}" if concept.prefix else ""
+        logger.warning(f"Validation{of} at step {run.step} failed ({type(error).__name__}: {reason}); training goes "
+                       "on without its images.", exc_info=True)  # fmt: skip
+
+
 def validate_concepts(run):
     """Validation images of every concept at this step."""
     for c in run.concepts:
-        prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
-        log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
-                       run.family)  # fmt: skip
+        validate_one_concept(run, c)
 
 
 def save_in_run(run, validate):
@@ -302,9 +322,7 @@ def finish(run, validate):
     save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
     for c in run.concepts:
         if validate and run.step % args.validation_steps != 0:
-            prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
-            log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
-                           run.family)  # fmt: skip
+            validate_one_concept(run, c)
         repo_id = create_hub_repo(c.args, run.hub_token) if args.push_to_hub else hub_repo_id(c.args)
         save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
         if args.push_to_hub:

@@ -294,6 +294,9 @@ def make_accelerator(args):
         f"{state.device}, mixed precision {state.mixed_precision}.",
         main_process_only=False,
     )
+    if state.mixed_precision in ("fp16", "bf16") and state.device.type == "cpu":
+        logger.warning(f"--mixed_precision {state.mixed_precision} on a machine without CUDA: CPUs run it slowly, some "
+                       "operations not at all; --mixed_precision no is the CPU's precision.")  # fmt: skip
     if accelerator.num_processes != world_size:
         raise ValueError(f"WORLD_SIZE is {world_size} but accelerate runs {accelerator.num_processes} process(es).")
     if args.allow_tf32:

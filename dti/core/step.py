@@ -413,7 +413,7 @@ def report_steps(step_logs, concepts, accelerator, progress):
         step, _, logs = records[-1]
         loss = sum(logs[f"{c.prefix}loss"] for c in concepts) / len(concepts)
         angle = sum(logs[f"{c.prefix}text_encoder/angle_deg"] for c in concepts) / len(concepts)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{angle:.2f}", at_step=step)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{angle:.2f}", step=step)
 
 
 class LatentCache:

@@ -107,6 +107,22 @@ def vae_posterior(vae, pixel_values):
     return dist.mean.float(), dist.std.float()
 
 
+def decode_latents(pipeline, latents):
+    """PIL images of a StableDiffusionXLPipeline's latents [B, 4, h, w], unscaled as the pipeline unscales them and
+    decoded by the VAE in its own dtype: under fp16 the VAE stays fp32 (it overflows in fp16) while the UNet's latents
+    are fp16, and the pipeline casts them only on MPS. In fp32 and bf16 the images are the pipeline's, bit for bit."""
+    vae, config = pipeline.vae, pipeline.vae.config
+    latents = latents.to(vae.device, vae.dtype)
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents) for v in (config.latents_mean, config.latents_std))
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    with torch.no_grad():
+        images = vae.decode(latents, return_dict=False)[0]
+    return pipeline.image_processor.postprocess(images, output_type="pil")
+
+
 def load_tokenizers(args):
     """Both CLIP tokenizers, after checking that the model is an SDXL-layout diffusers checkpoint."""
     from transformers import CLIPTokenizer
@@ -227,16 +243,24 @@ class SDXL(Family):
                              seed=seed, resolution=args.resolution)  # fmt: skip
 
     def validation_images(self, components, models, args, prompt, generators):
-        """DPM-Solver, 25 steps, at the training resolution."""
+        """DPM-Solver, 25 steps, at the training resolution; the latents decoded by the VAE in its own dtype."""
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
         scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
         pipeline = StableDiffusionXLPipeline(**components, scheduler=scheduler, add_watermarker=False)
         pipeline.set_progress_bar_config(disable=True)
         return [
-            pipeline(
-                prompt, num_inference_steps=25, height=args.resolution, width=args.resolution, generator=generator
-            ).images[0]
+            decode_latents(
+                pipeline,
+                pipeline(
+                    prompt,
+                    num_inference_steps=25,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generator,
+                    output_type="latent",
+                ).images,
+            )[0]
             for generator in generators
         ]
 

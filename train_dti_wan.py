@@ -32,6 +32,7 @@ How this file reads (top to bottom):
 import argparse
 import atexit
 import contextlib
+import difflib
 import errno
 import hashlib
 import importlib.util
@@ -57,7 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.logging import get_logger
+from accelerate.logging import MultiProcessAdapter, get_logger
+from accelerate.state import PartialState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from diffusers.optimization import get_scheduler
 from PIL import Image, ImageOps
@@ -73,7 +75,19 @@ from tqdm.auto import tqdm
 
 __version__ = "0.1.0"
 
-logger = get_logger(__name__)
+
+class RunLogger(MultiProcessAdapter):
+    """accelerate's logger (main_process_only=, in_order=), whose [RANK i] prefix tells processes apart: a run of one
+    process gets none."""
+
+    def process(self, msg, kwargs):
+        if PartialState().num_processes > 1:
+            return super().process(msg, kwargs)
+        kwargs.setdefault("stacklevel", 2)  # as accelerate's: the record names the caller, not this adapter
+        return msg, kwargs
+
+
+logger = RunLogger(get_logger(__name__).logger, {})
 
 OBJECT_TEMPLATES = [
     "a photo of a {}",
@@ -127,6 +141,7 @@ STYLE_TEMPLATES = [
     "a large painting in the style of {}",
 ]
 
+MIN_TRAINING_IMAGES = 3  # fewer train without error, with a warning: 3-6 views of a concept learn it reliably
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CONVERTIBLE_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "PA"}
 DEFAULT_LEARNING_RATE = {"dti": 1e-2, "ti": 5e-3, "crossinit": 5e-3}
@@ -174,10 +189,29 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, with usage errors printed as one line (the flag and what is wrong) instead of the full usage."""
+    """argparse without prefix matching (--max_train is not taken for --max_train_steps), with usage errors printed as
+    one line (the flag and what is wrong; for an unknown flag, the closest known one) instead of the full usage."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(unknown_arguments(unknown, self._option_string_actions))
+        return namespace
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def unknown_arguments(unknown, known_flags):
+    """The message for arguments no flag takes: the first unknown flag and the known flag closest to it."""
+    flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")]
+    if not flags:
+        return f"unrecognized arguments: {' '.join(unknown)}"
+    close = difflib.get_close_matches(flags[0], [flag for flag in known_flags if flag.startswith("--")], n=1)
+    return f"unknown flag {flags[0]}" + (f"; did you mean {close[0]}?" if close else "")
 
 
 def parse_arguments(family, input_args=None):
@@ -550,8 +584,14 @@ def validate_args(args, family):
 
 def validate_concept(args):
     """Check one concept's own flags (a --concepts_list entry's keys): its token, its initializer, one data source."""
-    if args.placeholder_token is None or args.initializer_token is None:
-        raise ValueError("Give --placeholder_token and --initializer_token (one concept) or --concepts_list (several).")
+    examples = {"--placeholder_token": "'<my-dog>' (the new token)", "--initializer_token": "dog (its class word)"}
+    missing = [flag for flag in examples if getattr(args, flag[2:]) is None]
+    if missing:
+        give = " ".join(f"{flag} {examples[flag]}" for flag in missing)
+        verb = "is" if len(missing) == 1 else "are"
+        raise ValueError(
+            f"{' and '.join(missing)} {verb} missing: give {give}, or --concepts_list for several concepts."
+        )
     checks = [
         (args.placeholder_token.strip() != "", "--placeholder_token must not be empty"),
         (not re.search(r"\s", args.placeholder_token), "--placeholder_token must not contain spaces"),
@@ -2144,7 +2184,7 @@ def report_steps(step_logs, concepts, accelerator, progress):
         step, _, logs = records[-1]
         loss = sum(logs[f"{c.prefix}loss"] for c in concepts) / len(concepts)
         angle = sum(logs[f"{c.prefix}text_encoder/angle_deg"] for c in concepts) / len(concepts)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{angle:.2f}", at_step=step)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.3g}", angle=f"{angle:.2f}", step=step)
 
 
 class LatentCache:
@@ -2298,6 +2338,10 @@ def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True, add_tokens=N
             raise ValueError(
                 f"--concepts_list entry {args.concept_index} ({args.placeholder_token}): {error}"
             ) from None
+        if len(images) < MIN_TRAINING_IMAGES:
+            of = "" if args.concept_index is None else f" of {args.placeholder_token}"
+            logger.warning(f"Only {len(images)} training image(s){of}: {MIN_TRAINING_IMAGES} to 6 images of the "
+                           "concept (other backgrounds, angles, light) learn it more reliably.")  # fmt: skip
         if args.num_validation_images and args.placeholder_token not in validation_prompt(args):
             logger.warning(
                 f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token."
@@ -2386,6 +2430,7 @@ def setup(args, family):
     concept_args = check_run(args, family)
     token = hub_token(args)
     accelerator = make_accelerator(args)
+    check_hub_model("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, args.revision)
     for warning in ignored_flags(args):
         logger.warning(warning)
     seed = resolve_seed(args, accelerator)
@@ -2454,12 +2499,27 @@ def train_step(run):
     run.logs.add(run.step, step_loss, lr, finite)
 
 
+def validate_one_concept(run, concept):
+    """Validation images of one concept at this step. A validation that fails (the pipeline, memory) never costs the
+    training: one warning line names the step and the error (the traceback follows it in the log) and the run goes
+    on."""
+    prompt_token = placeholder_prompt_token(concept.args.placeholder_token, concept.num_vectors)
+    try:
+        log_validation(run.components, run.models, concept.args, run.accelerator, run.seed, run.step, prompt_token,
+                       run.family)  # fmt: skip
+    except TrainingStopped:  # a full disk stops the run, validation or not
+        raise
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        of = f" of {concept.args.placeholder_token}" if concept.prefix else ""
+        logger.warning(f"Validation{of} at step {run.step} failed ({type(error).__name__}: {reason}); training goes "
+                       "on without its images.", exc_info=True)  # fmt: skip
+
+
 def validate_concepts(run):
     """Validation images of every concept at this step."""
     for c in run.concepts:
-        prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
-        log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
-                       run.family)  # fmt: skip
+        validate_one_concept(run, c)
 
 
 def save_in_run(run, validate):
@@ -2510,9 +2570,7 @@ def finish(run, validate):
     save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
     for c in run.concepts:
         if validate and run.step % args.validation_steps != 0:
-            prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
-            log_validation(run.components, run.models, c.args, run.accelerator, run.seed, run.step, prompt_token,
-                           run.family)  # fmt: skip
+            validate_one_concept(run, c)
         repo_id = create_hub_repo(c.args, run.hub_token) if args.push_to_hub else hub_repo_id(c.args)
         save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
         if args.push_to_hub:
@@ -2997,6 +3055,9 @@ def make_accelerator(args):
         f"{state.device}, mixed precision {state.mixed_precision}.",
         main_process_only=False,
     )
+    if state.mixed_precision in ("fp16", "bf16") and state.device.type == "cpu":
+        logger.warning(f"--mixed_precision {state.mixed_precision} on a machine without CUDA: CPUs run it slowly, some "
+                       "operations not at all; --mixed_precision no is the CPU's precision.")  # fmt: skip
     if accelerator.num_processes != world_size:
         raise ValueError(f"WORLD_SIZE is {world_size} but accelerate runs {accelerator.num_processes} process(es).")
     if args.allow_tf32:
@@ -3046,6 +3107,48 @@ def hub_token(args):
             f"--push_to_hub: the Hub refused the token or cannot be reached ({type(error).__name__})."
         ) from None
     return token
+
+
+def hub_unreachable(timeout=3.0):
+    """Why the Hub cannot be reached now (HF_HUB_OFFLINE, or the error of one request without retries), or None."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, is a reachable Hub
+    except Exception as error:  # requests' or httpx's connection errors and timeouts
+        return f"{constants.ENDPOINT} did not answer: {type(error).__name__}"
+    return None
+
+
+def check_hub_model(flag, name, revision=None, filename="model_index.json"):
+    """Fail fast, in one line, when a model named by a Hub id cannot be had: not a local folder, the Hub out of reach
+    and the model not in the local cache (where diffusers would retry for half a minute, then blame a missing file).
+    A cached model works offline; with the Hub out of reach and HF_HUB_OFFLINE unset it loads with a warning."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).is_dir():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return  # neither a folder nor a Hub id: the loader's own error says so
+    reason = hub_unreachable()
+    if reason is None:
+        return
+    if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
+        if "HF_HUB_OFFLINE" not in reason:
+            logger.warning(f"The Hugging Face Hub could not be reached ({reason}): {flag} {name!r} loads from the "
+                           "local cache; set HF_HUB_OFFLINE=1 to skip the network.")  # fmt: skip
+        return
+    raise ValueError(
+        f"{flag} {name!r} is not a local folder and the Hugging Face Hub could not be reached ({reason}), nor is it in "
+        "the local cache: download it once online and run with HF_HUB_OFFLINE=1, or give a local folder (gated models "
+        "need `hf auth login` first)."
+    )
 
 
 def base_model_license(args):

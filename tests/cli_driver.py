@@ -8,8 +8,7 @@ child per case. Each child is a fresh copy of that warmed-up process that has ru
 (accelerate's singletons, logging handlers, signal handlers, the environment, the working directory) reaches
 another. The child points file descriptors 1 and 2 at files of its own, sets sys.argv and sys.path[0] as the
 interpreter does for a script, runs the script as __main__ and leaves as the interpreter would: exit status, stdout
-and stderr are those of `python SCRIPT ARGS`. RESULTS gets {name: {"returncode", "stdout", "stderr", "timed_out",
-"seconds"}} (seconds: from the fork to the exit, the imports paid before).
+and stderr are those of `python SCRIPT ARGS`. RESULTS gets {name: {"returncode", "stdout", "stderr", "timed_out"}}.
 """
 
 import ast
@@ -122,13 +121,12 @@ def reap(running, results, timeout):
                 os.kill(child, signal.SIGKILL)
                 results[name] = {"timed_out": True}
         return False
-    name, started, stdout_path, stderr_path = running.pop(pid)
+    name, _, stdout_path, stderr_path = running.pop(pid)
     results[name] = {
         "returncode": os.waitstatus_to_exitcode(status),
         "stdout": decode(stdout_path),
         "stderr": decode(stderr_path),
         "timed_out": results.get(name, {}).get("timed_out", False),
-        "seconds": time.monotonic() - started,
     }
     return True
 
@@ -186,7 +184,6 @@ def run_cases(script, cases, workers=2, timeout=300, env=None):
         completed[name] = subprocess.CompletedProcess(
             argv, results[name]["returncode"], results[name]["stdout"], results[name]["stderr"]
         )
-        completed[name].seconds = results[name]["seconds"]  # from the fork to the exit: the imports are paid before
     return completed
 
 

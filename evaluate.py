@@ -7,7 +7,8 @@
 
 For every run (a training output folder or an embedding file) and every prompt of the set, one image per seed is made
 with the run's token in the prompt's `{}` slot, through infer.py's loader and sampler (for Wan, the first frame of a
-video, at the run's training resolution unless `--wan_resolution pipeline`). Then:
+video, at the run's training resolution unless `--wan_resolution pipeline`; for FLUX.2 [klein], base or distilled,
+at the run's text length). Then:
 
 - image sim: the mean cosine between the DINOv2 CLS feature of a generated image and those of the reference images;
 - text sim: SigLIP's image-text probability sigmoid(logit) of the generated image and the prompt with the class word
@@ -50,7 +51,8 @@ METRIC_NAMES = {"image_sim": "image sim", "text_sim": "text sim", "clip_t": "CLI
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0
 THUMBNAIL = 128  # largest side of an image in the contact sheets, px
-RUN_SAMPLING = ("height", "width", "num_frames", "max_sequence_length")  # settings resolved per run, in generation.json
+# settings resolved per run (the checkpoint's and the run's own), in generation.json
+RUN_SAMPLING = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "max_sequence_length")
 
 
 def parse_args(input_args=None):
@@ -437,17 +439,18 @@ def generation_size(args, family, concept):
 def generation_settings(args, family, dtype_name, concept):
     """What the images of one run depend on; stored next to them so that a resumed call cannot mix settings."""
     height, width = generation_size(args, family, concept)
+    resolved = infer.sampling_settings(args, family, [concept])  # steps, guidance; Wan, FLUX.2 [klein]: text length
     return {
         "model": args.pretrained_model_name_or_path,
         "revision": args.revision,
         "variant": args.variant,
         "family": family.name,
         "scheduler": args.scheduler,
-        "num_inference_steps": args.num_inference_steps or family.default_steps,
-        "guidance_scale": args.guidance_scale,
+        "num_inference_steps": resolved["num_inference_steps"],
+        "guidance_scale": resolved["guidance_scale"],
         "height": height,
         "width": width,
-        **infer.video_settings(args, family, [concept]),  # Wan: num_frames, max_sequence_length
+        **{key: resolved[key] for key in ("num_frames", "max_sequence_length") if key in resolved},
         "negative_prompt": args.negative_prompt,
         "complex_human_instruction": args.complex_human_instruction,
         "pooled_output": infer.pooled_output(args, [concept]) if family.uses_pooled_output else None,
@@ -819,7 +822,7 @@ def main(args):
     infer.check_output_dir(args.output_dir)
     jobs = dreambooth_plan(args) if args.benchmark else single_plan(args)
     family = infer.detect_family(args)
-    infer.check_video_flags(args, family)
+    infer.check_family_flags(args, family)
     check_evaluation_models(args)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     settings = [generation_settings(args, family, dtype_name, job.concept) for job in jobs]
@@ -836,7 +839,7 @@ def main(args):
         "benchmark": args.benchmark,
         "prompt_set": args.prompt_file or args.prompt_set,
         "seeds": args.seeds,
-        "num_inference_steps": args.num_inference_steps or family.default_steps,
+        "num_inference_steps": settings[0]["num_inference_steps"],  # one checkpoint: the same for every run
         "image_encoder": args.image_encoder,
         "text_encoder": args.text_encoder,
         "clip_model": args.clip_model,

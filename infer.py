@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 # Copyright 2026 The DTI diffusers authors. Licensed under the Apache License, Version 2.0.
-"""Generate images with learned DTI / Textual Inversion tokens on SDXL, SANA and Wan 2.1 (videos too), and blend two
-concepts on the sphere.
+"""Generate images with learned DTI / Textual Inversion tokens on SDXL, SANA, Wan 2.1 (videos too) and FLUX.2 [klein],
+and blend two concepts on the sphere.
 
     python infer.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --embeddings out-robot \\
       --prompt "a painting of <toy-robot> in the style of Van Gogh" --num_images_per_prompt 4 --output_dir gen
 
 The loader functions (`load_embeddings`, `add_tokens_to_sdxl`, `add_tokens_to_sana`, `add_tokens_to_wan`,
-`expand_prompt`) are what to copy into your own code; SanaPipeline and WanPipeline have no load_textual_inversion of
-their own. A Wan image is the one frame of a 1-frame video; `--num_frames 33` writes .mp4 videos instead.
+`add_tokens_to_flux2_klein`, `expand_prompt`) are what to copy into your own code; SanaPipeline, WanPipeline and
+Flux2KleinPipeline have no load_textual_inversion of their own. A Wan image is the one frame of a 1-frame video;
+`--num_frames 33` writes .mp4 videos instead. A FLUX.2 [klein] token trained on the base checkpoint works on the
+distilled one too (4 steps by default there, without guidance).
 """
 
 import argparse
@@ -63,8 +65,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
             flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")]
             if not flags:
                 self.error(f"unrecognized arguments: {' '.join(unknown)}")
-            known = [flag for flag in self._option_string_actions if flag.startswith("--")]
-            close = difflib.get_close_matches(flags[0], known, n=1)
+            known = sorted(flag for flag in self._option_string_actions if flag.startswith("--"))
+            prefixed = [flag for flag in known if flag.startswith(flags[0])]  # an abbreviation: the flag it shortens
+            close = prefixed or difflib.get_close_matches(flags[0], known, n=1)
             self.error(f"unknown flag {flags[0]}" + (f"; did you mean {close[0]}?" if close else ""))
         return namespace
 
@@ -80,29 +83,44 @@ def add_pipeline_arguments(
 ):
     """The flags that load a pipeline and sample from it; evaluate.py shares them."""
     parser.add_argument(
-        "--pretrained_model_name_or_path", required=True, help="SDXL, SANA or Wan 2.1 (T2V) diffusers checkpoint."
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="SDXL, SANA, Wan 2.1 (T2V) or FLUX.2 [klein] diffusers checkpoint.",
     )
     parser.add_argument("--revision", default=None, help="Revision of the model.")
     parser.add_argument("--variant", default=None, help="Weight variant of the model, e.g. fp16.")
     parser.add_argument("--negative_prompt", default=None, help="Negative prompt.")
-    steps = ", ".join(f"{family.default_steps} ({family.label})" for family in FAMILIES.values())
+    distilled = {
+        family.name: f"; {family.distilled_steps} distilled" if family.distilled_steps else ""
+        for family in FAMILIES.values()
+    }
+    steps = ", ".join(
+        f"{family.default_steps} ({family.label}{distilled[family.name]})" for family in FAMILIES.values()
+    )
     parser.add_argument("--num_inference_steps", type=int, default=None, help=f"Default: {steps}.")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Default: the pipeline's (a step-distilled FLUX.2 [klein] samples without guidance: 1).",
+    )
     parser.add_argument("--height", type=int, default=None, help=size_help)
     parser.add_argument("--width", type=int, default=None, help=size_help)
     parser.add_argument(
         "--scheduler",
         choices=["default", "dpm", "euler"],
         default="default",
-        help="default: DPM-Solver++ for SDXL (as the paper samples), the checkpoint's own sampler for SANA and Wan "
-        "(Wan 2.1: UniPC with flow shift 3). dpm / euler: DPM-Solver++ / Euler (Wan: with the flow shift kept).",
+        help="default: DPM-Solver++ for SDXL (as the paper samples), the checkpoint's own sampler for SANA, Wan "
+        "(Wan 2.1: UniPC with flow shift 3) and FLUX.2 [klein]. dpm / euler: DPM-Solver++ / Euler (Wan: with the flow "
+        "shift kept; FLUX.2 [klein]: euler only, its own flow-matching Euler).",
     )
     parser.add_argument("--num_frames", type=int, default=None, help=num_frames_help)
     parser.add_argument(
         "--max_sequence_length",
         type=int,
         default=None,
-        help="Wan: text tokens the transformer sees. Default: the embeddings' metadata (as trained), else 512.",
+        help="Wan, FLUX.2 [klein]: text tokens the transformer sees. Default: the embeddings' metadata (as trained), "
+        "else 512.",
     )
     parser.add_argument(
         "--complex_human_instruction",
@@ -132,7 +150,7 @@ def add_pipeline_arguments(
 
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
-        description="Generate with learned DTI / TI tokens on SDXL, SANA and Wan 2.1.",
+        description="Generate with learned DTI / TI tokens on SDXL, SANA, Wan 2.1 and FLUX.2 [klein].",
         formatter_class=HelpFormatter,
     )
     add_pipeline_arguments(parser)
@@ -425,6 +443,13 @@ def add_tokens_to_wan(pipe, token, vectors):
     return add_token_rows(pipe.tokenizer, pipe.text_encoder, tokens, vectors)
 
 
+def add_tokens_to_flux2_klein(pipe, token, vectors):
+    """Load a token into Flux2KleinPipeline as train_dti_flux2_klein.py added it: <tok>, <tok>_1, ... added plainly
+    to the Qwen3 tokenizer, rows [k, d] of Qwen3's input table (the published table has spare rows past the tokenizer:
+    resized only when too small). Returns the ids."""
+    return add_token_rows(pipe.tokenizer, pipe.text_encoder, token_names(token, len(vectors)), vectors)
+
+
 def expand_prompt(prompt, tokenizer):
     """Write a multi-vector token as <tok> <tok>_1 ..., as diffusers' maybe_convert_prompt does (SANA lacks it)."""
     added = set(tokenizer.get_added_vocab())
@@ -531,6 +556,16 @@ def wan_inputs(pipe, prompt, instruction):
     return expand_prompt(prompt, pipe.tokenizer), {}
 
 
+def add_tokens_to_flux2_klein_encoders(pipe, token, vectors_by_encoder):
+    """add_tokens_to_flux2_klein in the per-encoder form the family table uses (one encoder, Qwen3)."""
+    return add_tokens_to_flux2_klein(pipe, token, vectors_by_encoder["text_encoder"])
+
+
+def flux2_klein_inputs(pipe, prompt, instruction):
+    """FLUX.2 [klein]'s prompt with multi-vector tokens written out (Flux2KleinPipeline cannot expand them)."""
+    return expand_prompt(prompt, pipe.tokenizer), {}
+
+
 def flow_match_euler(config):
     """FlowMatchEulerDiscreteScheduler with the checkpoint's sampling shift: Wan's UniPC config names it flow_shift,
     which FlowMatchEuler's own key (shift) would otherwise leave at 1."""
@@ -549,6 +584,7 @@ class Family:
     class_prefix: str  # model_index.json's _class_name starts with it
     encoders: tuple  # text encoder components, each with its tokenizer in TOKENIZERS
     default_steps: int  # --num_inference_steps when not given
+    distilled_steps: int | None  # the default on a step-distilled checkpoint ("is_distilled" in model_index.json)
     # --scheduler value -> diffusers scheduler class name, or a function of the checkpoint's scheduler config that
     # builds one; a value not here keeps the checkpoint's own
     schedulers: dict
@@ -556,6 +592,7 @@ class Family:
     inputs: Callable  # (pipe, prompt, instruction) -> (prompt, extra pipeline arguments)
     uses_complex_human_instruction: bool  # --complex_human_instruction applies
     uses_pooled_output: bool  # --pooled_output applies (where both CLIP encoders pool)
+    uses_max_sequence_length: bool  # --max_sequence_length applies (the embeddings' metadata gives its default)
     video: bool  # the pipeline makes videos: num_videos_per_prompt and num_frames in, .frames out
     fp32_modules: tuple  # components kept in float32 whatever --dtype says
 
@@ -570,6 +607,7 @@ FAMILIES = {
             class_prefix="StableDiffusionXL",
             encoders=("text_encoder", "text_encoder_2"),
             default_steps=25,
+            distilled_steps=None,
             # DPM-Solver++ by default: the sampler the paper's SDXL images were made with
             schedulers={
                 "default": "DPMSolverMultistepScheduler",
@@ -580,6 +618,7 @@ FAMILIES = {
             inputs=sdxl_inputs,
             uses_complex_human_instruction=False,
             uses_pooled_output=True,
+            uses_max_sequence_length=False,
             video=False,
             fp32_modules=(),
         ),
@@ -590,11 +629,13 @@ FAMILIES = {
             class_prefix="Sana",
             encoders=("text_encoder",),
             default_steps=20,
+            distilled_steps=None,
             schedulers={"dpm": "DPMSolverMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler"},
             add_tokens=add_tokens_to_sana_encoders,
             inputs=sana_inputs,
             uses_complex_human_instruction=True,
             uses_pooled_output=False,
+            uses_max_sequence_length=False,
             video=False,
             fp32_modules=(),
         ),
@@ -605,14 +646,34 @@ FAMILIES = {
             class_prefix="WanPipeline",
             encoders=("text_encoder",),
             default_steps=50,  # WanPipeline's own
+            distilled_steps=None,
             # the checkpoint's UniPC by default; DPM-Solver++ keeps its flow_shift through from_config
             schedulers={"dpm": "DPMSolverMultistepScheduler", "euler": flow_match_euler},
             add_tokens=add_tokens_to_wan_encoders,
             inputs=wan_inputs,
             uses_complex_human_instruction=False,
             uses_pooled_output=False,
+            uses_max_sequence_length=True,
             video=True,
             fp32_modules=("vae",),  # the Wan VAE decodes in float32, as training keeps it and diffusers recommends
+        ),
+        Family(
+            name="flux2-klein",
+            label="FLUX.2 [klein]",
+            pipeline="Flux2KleinPipeline",
+            class_prefix="Flux2KleinPipeline",
+            encoders=("text_encoder",),
+            default_steps=50,  # Flux2KleinPipeline's own, for the base checkpoint
+            distilled_steps=4,  # what the step-distilled checkpoint is made for
+            # the checkpoint's flow-matching Euler only: the pipeline hands it custom sigmas and a shift mu
+            schedulers={"euler": None},
+            add_tokens=add_tokens_to_flux2_klein_encoders,
+            inputs=flux2_klein_inputs,
+            uses_complex_human_instruction=False,
+            uses_pooled_output=False,
+            uses_max_sequence_length=True,
+            video=False,
+            fp32_modules=(),
         ),
     )
 }
@@ -751,7 +812,8 @@ def slug(text, length=48):
 
 def sample(pipe, family, prompt, seeds, args, instruction):
     """One batch of one prompt, sample i seeded with seeds[i] (CPU generators: the same on every device): PIL images,
-    or for a video family videos of args.num_frames PIL frames at args.max_sequence_length text tokens."""
+    or for a video family videos of args.num_frames PIL frames; args as sampling_settings resolved them (text tokens:
+    args.max_sequence_length where the family takes it)."""
     count = "num_videos_per_prompt" if family.video else "num_images_per_prompt"
     kwargs = {
         "num_inference_steps": args.num_inference_steps or family.default_steps,
@@ -761,10 +823,12 @@ def sample(pipe, family, prompt, seeds, args, instruction):
     for key in ("guidance_scale", "height", "width", "negative_prompt"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
+    if family.uses_max_sequence_length:
+        kwargs["max_sequence_length"] = args.max_sequence_length
     if family.video:
-        kwargs |= {"num_frames": args.num_frames, "max_sequence_length": args.max_sequence_length, "output_type": "pil"}
+        kwargs |= {"num_frames": args.num_frames, "output_type": "pil"}
     prompt, extra = family.inputs(pipe, prompt, instruction)
-    output = pipe(prompt, **kwargs | extra)
+    output = pipe(prompt=prompt, **kwargs | extra)  # by keyword: Flux2KleinPipeline's first argument is an image
     return list(output.frames) if family.video else output.images
 
 
@@ -843,20 +907,25 @@ def check_device(device):
     return device
 
 
-def check_video_flags(args, family):
-    """--num_frames and --max_sequence_length are for Wan only, and checked before any model loads: 4k + 1 frames
-    (WanPipeline would round other counts silently)."""
+def check_family_flags(args, family):
+    """The flags only some families take, checked before any model loads: --num_frames (Wan only, 4k + 1 frames:
+    WanPipeline would round other counts silently), --max_sequence_length (Wan, FLUX.2 [klein]) and a --scheduler
+    the family has."""
+    if args.scheduler != "default" and args.scheduler not in family.schedulers:
+        choices = listing(["default", *family.schedulers])
+        raise ValueError(f"--scheduler {args.scheduler} is not one {family.label} samples with; use {choices}.")
+    if args.max_sequence_length is not None and not family.uses_max_sequence_length:
+        raise ValueError(f"--max_sequence_length is for Wan and FLUX.2 [klein] checkpoints, not {family.pipeline}.")
+    if args.max_sequence_length is not None and args.max_sequence_length < 2:
+        raise ValueError(f"--max_sequence_length must be at least 2, got {args.max_sequence_length}.")
     if not family.video:
-        for flag in ("num_frames", "max_sequence_length"):
-            if getattr(args, flag) is not None:
-                raise ValueError(f"--{flag} is for Wan (video) checkpoints; {family.pipeline} makes images.")
+        if args.num_frames is not None:
+            raise ValueError(f"--num_frames is for Wan (video) checkpoints; {family.pipeline} makes images.")
         return
     frames = args.num_frames
     if frames is not None and (frames < 1 or (frames - 1) % WAN_TEMPORAL_FACTOR):
         raise ValueError(f"--num_frames must be 4k + 1 (1, 5, 9, ..., 81), got {frames}: the Wan VAE groups frames "
                          f"by {WAN_TEMPORAL_FACTOR} after the first.")  # fmt: skip
-    if args.max_sequence_length is not None and args.max_sequence_length < 2:
-        raise ValueError(f"--max_sequence_length must be at least 2, got {args.max_sequence_length}.")
 
 
 def check_video_export():
@@ -867,9 +936,9 @@ def check_video_export():
                          "imageio imageio-ffmpeg.")  # fmt: skip
 
 
-def sequence_length(args, concepts):
-    """Wan's text length: --max_sequence_length, else the one the embeddings were trained with, else WanPipeline's
-    512."""
+def sequence_length(args, family, concepts):
+    """The text length (Wan, FLUX.2 [klein]): --max_sequence_length, else the one the embeddings were trained with,
+    else the pipeline's default (512)."""
     if args.max_sequence_length is not None:
         return args.max_sequence_length
     key = "max_sequence_length"
@@ -878,17 +947,39 @@ def sequence_length(args, concepts):
         found = ", ".join(f"{token}: {length}" for token, length in recorded.items())
         raise ValueError(f"--embeddings were trained with different max_sequence_length ({found}); pass "
                          "--max_sequence_length.")  # fmt: skip
-    from diffusers import WanPipeline
+    import diffusers
 
-    return next(iter(recorded.values()), inspect_default(WanPipeline.__call__, "max_sequence_length"))
+    pipeline_call = getattr(diffusers, family.pipeline).__call__
+    return next(iter(recorded.values()), inspect_default(pipeline_call, "max_sequence_length"))
 
 
-def video_settings(args, family, concepts):
-    """What a video family samples with beyond the shared flags ({} for image families): num_frames and
-    max_sequence_length."""
-    if not family.video:
-        return {}
-    return {"num_frames": args.num_frames or 1, "max_sequence_length": sequence_length(args, concepts)}
+def is_distilled(args):
+    """Whether the checkpoint is step-distilled: "is_distilled": true in its model_index.json (FLUX.2 [klein])."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    return bool(index.get("is_distilled", False))
+
+
+def sampling_settings(args, family, concepts):
+    """What the family samples with, resolved from the flags, the checkpoint and the embeddings' metadata:
+    num_inference_steps and guidance_scale (None: the pipeline's), and where the family takes them, max_sequence_length
+    and num_frames. A step-distilled checkpoint samples in the family's distilled_steps without guidance (1): a
+    --guidance_scale above 1 or a --negative_prompt, which its pipeline would ignore, is refused."""
+    settings = {"num_inference_steps": args.num_inference_steps or family.default_steps}
+    settings["guidance_scale"] = args.guidance_scale
+    if family.distilled_steps and is_distilled(args):
+        if (args.guidance_scale or 1.0) > 1.0 or args.negative_prompt is not None:
+            raise ValueError(f"--guidance_scale above 1 and --negative_prompt do nothing on a step-distilled "
+                             f"{family.label} checkpoint (is_distilled in its model_index.json); leave them out, or "
+                             "use the base checkpoint.")  # fmt: skip
+        settings["num_inference_steps"] = args.num_inference_steps or family.distilled_steps
+        settings["guidance_scale"] = 1.0  # the pipeline would warn at its default 4.0, then ignore it
+    if family.uses_max_sequence_length:
+        settings["max_sequence_length"] = sequence_length(args, family, concepts)
+    if family.video:
+        settings["num_frames"] = args.num_frames or 1
+    return settings
 
 
 def check_output_dir(output_dir, flag="--output_dir"):
@@ -922,14 +1013,14 @@ def main(args):
     if not prompts and not args.report:
         raise ValueError("Nothing to do: give --prompt, --prompt_file or --report.")
     family = detect_family(args)
-    check_video_flags(args, family)
-    video = video_settings(args, family, concepts)
-    videos = video.get("num_frames", 1) > 1
+    check_family_flags(args, family)
+    resolved = sampling_settings(args, family, concepts)
+    videos = resolved.get("num_frames", 1) > 1
     if videos and args.interpolate:
         raise ValueError("--interpolate renders still frames; leave out --num_frames (or give 1).")
     if videos:
         check_video_export()
-    sampling = argparse.Namespace(**vars(args) | video)  # the flags with the video family's settings resolved
+    sampling = argparse.Namespace(**vars(args) | resolved)  # the flags with the family's settings resolved
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = load_pipeline(args, family, getattr(torch, dtype_name), device)
     use_loras(pipe, load_loras(pipe, loras), loras, args.lora_scale)
@@ -989,11 +1080,12 @@ def main(args):
         "dtype": dtype_name,
         "device": device,
         "scheduler": type(pipe.scheduler).__name__,
-        "num_inference_steps": args.num_inference_steps or family.default_steps,
+        "num_inference_steps": resolved["num_inference_steps"],
+        "guidance_scale": resolved["guidance_scale"],
         "complex_human_instruction": instruction,
         "pooled_output": pooling,
-        "num_frames": video.get("num_frames"),
-        "max_sequence_length": video.get("max_sequence_length"),
+        "num_frames": resolved.get("num_frames"),
+        "max_sequence_length": resolved.get("max_sequence_length"),
         "loras": [lora_record(source, args.lora_scale) for source in dict.fromkeys(loras)],
         "settings": settings,
         "embeddings": [

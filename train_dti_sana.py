@@ -211,8 +211,9 @@ def unknown_arguments(unknown, known_flags):
     flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")]
     if not flags:
         return f"unrecognized arguments: {' '.join(unknown)}"
-    close = difflib.get_close_matches(flags[0], [flag for flag in known_flags if flag.startswith("--")], n=1)
-    return f"unknown flag {flags[0]}" + (f"; did you mean {close[0]}?" if close else "")
+    known = sorted(flag for flag in known_flags if flag.startswith("--"))
+    close = [flag for flag in known if flag.startswith(flags[0])] or difflib.get_close_matches(flags[0], known, n=1)
+    return f"unknown flag {flags[0]}" + (f"; did you mean {close[0]}?" if close else "")  # an abbreviation: its flag
 
 
 def parse_arguments(family, input_args=None):

@@ -367,3 +367,20 @@ def test_command_line_error_is_one_line(runs, tiny_sdxl, evaluators, tmp_path):
     proc = run_commands({"no references": [str(REPO / "evaluate.py"), *argv]})["no references"]
     assert_one_line_error(proc, "--instance_data_dir")
     assert "no reference images" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_klein_runs_are_scored_at_the_runs_text_length(tiny_flux2_klein, evaluators, tmp_path):
+    import train_dti_flux2_klein
+
+    flags = ["--gradient_accumulation_steps", "1", "--max_sequence_length", "64"]
+    run = train_in_process(train_dti_flux2_klein, tiny_flux2_klein, tmp_path / "klein-dti", *flags)
+    argv = evaluate_args(tiny_flux2_klein, evaluators, tmp_path / "out", "--embeddings", str(run),
+                         "--instance_data_dir", str(ASSETS), "--max_prompts", "1")  # fmt: skip
+    summary, calls, _ = run_evaluate(argv)
+    assert summary["family"] == "flux2-klein" and calls == [(f"a {ROBOT} in the jungle", [0, 1])]
+    result = summary["runs"]["klein-dti"]["subjects"]["toy_robot"]
+    assert result["prompts"][0]["text_prompt"] == "a robot in the jungle" and len(result["images"]) == 2
+    assert all(0 < image["text_sim"] < 1 and -1 <= image["image_sim"] <= 1 for image in result["images"])
+    settings = json.loads((tmp_path / "out" / "klein-dti" / "generation.json").read_text())
+    assert (settings["num_inference_steps"], settings["max_sequence_length"], settings["height"]) == (2, 64, 64)
+    assert Image.open(tmp_path / "out" / result["images"][0]["file"]).size == (64, 64)

@@ -279,7 +279,7 @@ def test_a_pipeline_of_no_known_family_is_refused_in_one_line_before_loading(tmp
             "--prompt", f"a {ROBOT}", "--device", "cpu", "--output_dir", str(tmp_path / "out")]  # fmt: skip
     proc = run_script_cases(REPO / "infer.py", {"sd3": argv})["sd3"]
     assert_one_line_error(proc, "is a StableDiffusion3Pipeline; infer.py supports StableDiffusionXLPipeline, "
-                                "SanaPipeline and WanPipeline checkpoints.")  # fmt: skip
+                                "SanaPipeline, WanPipeline and Flux2KleinPipeline checkpoints.")  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 
@@ -448,3 +448,91 @@ def test_wan_videos_without_imageio_are_refused_before_loading(wan_run, tiny_wan
     with pytest.raises(ValueError, match=r"needs imageio and imageio-ffmpeg: pip install imageio imageio-ffmpeg\.$"):
         run_infer(tiny_wan, tmp_path / "out", "--embeddings", str(folder), "--prompt", f"a {PACK}", "--num_frames", "5")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+BOT = "<klein-bot>"  # a FLUX.2 [klein] token of two vectors
+
+
+@pytest.fixture(scope="module")
+def klein_run(tiny_flux2_klein, tmp_path_factory):
+    """(training result, output folder) of a two-vector token trained for 2 steps on the tiny base klein pipeline,
+    with 64 text tokens (not the pipeline's 512: infer.py must take the length from the metadata)."""
+    import train_dti_flux2_klein
+
+    folder = tmp_path_factory.mktemp("klein") / "klein-bot"
+    flags = ["--max_train_steps", "2", "--gradient_accumulation_steps", "1", "--placeholder_token", BOT,
+             "--num_vectors", "2", "--max_sequence_length", "64"]  # fmt: skip
+    return train_in_process(train_dti_flux2_klein, tiny_flux2_klein, folder, *flags), folder
+
+
+@pytest.fixture(scope="module")
+def tiny_klein_distilled(tmp_path_factory):
+    """The tiny klein pipeline with "is_distilled": true (the same weights as the base one)."""
+    from tests.tiny_flux2_klein import save_tiny_flux2_klein
+
+    return save_tiny_flux2_klein(tmp_path_factory.mktemp("tiny-klein-distilled") / "pipeline", distilled=True)
+
+
+def run_klein(model, output_dir, *extra):
+    """infer.main on a klein pipeline at 64 px, with the family's own step default unless extra names one."""
+    argv = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(output_dir), "--height", "64",
+            "--width", "64", "--device", "cpu", *extra]  # fmt: skip
+    summary = infer.main(infer.parse_args(argv))
+    return summary, np.asarray(Image.open(output_dir / summary["images"][0]["file"]))
+
+
+def test_klein_token_generates_on_base_and_distilled_with_their_defaults(klein_run, tiny_flux2_klein,
+                                                                        tiny_klein_distilled, tmp_path):  # fmt: skip
+    _, folder = klein_run
+    token_prompt = ["--embeddings", str(folder), "--prompt", f"a photo of {BOT}"]
+    words = ["--prompt", "a photo of robot"]
+    base, base_image = run_klein(tiny_flux2_klein, tmp_path / "base", *token_prompt, "--num_inference_steps", "2")
+    assert (base["family"], base["scheduler"], base["max_sequence_length"]) == (
+        "flux2-klein", "FlowMatchEulerDiscreteScheduler", 64
+    )  # fmt: skip
+    assert base["guidance_scale"] is None and base["embeddings"][0]["encoders"]["text_encoder"][0] == 2
+    _, base_words = run_klein(tiny_flux2_klein, tmp_path / "base-words", *words, "--num_inference_steps", "2")
+    assert base_image.shape == (64, 64, 3) and not np.array_equal(base_image, base_words)
+
+    distilled, image = run_klein(tiny_klein_distilled, tmp_path / "distilled", *token_prompt)
+    assert (distilled["num_inference_steps"], distilled["guidance_scale"]) == (4, 1.0)  # no guidance to ignore
+    _, distilled_words = run_klein(tiny_klein_distilled, tmp_path / "distilled-words", *words)
+    assert image.shape == (64, 64, 3) and not np.array_equal(image, distilled_words)
+
+    def resolved(model, *flags):
+        args = infer.parse_args(["--pretrained_model_name_or_path", str(model), *flags])
+        return infer.sampling_settings(args, infer.FAMILIES["flux2-klein"], [])
+
+    assert resolved(tiny_flux2_klein) == {"num_inference_steps": 50, "guidance_scale": None, "max_sequence_length": 512}
+    assert resolved(tiny_klein_distilled, "--num_inference_steps", "8")["num_inference_steps"] == 8
+    for flags in (["--guidance_scale", "4"], ["--negative_prompt", "blurry"]):
+        with pytest.raises(ValueError, match="do nothing on a step-distilled FLUX.2 \\[klein\\] checkpoint"):
+            resolved(tiny_klein_distilled, *flags)
+    with pytest.raises(ValueError, match="--scheduler dpm is not one FLUX.2 \\[klein\\] samples with; use default"):
+        run_klein(tiny_flux2_klein, tmp_path / "dpm", *token_prompt, "--scheduler", "dpm")
+
+
+def test_infer_feeds_klein_the_ids_training_fed(klein_run, tiny_flux2_klein, tmp_path, monkeypatch):
+    """The ids Qwen3 gets from infer.py (the token added as training adds it, the prompt expanded, the chat template)
+    are the ids train_dti_flux2_klein.tokenize_prompt gives the same prompt with the training's tokenizer."""
+    import train_dti_flux2_klein
+
+    result, folder = klein_run
+    fed, load = [], infer.load_pipeline
+
+    def load_and_watch(*args):
+        pipe = load(*args)
+        hook = lambda module, inputs, kwargs: fed.extend(kwargs["input_ids"].tolist())  # noqa: E731 (by keyword)
+        pipe.text_encoder.register_forward_pre_hook(hook, with_kwargs=True)
+        return pipe
+
+    monkeypatch.setattr(infer, "load_pipeline", load_and_watch)
+    prompt = f"a photo of {BOT} on a beach"
+    run_klein(tiny_flux2_klein, tmp_path / "g", "--embeddings", str(folder), "--prompt", prompt, "--guidance_scale",
+              "1", "--num_inference_steps", "1")  # fmt: skip
+    tokenizer = result.components["tokenizer"]
+    trained = train_dti_flux2_klein.tokenize_prompt(tokenizer, 64, prompt.replace(BOT, f"{BOT} {BOT}_1"))["input_ids"]
+    new_ids = tokenizer.convert_tokens_to_ids([BOT, f"{BOT}_1"])
+    assert fed == [trained] and set(new_ids) <= set(trained) and min(new_ids) >= len(tokenizer) - 2

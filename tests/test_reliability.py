@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_dti_flux2_klein
 import train_dti_sana
 import train_dti_sdxl
 import train_dti_wan
 from tests.conftest import REPO, assert_one_line_error, training_args
 
-SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana, "wan": train_dti_wan}
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana, "wan": train_dti_wan, "flux2_klein": train_dti_flux2_klein}
 TOKEN = "<toy-robot>"
 
 
@@ -37,11 +38,13 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sana", "wan"])
+@pytest.mark.parametrize("family", ["sdxl", "sana", "wan", "flux2_klein"])
 def test_two_interruptions_then_resume_end_bit_identical(family, request, tmp_path):
     model = request.getfixturevalue(f"tiny_{family}")
     flags = ["--max_train_steps", "20", "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1"]
-    flags += ["--gradient_accumulation_steps", "1"]
+    flags += ["--gradient_accumulation_steps", "1"] + (
+        ["--max_sequence_length", "64"] if family == "flux2_klein" else []
+    )
     script = SCRIPTS[family]
     straight = script.main(script.parse_args(training_args(model, tmp_path / "straight", *flags)))
     out, stopped_at = tmp_path / "interrupted", []

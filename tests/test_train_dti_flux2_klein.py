@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-import train_dti_flux2_klein as dti
 from safetensors.torch import load_file
 
-from tests.conftest import ASSETS, training_args
+import train_dti_flux2_klein as dti
+from tests.conftest import ASSETS, torchrun_ranks, training_args
 
 PLACEHOLDER = "<toy-robot>"
 
@@ -98,3 +98,15 @@ def test_concepts_list_equals_single_runs(train_klein, tiny_flux2_klein, tmp_pat
         single, _ = train_klein(*own, "--max_train_steps", "2", output_dir=tmp_path / entry["placeholder_token"][1])
         a, b = concept.learned["text_encoder"].embeddings(), single.learned["text_encoder"].embeddings()
         assert torch.allclose(a, b, atol=1e-5 * b.norm().item())
+
+
+def test_two_processes_end_identical_and_equal_a_single_process_run(train_klein, tiny_flux2_klein, tmp_path):
+    flags = ["--train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_sequence_length", "64"]
+    ranks = torchrun_ranks("train_dti_flux2_klein", training_args(tiny_flux2_klein, tmp_path / "ddp", *flags),
+                           tmp_path / "dump", port=29547)  # fmt: skip
+    assert len(ranks[0]["history"]) == 3
+    for a, b in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
+        assert torch.equal(a, b)
+    result, _ = train_klein("--train_batch_size", "2", output_dir=tmp_path / "single")
+    single = result.learned["text_encoder"].embeddings().detach()
+    assert torch.allclose(single, ranks[0]["final"]["text_encoder"], atol=1e-5 * single.norm().item())

@@ -286,7 +286,7 @@ pipe = Flux2KleinPipeline.from_pretrained(base_model, torch_dtype=torch.bfloat16
 vectors = load_file(hf_hub_download("{repo_id}", "learned_embeds.safetensors"))[token]
 {add_token_rows()}
 prompt = "a painting of {token} in the style of Van Gogh".replace(token, " ".join(names))
-{lora_snippet_line(args, repo_id)}image = pipe(prompt).images[0]
+{lora_snippet_line(args, repo_id)}image = pipe(prompt=prompt).images[0]
 ```
 
 ComfyUI: put `{name}.safetensors` in `models/embeddings/` and write `embedding:{name}` in the prompt.

@@ -355,7 +355,8 @@ def test_several_processes_log_with_their_rank(monkeypatch):
     state = SimpleNamespace(num_processes=2, process_index=1, is_main_process=False)
     for module in (dti, accelerate.logging):
         monkeypatch.setattr(module, "PartialState", lambda: state)
-    assert dti.logger.process("saved", {})[0] == "[RANK 1] saved"
+    accelerates = accelerate.logging.MultiProcessAdapter.process(dti.logger, "saved", {})[0]
+    assert dti.logger.process("saved", {})[0] == accelerates  # "[RANK 1] saved" from accelerate 1.11 on
     state.num_processes, state.process_index = 1, 0
     assert dti.logger.process("saved", {})[0] == "saved"
 

@@ -584,17 +584,17 @@ class Family:
     class_prefix: str  # model_index.json's _class_name starts with it
     encoders: tuple  # text encoder components, each with its tokenizer in TOKENIZERS
     default_steps: int  # --num_inference_steps when not given
-    distilled_steps: int | None  # the default on a step-distilled checkpoint ("is_distilled" in model_index.json)
+    distilled_steps: int | None = None  # the default on a step-distilled checkpoint (model_index.json "is_distilled")
     # --scheduler value -> diffusers scheduler class name, or a function of the checkpoint's scheduler config that
     # builds one; a value not here keeps the checkpoint's own
     schedulers: dict
     add_tokens: Callable  # (pipe, token, {encoder: [k, d]}): load a learned token
     inputs: Callable  # (pipe, prompt, instruction) -> (prompt, extra pipeline arguments)
-    uses_complex_human_instruction: bool  # --complex_human_instruction applies
-    uses_pooled_output: bool  # --pooled_output applies (where both CLIP encoders pool)
-    uses_max_sequence_length: bool  # --max_sequence_length applies (the embeddings' metadata gives its default)
-    video: bool  # the pipeline makes videos: num_videos_per_prompt and num_frames in, .frames out
-    fp32_modules: tuple  # components kept in float32 whatever --dtype says
+    uses_complex_human_instruction: bool = False  # --complex_human_instruction applies
+    uses_pooled_output: bool = False  # --pooled_output applies (where both CLIP encoders pool)
+    uses_max_sequence_length: bool = False  # --max_sequence_length applies (the embeddings' metadata gives its default)
+    video: bool = False  # the pipeline makes videos: num_videos_per_prompt and num_frames in, .frames out
+    fp32_modules: tuple = ()  # components kept in float32 whatever --dtype says
 
 
 FAMILIES = {
@@ -607,7 +607,6 @@ FAMILIES = {
             class_prefix="StableDiffusionXL",
             encoders=("text_encoder", "text_encoder_2"),
             default_steps=25,
-            distilled_steps=None,
             # DPM-Solver++ by default: the sampler the paper's SDXL images were made with
             schedulers={
                 "default": "DPMSolverMultistepScheduler",
@@ -616,11 +615,7 @@ FAMILIES = {
             },
             add_tokens=add_tokens_to_sdxl,
             inputs=sdxl_inputs,
-            uses_complex_human_instruction=False,
             uses_pooled_output=True,
-            uses_max_sequence_length=False,
-            video=False,
-            fp32_modules=(),
         ),
         Family(
             name="sana",
@@ -629,15 +624,10 @@ FAMILIES = {
             class_prefix="Sana",
             encoders=("text_encoder",),
             default_steps=20,
-            distilled_steps=None,
             schedulers={"dpm": "DPMSolverMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler"},
             add_tokens=add_tokens_to_sana_encoders,
             inputs=sana_inputs,
             uses_complex_human_instruction=True,
-            uses_pooled_output=False,
-            uses_max_sequence_length=False,
-            video=False,
-            fp32_modules=(),
         ),
         Family(
             name="wan",
@@ -646,13 +636,10 @@ FAMILIES = {
             class_prefix="WanPipeline",
             encoders=("text_encoder",),
             default_steps=50,  # WanPipeline's own
-            distilled_steps=None,
             # the checkpoint's UniPC by default; DPM-Solver++ keeps its flow_shift through from_config
             schedulers={"dpm": "DPMSolverMultistepScheduler", "euler": flow_match_euler},
             add_tokens=add_tokens_to_wan_encoders,
             inputs=wan_inputs,
-            uses_complex_human_instruction=False,
-            uses_pooled_output=False,
             uses_max_sequence_length=True,
             video=True,
             fp32_modules=("vae",),  # the Wan VAE decodes in float32, as training keeps it and diffusers recommends
@@ -669,11 +656,7 @@ FAMILIES = {
             schedulers={"euler": None},
             add_tokens=add_tokens_to_flux2_klein_encoders,
             inputs=flux2_klein_inputs,
-            uses_complex_human_instruction=False,
-            uses_pooled_output=False,
             uses_max_sequence_length=True,
-            video=False,
-            fp32_modules=(),
         ),
     )
 }

@@ -110,3 +110,10 @@ def test_two_processes_end_identical_and_equal_a_single_process_run(train_klein,
     result, _ = train_klein("--train_batch_size", "2", output_dir=tmp_path / "single")
     single = result.learned["text_encoder"].embeddings().detach()
     assert torch.allclose(single, ranks[0]["final"]["text_encoder"], atol=1e-5 * single.norm().item())
+
+
+def test_a_short_max_sequence_length_is_refused_before_anything_is_written(tiny_flux2_klein, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--max_sequence_length must be at least 16"):
+        dti.main(dti.parse_args(training_args(tiny_flux2_klein, out, "--max_sequence_length", "8")))
+    assert not out.exists()

@@ -191,3 +191,14 @@ def test_model_card_parses_and_its_snippet_loads_the_token(train_wan, monkeypatc
     pipe = namespace["pipe"]
     row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(PLACEHOLDER)]
     assert torch.equal(row, load_file(out / "learned_embeds.safetensors")[PLACEHOLDER][0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(["--training_shift", "0"], "--training_shift"), (["--max_sequence_length", "1"], "--max_sequence_length")],
+)
+def test_bad_wan_flags_are_refused_before_anything_is_written(tiny_wan, tmp_path, flags, expected):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=expected):
+        dti.main(dti.parse_args(training_args(tiny_wan, out, *flags)))
+    assert not out.exists()

@@ -58,7 +58,6 @@ from accelerate import Accelerator
 from accelerate.logging import MultiProcessAdapter, get_logger
 from accelerate.state import PartialState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
-from diffusers.optimization import get_scheduler
 from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -215,6 +214,8 @@ def unknown_arguments(unknown, known_flags):
 def parse_arguments(family, input_args=None):
     """The flags every family shares, the family's defaults, and the family's own flags (family.add_arguments)."""
     parser = OneLineErrorParser(
+        usage="%(prog)s --pretrained_model_name_or_path MODEL --train_data_dir DIR --placeholder_token TOKEN "
+        "--initializer_token WORD [options]",
         description=f"Directional Textual Inversion (DTI) for {family.title}.",
         formatter_class=HelpFormatter,
     )
@@ -2466,6 +2467,8 @@ def setup(args, family):
     denoiser = torch.compile(models.denoiser, backend=args.compile_backend) if args.compile else models.denoiser
 
     optimizer = make_optimizer(args, [t for c in concepts for t in c.learned.values()], lora)
+    from diffusers.optimization import get_scheduler  # here: diffusers takes 1.5 s to import, --help does not wait
+
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -2556,9 +2559,10 @@ def save_and_stop(run, stop):
         if step % args.checkpointing_steps:
             save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
     run.accelerator.wait_for_everyone()
-    raise TrainingStopped(
-        f"{stop.signal or 'A stop signal'} at step {step}: saved checkpoint-{step} and the embeddings in "
-        f"{args.output_dir}; continue with --resume_from_checkpoint latest."
+    raise StoppedBySignal(
+        f"Stopped by {stop.signal or 'a stop signal'} at step {step}: saved checkpoint-{step} and the embeddings in "
+        f"{args.output_dir}; resume with --resume_from_checkpoint latest.",
+        stop.signal,
     )
 
 
@@ -2603,11 +2607,12 @@ def train(args, family):
     progress = tqdm(
         range(args.max_train_steps), initial=run.step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    with StopRequest() as stop:
+    first_step = run.step + 1  # the bar shows the loss from the run's first step on
+    with StopRequest() as stop, progress:  # the bar is closed before any way out prints its line
         while run.step < args.max_train_steps:
             train_step(run)
             progress.update(1)
-            at_logging_step = run.step % args.logging_steps == 0 or run.step == args.max_train_steps
+            at_logging_step = run.step % args.logging_steps == 0 or run.step in (first_step, args.max_train_steps)
             if at_logging_step:  # the host reads the step logs (the LoRA and AdamW modes also read the finite flags)
                 report_steps(run.logs, concepts, accelerator, progress)
             stop_if_exhausted(run)
@@ -2616,7 +2621,6 @@ def train(args, family):
             if stop.requested(accelerator, can_sync=at_logging_step):
                 report_steps(run.logs, concepts, accelerator, progress)
                 save_and_stop(run, stop)
-    progress.close()
     accelerator.wait_for_everyone()
     finish(run, validate)
     accelerator.end_training()
@@ -2914,6 +2918,14 @@ class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (a signal, or too many non-finite steps) after saving what it had."""
 
 
+class StoppedBySignal(TrainingStopped):
+    """Stopped as asked (SIGTERM, Ctrl-C): not an error, the exit status is the shell's 128 + the signal's number."""
+
+    def __init__(self, message, signal_name):
+        super().__init__(message)
+        self.exit_code = 128 + signal.Signals[signal_name or "SIGTERM"].value  # a peer's signal
+
+
 class StopRequest:
     """SIGTERM or SIGINT (a preempted job, Ctrl-C) asks the loop to finish its step, save and exit; a second one
     stops at once. All processes stop at the same step."""
@@ -3026,7 +3038,16 @@ class TqdmLogHandler(logging.StreamHandler):
 
 def quiet_library_noise():
     """Silence library messages that no user can act on: bitsandbytes' CPU 4-bit kernel notice (no 4-bit layer is
-    used here) and transformers' notice that image processors fall back to PIL without torchvision."""
+    used here), transformers' notice that image processors fall back to PIL without torchvision, and the libraries'
+    loading bars (the run logs what it loads) and accelerate's per-file lines of each checkpoint save and load (the
+    run logs one line per checkpoint)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     notices = logging.getLogger("transformers.utils.import_utils")
     if not any(getattr(f, "name", None) == "no-torchvision-notice" for f in notices.filters):  # once per process
@@ -3291,5 +3312,8 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
+    except StoppedBySignal as stopped:  # asked for: a plain line, not an error
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
     except (ValueError, TrainingStopped) as error:
         sys.exit(f"error: {error}")

@@ -189,6 +189,16 @@ def assert_one_line_error(proc, expected):
     assert sum(line.startswith("error:") for line in proc.stderr.splitlines()) == 1
 
 
+def assert_stopped_by(proc, sig):
+    """A run stopped by a signal: exit 128 + its number, no traceback, no error line, and a last line that says the
+    step, what was saved and how to resume; returns the step."""
+    assert proc.returncode == 128 + sig.value and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"Stopped by {sig.name} at step ") and "error" not in proc.stderr.lower(), last_line
+    assert last_line.endswith("resume with --resume_from_checkpoint latest."), last_line
+    return int(last_line.split(" at step ")[1].split(":")[0])
+
+
 def torchrun_ranks(script, argv, dump, port):
     """Train with `torchrun --nproc_per_node 2` on CPU (gloo); return what each rank held (see dist_worker.py)."""
     import subprocess

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import train_dti_sana
 import train_dti_sdxl
-from tests.conftest import REPO, assert_one_line_error, run_script_cases, training_args
+from tests.conftest import REPO, assert_one_line_error, assert_stopped_by, run_script_cases, training_args
 
 PLACEHOLDER = "<toy-robot>"
 
@@ -239,7 +239,7 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(train, tiny_sd
     wait_for(out / "learned_embeds-steps-3.safetensors", proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert_one_line_error(SimpleProc(proc.returncode, stderr), "--resume_from_checkpoint latest")
+    assert_stopped_by(SimpleProc(proc.returncode, stderr), signal.SIGTERM)
     proc = start("sdxl", tiny_sdxl, out, *flags, "--resume_from_checkpoint", "latest")
     _, stderr = proc.communicate(timeout=300)  # drain the pipes while it runs
     assert proc.returncode == 0, stderr[-2000:]

@@ -68,6 +68,9 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
+    except StoppedBySignal as stopped:  # asked for: a plain line, not an error
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
     except (ValueError, TrainingStopped) as error:
         sys.exit(f"error: {error}")
 '''

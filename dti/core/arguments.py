@@ -76,6 +76,8 @@ def unknown_arguments(unknown, known_flags):
 def parse_arguments(family, input_args=None):
     """The flags every family shares, the family's defaults, and the family's own flags (family.add_arguments)."""
     parser = OneLineErrorParser(
+        usage="%(prog)s --pretrained_model_name_or_path MODEL --train_data_dir DIR --placeholder_token TOKEN "
+        "--initializer_token WORD [options]",
         description=f"Directional Textual Inversion (DTI) for {family.title}.",
         formatter_class=HelpFormatter,
     )

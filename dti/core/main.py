@@ -9,7 +9,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from dti.core.arguments import check_inputs, ignored_flags, read_concepts, validate_args
@@ -20,6 +19,7 @@ from dti.core.dti import add_concept_tokens, attach_learned_tokens, check_prompt
 from dti.core.family import Models
 from dti.core.hub import check_hub_model, create_hub_repo, hub_repo_id, hub_token, push_to_hub, save_model_card
 from dti.core.plumbing import (
+    StoppedBySignal,
     StopRequest,
     TrainingStopped,
     check_output_dir,
@@ -218,6 +218,8 @@ def setup(args, family):
     denoiser = torch.compile(models.denoiser, backend=args.compile_backend) if args.compile else models.denoiser
 
     optimizer = make_optimizer(args, [t for c in concepts for t in c.learned.values()], lora)
+    from diffusers.optimization import get_scheduler  # here: diffusers takes 1.5 s to import, --help does not wait
+
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -308,9 +310,10 @@ def save_and_stop(run, stop):
         if step % args.checkpointing_steps:
             save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
     run.accelerator.wait_for_everyone()
-    raise TrainingStopped(
-        f"{stop.signal or 'A stop signal'} at step {step}: saved checkpoint-{step} and the embeddings in "
-        f"{args.output_dir}; continue with --resume_from_checkpoint latest."
+    raise StoppedBySignal(
+        f"Stopped by {stop.signal or 'a stop signal'} at step {step}: saved checkpoint-{step} and the embeddings in "
+        f"{args.output_dir}; resume with --resume_from_checkpoint latest.",
+        stop.signal,
     )
 
 
@@ -355,11 +358,12 @@ def train(args, family):
     progress = tqdm(
         range(args.max_train_steps), initial=run.step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    with StopRequest() as stop:
+    first_step = run.step + 1  # the bar shows the loss from the run's first step on
+    with StopRequest() as stop, progress:  # the bar is closed before any way out prints its line
         while run.step < args.max_train_steps:
             train_step(run)
             progress.update(1)
-            at_logging_step = run.step % args.logging_steps == 0 or run.step == args.max_train_steps
+            at_logging_step = run.step % args.logging_steps == 0 or run.step in (first_step, args.max_train_steps)
             if at_logging_step:  # the host reads the step logs (the LoRA and AdamW modes also read the finite flags)
                 report_steps(run.logs, concepts, accelerator, progress)
             stop_if_exhausted(run)
@@ -368,7 +372,6 @@ def train(args, family):
             if stop.requested(accelerator, can_sync=at_logging_step):
                 report_steps(run.logs, concepts, accelerator, progress)
                 save_and_stop(run, stop)
-    progress.close()
     accelerator.wait_for_everyone()
     finish(run, validate)
     accelerator.end_training()

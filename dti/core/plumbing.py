@@ -153,6 +153,14 @@ class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (a signal, or too many non-finite steps) after saving what it had."""
 
 
+class StoppedBySignal(TrainingStopped):
+    """Stopped as asked (SIGTERM, Ctrl-C): not an error, the exit status is the shell's 128 + the signal's number."""
+
+    def __init__(self, message, signal_name):
+        super().__init__(message)
+        self.exit_code = 128 + signal.Signals[signal_name or "SIGTERM"].value  # a peer's signal
+
+
 class StopRequest:
     """SIGTERM or SIGINT (a preempted job, Ctrl-C) asks the loop to finish its step, save and exit; a second one
     stops at once. All processes stop at the same step."""
@@ -265,7 +273,16 @@ class TqdmLogHandler(logging.StreamHandler):
 
 def quiet_library_noise():
     """Silence library messages that no user can act on: bitsandbytes' CPU 4-bit kernel notice (no 4-bit layer is
-    used here) and transformers' notice that image processors fall back to PIL without torchvision."""
+    used here), transformers' notice that image processors fall back to PIL without torchvision, and the libraries'
+    loading bars (the run logs what it loads) and accelerate's per-file lines of each checkpoint save and load (the
+    run logs one line per checkpoint)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     notices = logging.getLogger("transformers.utils.import_utils")
     if not any(getattr(f, "name", None) == "no-torchvision-notice" for f in notices.filters):  # once per process

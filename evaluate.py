@@ -57,6 +57,8 @@ RUN_SAMPLING = ("num_inference_steps", "guidance_scale", "height", "width", "num
 
 def parse_args(input_args=None):
     parser = infer.OneLineErrorParser(
+        usage="%(prog)s --pretrained_model_name_or_path MODEL --embeddings RUN [RUN ...] --instance_data_dir DIR "
+        "[options]",
         description="Score learned DTI / TI tokens: DINOv2 image similarity and SigLIP text similarity, side by side.",
         formatter_class=infer.HelpFormatter,
     )

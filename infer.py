@@ -150,6 +150,7 @@ def add_pipeline_arguments(
 
 def parse_args(input_args=None):
     parser = OneLineErrorParser(
+        usage="%(prog)s --pretrained_model_name_or_path MODEL --embeddings FILE_OR_FOLDER --prompt PROMPT [options]",
         description="Generate with learned DTI / TI tokens on SDXL, SANA, Wan 2.1 and FLUX.2 [klein].",
         formatter_class=HelpFormatter,
     )

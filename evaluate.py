@@ -818,6 +818,7 @@ def subject_info(subject):
 
 def main(args):
     started = time.monotonic()
+    infer.quiet_library_noise()
     check_numbers(args)
     infer.check_loras(args)
     device = infer.check_device(args.device)

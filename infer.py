@@ -972,8 +972,28 @@ def check_output_dir(output_dir, flag="--output_dir"):
         raise ValueError(f"{flag} {path} is a file; give a folder.")
 
 
+def quiet_library_noise():
+    """Silence library messages no user can act on: bitsandbytes' CPU 4-bit kernel notice, transformers' notices that
+    image processors fall back to PIL without torchvision, that new token rows start from a normal distribution (the
+    tokens' rows are set right after) and that SigLIP's config keeps CLIP's bos/eos ids (its defaults; evaluate.py
+    never generates text), and the loading bars (the denoising bar stays)."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    drops = {"transformers.utils.import_utils": "requires torchvision", "transformers.modeling_utils": "multivariate",
+             "transformers.configuration_utils": "an integer within the vocabulary"}  # fmt: skip
+    for name, text in drops.items():
+        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def main(args):
     started = time.monotonic()
+    quiet_library_noise()
     if not (args.seed >= 0 and args.seed + args.num_images_per_prompt <= 2**32):
         raise ValueError("--seed must be in [0, 2**32 - 1], with room for --num_images_per_prompt seeds after it.")
     device = check_device(args.device)

@@ -154,6 +154,7 @@ OUTPUT_LOCK = ".dti-train.lock"
 # The keys of a --concepts_list entry: the first two are required, then one of the two data sources.
 CONCEPT_KEYS = ("placeholder_token", "initializer_token", "train_data_dir", "dataset_name", "num_vectors",
                 "learnable_property", "validation_prompt", "output_dir")  # fmt: skip
+FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a step size or norm beyond it overflows
 MIN_FREE_BYTES = 64 * 2**20  # embeddings and checkpoints take kilobytes; validation images and logs a few MB
 
 
@@ -170,8 +171,10 @@ def parse_token_scale(value):
         scale = float(value)
     except ValueError:
         scale = float("nan")
-    if not (math.isfinite(scale) and scale > 0):
-        raise argparse.ArgumentTypeError(f"expected mean, min, max or a positive number, got {value!r}")
+    if not (0 < scale <= FP32_MAX):
+        raise argparse.ArgumentTypeError(
+            f"expected mean, min, max or a positive number (float32's range: at most 3.4e38), got {value!r}"
+        )
     return scale
 
 
@@ -536,7 +539,7 @@ def validate_args(args, family):
     if args.crossinit_lambda is None:
         args.crossinit_lambda = DEFAULT_CROSSINIT_LAMBDA if args.method == "crossinit" else 0.0
     checks = [
-        (args.learning_rate > 0 and math.isfinite(args.learning_rate), "--learning_rate must be a positive number"),
+        (0 < args.learning_rate <= FP32_MAX, "--learning_rate must be a positive number (in float32's range)"),
         (args.kappa >= 0 and math.isfinite(args.kappa), "--kappa must be zero or positive"),
         (
             args.crossinit_lambda >= 0 and math.isfinite(args.crossinit_lambda),
@@ -2285,8 +2288,22 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, family, suffix="
     logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(p.name for p in writes)}).")
 
 
+def check_finite(concepts, step):
+    """Never write a non-finite vector: stop instead, the files of the last save left as they are."""
+    for c in concepts:
+        for name, tokens in c.learned.items():
+            if not torch.isfinite(tokens.embeddings()).all():
+                raise TrainingStopped(
+                    f"The vectors of {c.args.placeholder_token} ({name}) are not finite at step {step}: an update "
+                    f"overflowed. Nothing of step {step} was written; {c.args.output_dir} keeps the last saved "
+                    "files. Lower --learning_rate (or --token_scale)."
+                )
+
+
 def save_all_embeddings(concepts, step, family, suffix="", lora=None):
-    """Each concept's embedding files in its output folder (and the LoRA's, which a run of one concept only has)."""
+    """Each concept's embedding files in its output folder (and the LoRA's, which a run of one concept only has),
+    once every concept's vectors are known to be finite."""
+    check_finite(concepts, step)
     for c in concepts:
         save_embeddings(c.learned, c.args, c.vocabulary_mean_norms, step, family, suffix, lora)
 
@@ -2533,6 +2550,7 @@ def save_in_run(run, validate):
     if step % args.save_steps == 0 and step < args.max_train_steps:
         save_all_embeddings(run.concepts, step, run.family, f"-steps-{step}", run.lora)
     if step % args.checkpointing_steps == 0:
+        check_finite(run.concepts, step)
         save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
     if validate and step % args.validation_steps == 0:
         validate_concepts(run)
@@ -2567,7 +2585,7 @@ def save_and_stop(run, stop):
     )
 
 
-def finish(run, validate):
+def finish(run, validate, stop):
     """The end of the run on the main process: the final embeddings, a last validation, the model card, the upload."""
     args = run.args
     if not run.accelerator.is_main_process:
@@ -2576,10 +2594,26 @@ def finish(run, validate):
     for c in run.concepts:
         if validate and run.step % args.validation_steps != 0:
             validate_one_concept(run, c)
+        if stop.signal:
+            stop_after_the_last_step(run, stop)
         repo_id = create_hub_repo(c.args, run.hub_token) if args.push_to_hub else hub_repo_id(c.args)
         save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
         if args.push_to_hub:
             push_to_hub(c.args, repo_id, run.hub_token)
+
+
+def stop_after_the_last_step(run, stop):
+    """A stop signal in the end-of-run validation or upload: keep a checkpoint of the last step, so a resume does
+    only what is left (validation, model card, upload)."""
+    args, step = run.args, run.step
+    if step % args.checkpointing_steps:
+        save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
+    raise StoppedBySignal(
+        f"Stopped by {stop.signal} at step {step}: saved checkpoint-{step} and the final embeddings in "
+        f"{args.output_dir}; the validation, model card and upload left are done when you resume with "
+        "--resume_from_checkpoint latest.",
+        stop.signal,
+    )
 
 
 def run_summary(args, started):
@@ -2609,21 +2643,22 @@ def train(args, family):
         range(args.max_train_steps), initial=run.step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     first_step = run.step + 1  # the bar shows the loss from the run's first step on
-    with StopRequest() as stop, progress:  # the bar is closed before any way out prints its line
-        while run.step < args.max_train_steps:
-            train_step(run)
-            progress.update(1)
-            at_logging_step = run.step % args.logging_steps == 0 or run.step in (first_step, args.max_train_steps)
-            if at_logging_step:  # the host reads the step logs (the LoRA and AdamW modes also read the finite flags)
-                report_steps(run.logs, concepts, accelerator, progress)
-            stop_if_exhausted(run)
-            if accelerator.is_main_process:
-                save_in_run(run, validate)
-            if stop.requested(accelerator, can_sync=at_logging_step):
-                report_steps(run.logs, concepts, accelerator, progress)
-                save_and_stop(run, stop)
-    accelerator.wait_for_everyone()
-    finish(run, validate)
+    with StopRequest() as stop:  # to the very end: a signal in the last validation or the upload is handled too
+        with progress:  # closed before any way out prints its line
+            while run.step < args.max_train_steps:
+                train_step(run)
+                progress.update(1)
+                at_logging_step = run.step % args.logging_steps == 0 or run.step in (first_step, args.max_train_steps)
+                if at_logging_step:  # the host reads the step logs (LoRA and AdamW modes also read the finite flags)
+                    report_steps(run.logs, concepts, accelerator, progress)
+                stop_if_exhausted(run)
+                if accelerator.is_main_process:
+                    save_in_run(run, validate)
+                if stop.requested(accelerator, can_sync=at_logging_step):
+                    report_steps(run.logs, concepts, accelerator, progress)
+                    save_and_stop(run, stop)
+        accelerator.wait_for_everyone()
+        finish(run, validate, stop)
     accelerator.end_training()
     for concept in concepts:
         logger.info(run_summary(concept.args, started))
@@ -2691,7 +2726,7 @@ def save_checkpoint(accelerator, args, step, seed, identity):
         shutil.rmtree(old, ignore_errors=True)
     except Exception as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        stop_if_disk_full(error, final)
+        stop_if_write_failed(error, final)
         raise
     logger.info(f"Saved {final}.")
     if args.checkpoints_total_limit is not None:
@@ -2789,16 +2824,23 @@ def resume(args, accelerator, checkpoint, identity, seed):
     return state["step"], state["seed"]
 
 
-def stop_if_disk_full(error, path):
-    """A full disk (or quota) while writing `path` stops the run in one line; other errors are left to the caller.
-    Writers that wrap the OSError (torch.save, safetensors) are recognised by the free space left."""
+def stop_if_write_failed(error, path):
+    """A write of `path` that the file system refused (a full disk or quota, a read-only or vanished folder, a failed
+    rename) stops the run in one line; other errors are left to the caller. Writers that wrap the OSError
+    (torch.save, safetensors) are recognised by the free space left."""
     full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
     with contextlib.suppress(OSError):
         full = full or shutil.disk_usage(Path(path).parent).free < MIN_FREE_BYTES // 2
+    kept = f"the last complete checkpoint and embeddings in {Path(path).parent} are kept"
     if full:
         raise TrainingStopped(
-            f"The disk is full: {path} could not be written, the last complete checkpoint and embeddings in "
-            f"{Path(path).parent} are kept. Free some space, then resume with --resume_from_checkpoint latest."
+            f"The disk is full: {path} could not be written, {kept}. Free some space, then resume with "
+            "--resume_from_checkpoint latest."
+        ) from None
+    if isinstance(error, OSError):
+        raise TrainingStopped(
+            f"{path} could not be written ({error.strerror or type(error).__name__}): {kept}. Make the folder "
+            "writable again, then resume with --resume_from_checkpoint latest."
         ) from None
 
 
@@ -2807,24 +2849,46 @@ def write_atomically(path, write):
     write_all_atomically({path: write})
 
 
+def keep_a_copy(path, backup):
+    """backup: a hard link to path (no bytes copied), or a copy where the file system has no hard links."""
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
+
+
 def write_all_atomically(writes):
-    """{path: write}: call every write(tmp_path) first, then rename them all, so a failure (a full disk) leaves the
-    previous set of files whole instead of a mix of old and new ones."""
+    """{path: write}: call every write(tmp_path) first, then rename them all; a failure at any point (a full disk, a
+    rename refused half-way) puts back the files already replaced, so the folder shows the previous set whole,
+    never a mix of old and new ones."""
     umask = os.umask(0)
     os.umask(umask)
     renames = {Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp"): Path(path) for path in writes}
+    backups = {path: path.with_name(f".{path.name}.{os.getpid()}.old") for path in renames.values()}
+    replaced, current = [], next(iter(renames.values()))  # current: the file being written, for the message
     try:
-        for tmp, write in zip(renames, writes.values(), strict=True):
+        for (tmp, current), write in zip(renames.items(), writes.values(), strict=True):  # noqa: B007 (read below)
             write(tmp)
             os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
-        for tmp, path in renames.items():
-            os.replace(tmp, path)
+        for path, backup in backups.items():
+            if path.exists():  # the old file stays reachable until every new one is in place
+                keep_a_copy(path, backup)
+        for tmp, current in renames.items():
+            os.replace(tmp, current)
+            replaced.append(current)
     except Exception as error:
-        stop_if_disk_full(error, next(iter(renames.values())))
+        for path in reversed(replaced):
+            with contextlib.suppress(OSError):
+                if backups[path].exists():
+                    os.replace(backups[path], path)
+                else:  # it is new in this save
+                    path.unlink()
+        stop_if_write_failed(error, current)
         raise
     finally:
-        for tmp in renames:
-            tmp.unlink(missing_ok=True)
+        for leftover in (*renames, *backups.values()):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
 
 
 def check_output_dir(args):

@@ -160,3 +160,87 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_embeddings(
     per_step = len(SCRIPTS[family].FAMILY.text_encoders)
     assert len(history) == last * per_step and all(torch.equal(h, history[0]) for h in history[::per_step])
     assert torch.allclose(saved, history[0] * norm_scale, atol=1e-6)  # only step 1 updated
+
+
+def step_files(folder):
+    """{file name: the step its metadata records} of the final embedding files in folder."""
+    from safetensors import safe_open
+
+    steps = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if "-steps-" not in path.name:
+            with safe_open(path, framework="pt") as f:
+                steps[path.name] = f.metadata()["steps"]
+    return steps
+
+
+def test_vectors_that_stop_being_finite_are_never_written(tiny_sdxl, tmp_path, monkeypatch):
+    """An update that overflows (here: from step 3 on the direction is NaN) stops the run at the next save (the
+    final one, step 4) before anything of it is written; the files on disk are the last save's, finite."""
+    script, out = train_dti_sdxl, tmp_path / "out"
+    original, steps = script.DirectionalTokens.step, []
+
+    def step(self, lr, only_if=None):
+        original(self, lr, only_if)
+        steps.append(None)
+        if len(steps) > 2 * 2:  # both text encoders' tokens step once per step: from step 3 on
+            self.direction.data.fill_(float("nan"))
+
+    monkeypatch.setattr(script.DirectionalTokens, "step", step)
+    argv = training_args(tiny_sdxl, out, "--max_train_steps", "4", "--save_steps", "2", "--checkpointing_steps", "2")
+    with pytest.raises(script.TrainingStopped, match=r"<toy-robot> \(text_encoder\) are not finite at step 4"):
+        script.main(script.parse_args(argv))
+    saved = {p.name: load_file(p) for p in out.glob("*.safetensors")}
+    assert sorted(saved) == ["learned_embeds-steps-2.safetensors", "learned_embeds_2-steps-2.safetensors",
+                             "toy-robot-steps-2.safetensors"]  # fmt: skip
+    assert all(torch.isfinite(t).all() for tensors in saved.values() for t in tensors.values())
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_a_signal_in_the_last_validation_keeps_a_checkpoint_and_the_resume_finishes(tiny_sdxl, tmp_path, monkeypatch):
+    """SIGTERM during the end-of-run validation: the validation ends, the final embeddings and a checkpoint of the
+    last step are kept and the run stops in one line; `latest` then does only what was left (the model card)."""
+    script, out = train_dti_sdxl, tmp_path / "out"
+    flags = ["--num_validation_images", "1", "--validation_steps", "100", "--checkpointing_steps", "100"]
+    original = script.log_validation
+
+    def validation_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(script, "log_validation", validation_then_signal)
+    with pytest.raises(script.StoppedBySignal, match="Stopped by SIGTERM at step 3: saved checkpoint-3 and the final"):
+        script.main(script.parse_args(training_args(tiny_sdxl, out, *flags)))
+    assert (out / "checkpoint-3").is_dir() and not (out / "README.md").exists()
+    assert (out / "validation" / "step-3.png").is_file()  # the validation that was under way ended
+    final = load_file(out / "learned_embeds.safetensors")[TOKEN]
+    monkeypatch.setattr(script, "log_validation", original)
+    script.main(script.parse_args(training_args(tiny_sdxl, out, *flags, "--resume_from_checkpoint", "latest")))
+    assert torch.equal(load_file(out / "learned_embeds.safetensors")[TOKEN], final)
+    assert (out / "README.md").is_file()
+
+
+@pytest.mark.parametrize("failing_rename", [1, 2, 3])
+def test_a_rename_failing_part_way_leaves_the_previous_files_whole(failing_rename, tiny_sdxl, tmp_path, monkeypatch):
+    """The n-th rename of a save fails (any OSError, not only a full disk): the run stops in one line and the three
+    embedding files on disk are all from the previous save, byte for byte."""
+    script, out = train_dti_sdxl, tmp_path / "out"
+    flags = ["--checkpointing_steps", "3"]
+    script.main(script.parse_args(training_args(tiny_sdxl, out, *flags)))
+    before = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    assert set(step_files(out).values()) == {"3"} and len(before) == 3
+    original, renames = os.replace, []
+
+    def replace(src, dst):
+        if str(dst).endswith(".safetensors"):
+            renames.append(dst)
+            if len(renames) == failing_rename:
+                raise OSError(5, "Input/output error")
+        return original(src, dst)
+
+    monkeypatch.setattr(script.os, "replace", replace)
+    resume = training_args(tiny_sdxl, out, *flags, "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
+    with pytest.raises(script.TrainingStopped, match=r"could not be written \(Input/output error\): the last comp"):
+        script.main(script.parse_args(resume))
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == before
+    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".old"))]

@@ -16,6 +16,7 @@ from dti.core.constants import (
     DEFAULT_LORA_LEARNING_RATE,
     DEFAULT_LORA_TARGETS,
     DEFAULT_VALIDATION_PROMPT,
+    FP32_MAX,
 )
 from dti.core.plumbing import concept_name
 from dti.core.step import check_lora_args
@@ -29,8 +30,10 @@ def parse_token_scale(value):
         scale = float(value)
     except ValueError:
         scale = float("nan")
-    if not (math.isfinite(scale) and scale > 0):
-        raise argparse.ArgumentTypeError(f"expected mean, min, max or a positive number, got {value!r}")
+    if not (0 < scale <= FP32_MAX):
+        raise argparse.ArgumentTypeError(
+            f"expected mean, min, max or a positive number (float32's range: at most 3.4e38), got {value!r}"
+        )
     return scale
 
 
@@ -395,7 +398,7 @@ def validate_args(args, family):
     if args.crossinit_lambda is None:
         args.crossinit_lambda = DEFAULT_CROSSINIT_LAMBDA if args.method == "crossinit" else 0.0
     checks = [
-        (args.learning_rate > 0 and math.isfinite(args.learning_rate), "--learning_rate must be a positive number"),
+        (0 < args.learning_rate <= FP32_MAX, "--learning_rate must be a positive number (in float32's range)"),
         (args.kappa >= 0 and math.isfinite(args.kappa), "--kappa must be zero or positive"),
         (
             args.crossinit_lambda >= 0 and math.isfinite(args.crossinit_lambda),

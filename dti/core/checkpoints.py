@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from dti.core.constants import CHECKPOINT_STATE, logger
-from dti.core.plumbing import stop_if_disk_full, write_atomically
+from dti.core.plumbing import stop_if_write_failed, write_atomically
 from dti.core.step import lora_description
 
 
@@ -66,7 +66,7 @@ def save_checkpoint(accelerator, args, step, seed, identity):
         shutil.rmtree(old, ignore_errors=True)
     except Exception as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        stop_if_disk_full(error, final)
+        stop_if_write_failed(error, final)
         raise
     logger.info(f"Saved {final}.")
     if args.checkpoints_total_limit is not None:

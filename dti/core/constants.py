@@ -85,4 +85,5 @@ OUTPUT_LOCK = ".dti-train.lock"
 # The keys of a --concepts_list entry: the first two are required, then one of the two data sources.
 CONCEPT_KEYS = ("placeholder_token", "initializer_token", "train_data_dir", "dataset_name", "num_vectors",
                 "learnable_property", "validation_prompt", "output_dir")  # fmt: skip
+FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a step size or norm beyond it overflows
 MIN_FREE_BYTES = 64 * 2**20  # embeddings and checkpoints take kilobytes; validation images and logs a few MB

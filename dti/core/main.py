@@ -30,7 +30,7 @@ from dti.core.plumbing import (
     resolve_seed,
     start_trackers,
 )
-from dti.core.saving import log_validation, save_all_embeddings
+from dti.core.saving import check_finite, log_validation, save_all_embeddings
 from dti.core.step import (
     DenoiserLoRA,
     NonFiniteGuard,
@@ -283,6 +283,7 @@ def save_in_run(run, validate):
     if step % args.save_steps == 0 and step < args.max_train_steps:
         save_all_embeddings(run.concepts, step, run.family, f"-steps-{step}", run.lora)
     if step % args.checkpointing_steps == 0:
+        check_finite(run.concepts, step)
         save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
     if validate and step % args.validation_steps == 0:
         validate_concepts(run)
@@ -317,7 +318,7 @@ def save_and_stop(run, stop):
     )
 
 
-def finish(run, validate):
+def finish(run, validate, stop):
     """The end of the run on the main process: the final embeddings, a last validation, the model card, the upload."""
     args = run.args
     if not run.accelerator.is_main_process:
@@ -326,10 +327,26 @@ def finish(run, validate):
     for c in run.concepts:
         if validate and run.step % args.validation_steps != 0:
             validate_one_concept(run, c)
+        if stop.signal:
+            stop_after_the_last_step(run, stop)
         repo_id = create_hub_repo(c.args, run.hub_token) if args.push_to_hub else hub_repo_id(c.args)
         save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
         if args.push_to_hub:
             push_to_hub(c.args, repo_id, run.hub_token)
+
+
+def stop_after_the_last_step(run, stop):
+    """A stop signal in the end-of-run validation or upload: keep a checkpoint of the last step, so a resume does
+    only what is left (validation, model card, upload)."""
+    args, step = run.args, run.step
+    if step % args.checkpointing_steps:
+        save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
+    raise StoppedBySignal(
+        f"Stopped by {stop.signal} at step {step}: saved checkpoint-{step} and the final embeddings in "
+        f"{args.output_dir}; the validation, model card and upload left are done when you resume with "
+        "--resume_from_checkpoint latest.",
+        stop.signal,
+    )
 
 
 def run_summary(args, started):
@@ -359,21 +376,22 @@ def train(args, family):
         range(args.max_train_steps), initial=run.step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     first_step = run.step + 1  # the bar shows the loss from the run's first step on
-    with StopRequest() as stop, progress:  # the bar is closed before any way out prints its line
-        while run.step < args.max_train_steps:
-            train_step(run)
-            progress.update(1)
-            at_logging_step = run.step % args.logging_steps == 0 or run.step in (first_step, args.max_train_steps)
-            if at_logging_step:  # the host reads the step logs (the LoRA and AdamW modes also read the finite flags)
-                report_steps(run.logs, concepts, accelerator, progress)
-            stop_if_exhausted(run)
-            if accelerator.is_main_process:
-                save_in_run(run, validate)
-            if stop.requested(accelerator, can_sync=at_logging_step):
-                report_steps(run.logs, concepts, accelerator, progress)
-                save_and_stop(run, stop)
-    accelerator.wait_for_everyone()
-    finish(run, validate)
+    with StopRequest() as stop:  # to the very end: a signal in the last validation or the upload is handled too
+        with progress:  # closed before any way out prints its line
+            while run.step < args.max_train_steps:
+                train_step(run)
+                progress.update(1)
+                at_logging_step = run.step % args.logging_steps == 0 or run.step in (first_step, args.max_train_steps)
+                if at_logging_step:  # the host reads the step logs (LoRA and AdamW modes also read the finite flags)
+                    report_steps(run.logs, concepts, accelerator, progress)
+                stop_if_exhausted(run)
+                if accelerator.is_main_process:
+                    save_in_run(run, validate)
+                if stop.requested(accelerator, can_sync=at_logging_step):
+                    report_steps(run.logs, concepts, accelerator, progress)
+                    save_and_stop(run, stop)
+        accelerator.wait_for_everyone()
+        finish(run, validate, stop)
     accelerator.end_training()
     for concept in concepts:
         logger.info(run_summary(concept.args, started))

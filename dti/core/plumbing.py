@@ -23,16 +23,23 @@ from tqdm.auto import tqdm
 from dti.core.constants import MIN_FREE_BYTES, OUTPUT_LOCK, logger
 
 
-def stop_if_disk_full(error, path):
-    """A full disk (or quota) while writing `path` stops the run in one line; other errors are left to the caller.
-    Writers that wrap the OSError (torch.save, safetensors) are recognised by the free space left."""
+def stop_if_write_failed(error, path):
+    """A write of `path` that the file system refused (a full disk or quota, a read-only or vanished folder, a failed
+    rename) stops the run in one line; other errors are left to the caller. Writers that wrap the OSError
+    (torch.save, safetensors) are recognised by the free space left."""
     full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
     with contextlib.suppress(OSError):
         full = full or shutil.disk_usage(Path(path).parent).free < MIN_FREE_BYTES // 2
+    kept = f"the last complete checkpoint and embeddings in {Path(path).parent} are kept"
     if full:
         raise TrainingStopped(
-            f"The disk is full: {path} could not be written, the last complete checkpoint and embeddings in "
-            f"{Path(path).parent} are kept. Free some space, then resume with --resume_from_checkpoint latest."
+            f"The disk is full: {path} could not be written, {kept}. Free some space, then resume with "
+            "--resume_from_checkpoint latest."
+        ) from None
+    if isinstance(error, OSError):
+        raise TrainingStopped(
+            f"{path} could not be written ({error.strerror or type(error).__name__}): {kept}. Make the folder "
+            "writable again, then resume with --resume_from_checkpoint latest."
         ) from None
 
 
@@ -41,24 +48,46 @@ def write_atomically(path, write):
     write_all_atomically({path: write})
 
 
+def keep_a_copy(path, backup):
+    """backup: a hard link to path (no bytes copied), or a copy where the file system has no hard links."""
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
+
+
 def write_all_atomically(writes):
-    """{path: write}: call every write(tmp_path) first, then rename them all, so a failure (a full disk) leaves the
-    previous set of files whole instead of a mix of old and new ones."""
+    """{path: write}: call every write(tmp_path) first, then rename them all; a failure at any point (a full disk, a
+    rename refused half-way) puts back the files already replaced, so the folder shows the previous set whole,
+    never a mix of old and new ones."""
     umask = os.umask(0)
     os.umask(umask)
     renames = {Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp"): Path(path) for path in writes}
+    backups = {path: path.with_name(f".{path.name}.{os.getpid()}.old") for path in renames.values()}
+    replaced, current = [], next(iter(renames.values()))  # current: the file being written, for the message
     try:
-        for tmp, write in zip(renames, writes.values(), strict=True):
+        for (tmp, current), write in zip(renames.items(), writes.values(), strict=True):  # noqa: B007 (read below)
             write(tmp)
             os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
-        for tmp, path in renames.items():
-            os.replace(tmp, path)
+        for path, backup in backups.items():
+            if path.exists():  # the old file stays reachable until every new one is in place
+                keep_a_copy(path, backup)
+        for tmp, current in renames.items():
+            os.replace(tmp, current)
+            replaced.append(current)
     except Exception as error:
-        stop_if_disk_full(error, next(iter(renames.values())))
+        for path in reversed(replaced):
+            with contextlib.suppress(OSError):
+                if backups[path].exists():
+                    os.replace(backups[path], path)
+                else:  # it is new in this save
+                    path.unlink()
+        stop_if_write_failed(error, current)
         raise
     finally:
-        for tmp in renames:
-            tmp.unlink(missing_ok=True)
+        for leftover in (*renames, *backups.values()):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
 
 
 def check_output_dir(args):

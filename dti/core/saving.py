@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from dti.core.constants import __version__, logger
 from dti.core.data import validation_prompt
-from dti.core.plumbing import write_all_atomically, write_atomically
+from dti.core.plumbing import TrainingStopped, write_all_atomically, write_atomically
 from dti.core.step import lora_metadata
 
 
@@ -82,7 +82,21 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, family, suffix="
     logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(p.name for p in writes)}).")
 
 
+def check_finite(concepts, step):
+    """Never write a non-finite vector: stop instead, the files of the last save left as they are."""
+    for c in concepts:
+        for name, tokens in c.learned.items():
+            if not torch.isfinite(tokens.embeddings()).all():
+                raise TrainingStopped(
+                    f"The vectors of {c.args.placeholder_token} ({name}) are not finite at step {step}: an update "
+                    f"overflowed. Nothing of step {step} was written; {c.args.output_dir} keeps the last saved "
+                    "files. Lower --learning_rate (or --token_scale)."
+                )
+
+
 def save_all_embeddings(concepts, step, family, suffix="", lora=None):
-    """Each concept's embedding files in its output folder (and the LoRA's, which a run of one concept only has)."""
+    """Each concept's embedding files in its output folder (and the LoRA's, which a run of one concept only has),
+    once every concept's vectors are known to be finite."""
+    check_finite(concepts, step)
     for c in concepts:
         save_embeddings(c.learned, c.args, c.vocabulary_mean_norms, step, family, suffix, lora)

@@ -155,6 +155,8 @@ OUTPUT_LOCK = ".dti-train.lock"
 # The keys of a --concepts_list entry: the first two are required, then one of the two data sources.
 CONCEPT_KEYS = ("placeholder_token", "initializer_token", "train_data_dir", "dataset_name", "num_vectors",
                 "learnable_property", "validation_prompt", "output_dir")  # fmt: skip
+MAX_NAME_BYTES = 200  # a placeholder's file names: 255 bytes less '-steps-N_pivotal.safetensors' and a temp suffix
+MAX_REPEATS = 100_000  # an epoch of images x repeats samples is shuffled in memory
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a step size or norm beyond it overflows
 MIN_FREE_BYTES = 64 * 2**20  # embeddings and checkpoints take kilobytes; validation images and logs a few MB
 
@@ -551,9 +553,17 @@ def validate_args(args, family):
         (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
         (args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (args.repeats >= 1, "--repeats must be at least 1"),
+        (
+            1 <= args.repeats <= MAX_REPEATS,
+            f"--repeats must be in [1, {MAX_REPEATS}] (an epoch's order is drawn in memory)",
+        ),
         (args.num_vectors is None or args.num_vectors >= 1, "--num_vectors must be at least 1"),
         (args.concepts_per_step is None or args.concepts_per_step >= 1, "--concepts_per_step must be at least 1"),
+        (
+            args.concepts_per_step is None or args.concepts_list is not None,
+            "--concepts_per_step applies to --concepts_list runs only; drop it or give a --concepts_list",
+        ),
+        (args.output_dir.strip() != "", "--output_dir must not be empty; give a folder"),
         (args.num_validation_images >= 0, "--num_validation_images must be zero or positive"),
         (args.validation_steps >= 1, "--validation_steps must be at least 1"),
         (args.save_steps >= 1, "--save_steps must be at least 1"),
@@ -588,6 +598,20 @@ def validate_args(args, family):
     return args
 
 
+def check_file_name(placeholder_token):
+    """The placeholder names files (and, in a --concepts_list run, a folder): refuse one that names no file of its own
+    ('.', '..') or one too long for the file system's 255 bytes once '-steps-N_lora.safetensors' is added."""
+    name = concept_name(placeholder_token)
+    if set(name) <= {"."}:
+        raise ValueError(
+            f"--placeholder_token {placeholder_token!r} would name its files {name!r}; use letters or digits."
+        )
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(
+            f"--placeholder_token is too long to name files ({len(name.encode())} bytes; at most {MAX_NAME_BYTES})."
+        )
+
+
 def validate_concept(args):
     """Check one concept's own flags (a --concepts_list entry's keys): its token, its initializer, one data source."""
     examples = {"--placeholder_token": "'<my-dog>' (the new token)", "--initializer_token": "dog (its class word)"}
@@ -608,6 +632,7 @@ def validate_concept(args):
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{message}.")
+    check_file_name(args.placeholder_token)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of --train_data_dir (a folder of images) and --dataset_name.")
     return args
@@ -726,6 +751,11 @@ def check_inputs(args):
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{message}.")
+    if args.revision is not None and os.path.isdir(args.pretrained_model_name_or_path):
+        raise ValueError(
+            f"--revision applies to Hub ids; {args.pretrained_model_name_or_path} is a local folder: drop --revision "
+            "(or check the revision out there)."
+        )
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file; give a folder.")
@@ -1498,6 +1528,21 @@ def add_flow_matching_arguments(group):
     group.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode timestep density.")
 
 
+def check_flow_matching_args(args):
+    """The timestep densities' ranges: a logit_normal std that is positive, a mode scale in [-1, 7.2] (outside it the
+    mode density leaves [0, 1] and draws timesteps that do not exist)."""
+    import math
+
+    checks = [
+        (math.isfinite(args.logit_mean), "--logit_mean must be a finite number"),
+        (0 < args.logit_std < float("inf"), "--logit_std must be a positive number"),
+        (-1.0 <= args.mode_scale <= 7.2, "--mode_scale must be in [-1, 7.2]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}.")
+
+
 def flow_matching_inputs(latents, generators, noise_scheduler, args):
     """(noisy latents, noise, timesteps [B], sigmas) of x_t = (1 - sigma) x_0 + sigma eps; sample b's noise and
     timestep drawn from generators[b]. latents: [B, C, ...] fp32; sigmas broadcast over the latent dims."""
@@ -1737,6 +1782,7 @@ class Sana(Family):
         add_flow_matching_arguments(sana)
 
     def validate(self, args):
+        check_flow_matching_args(args)
         return validate_sana_args(args)
 
     def validate_concept(self, args):
@@ -2751,6 +2797,13 @@ def train(args, family):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Flags a resume must keep: each changes what the remaining steps compute (the data stream's position, the step
+# size, the prior, the pixels). Checkpoints made before a flag was recorded are not held to it.
+RESULT_FLAGS = ("learning_rate", "kappa", "train_batch_size", "gradient_accumulation_steps", "resolution",
+                "center_crop", "random_flip", "repeats", "lr_scheduler", "lr_warmup_steps")  # fmt: skip
+LATER_KEYS = {*RESULT_FLAGS, "train_data_dir", "dataset_name"}  # older checkpoints may lack them
+
+
 def checkpoint_identity(args, num_vectors):
     """What a checkpoint must match to be resumed by this run."""
     return {
@@ -2762,6 +2815,9 @@ def checkpoint_identity(args, num_vectors):
         "token_scale": str(args.token_scale),
         "num_vectors": num_vectors,
         "lora": lora_description(args) if args.lora_rank else None,
+        **{flag: getattr(args, flag) for flag in RESULT_FLAGS},
+        "train_data_dir": str(Path(args.train_data_dir).resolve()) if args.train_data_dir else None,
+        "dataset_name": args.dataset_name,
     }
 
 
@@ -2771,7 +2827,7 @@ def run_identity(args, concepts):
     identities = [checkpoint_identity(c.args, c.num_vectors) for c in concepts]
     if args.concepts_list is None:
         return identities[0]
-    own = ("placeholder_token", "initializer_token", "num_vectors")
+    own = ("placeholder_token", "initializer_token", "num_vectors", "train_data_dir", "dataset_name")
     shared = {key: value for key, value in identities[0].items() if key not in own}
     return shared | {"concepts": [{key: identity[key] for key in own} for identity in identities]}
 
@@ -2841,7 +2897,12 @@ def find_checkpoint(args, identity=None):
     is one made by another run (when `identity` is given)."""
     checkpoint = choose_checkpoint(args)
     if checkpoint is not None and identity is not None:
-        read_checkpoint_state(checkpoint, identity)
+        step = read_checkpoint_state(checkpoint, identity)["step"]
+        if step > args.max_train_steps:
+            raise ValueError(
+                f"--max_train_steps {args.max_train_steps} is below the step of {checkpoint} ({step}): give at least "
+                f"{step}, or name an earlier checkpoint with --resume_from_checkpoint."
+            )
     return checkpoint
 
 
@@ -2875,19 +2936,36 @@ def same_model(a, b):
     return isinstance(a, str) and isinstance(b, str) and a.rstrip("/") == b.rstrip("/")
 
 
+def same_concepts(made, this):
+    """Whether a --concepts_list checkpoint's concepts are this run's (in order; keys it lacks are not compared)."""
+    if made is None or len(made) != len(this):
+        return False
+    return all(
+        c.get(k) == v
+        for c, own in zip(made, this, strict=True)
+        for k, v in own.items()
+        if k in c or k not in LATER_KEYS
+    )
+
+
 def read_checkpoint_state(path, identity):
     state = json.loads((Path(path) / CHECKPOINT_STATE).read_text())
     for key, value in identity.items():
         same = same_model if key == "pretrained_model_name_or_path" else (lambda a, b: a == b)
-        if key == "concepts" and state.get(key) != value:
+        if key == "concepts" and not same_concepts(state.get(key), value):
             made = [c["placeholder_token"] for c in state.get(key) or [state]]
             raise ValueError(
                 f"--resume_from_checkpoint {path} was made with the concepts {made}, this run has "
                 f"{[c['placeholder_token'] for c in value]}; resume with the --concepts_list it was made with."
             )
+        if key in LATER_KEYS and key not in state:
+            continue
         if not same(state.get(key), value):
             made, this = ("no LoRA" if v is None and key == "lora" else f"{key} {v!r}" for v in (state.get(key), value))
-            raise ValueError(f"--resume_from_checkpoint {path} was made with {made}, this run has {this}.")
+            raise ValueError(
+                f"--resume_from_checkpoint {path} was made with {made}, this run has {this}; resume with the flags "
+                "it was made with, or start a new run in another --output_dir."
+            )
     return state
 
 

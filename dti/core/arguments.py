@@ -17,6 +17,8 @@ from dti.core.constants import (
     DEFAULT_LORA_TARGETS,
     DEFAULT_VALIDATION_PROMPT,
     FP32_MAX,
+    MAX_NAME_BYTES,
+    MAX_REPEATS,
 )
 from dti.core.plumbing import concept_name
 from dti.core.step import check_lora_args
@@ -409,9 +411,17 @@ def validate_args(args, family):
         (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
         (args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (args.repeats >= 1, "--repeats must be at least 1"),
+        (
+            1 <= args.repeats <= MAX_REPEATS,
+            f"--repeats must be in [1, {MAX_REPEATS}] (an epoch's order is drawn in memory)",
+        ),
         (args.num_vectors is None or args.num_vectors >= 1, "--num_vectors must be at least 1"),
         (args.concepts_per_step is None or args.concepts_per_step >= 1, "--concepts_per_step must be at least 1"),
+        (
+            args.concepts_per_step is None or args.concepts_list is not None,
+            "--concepts_per_step applies to --concepts_list runs only; drop it or give a --concepts_list",
+        ),
+        (args.output_dir.strip() != "", "--output_dir must not be empty; give a folder"),
         (args.num_validation_images >= 0, "--num_validation_images must be zero or positive"),
         (args.validation_steps >= 1, "--validation_steps must be at least 1"),
         (args.save_steps >= 1, "--save_steps must be at least 1"),
@@ -446,6 +456,20 @@ def validate_args(args, family):
     return args
 
 
+def check_file_name(placeholder_token):
+    """The placeholder names files (and, in a --concepts_list run, a folder): refuse one that names no file of its own
+    ('.', '..') or one too long for the file system's 255 bytes once '-steps-N_lora.safetensors' is added."""
+    name = concept_name(placeholder_token)
+    if set(name) <= {"."}:
+        raise ValueError(
+            f"--placeholder_token {placeholder_token!r} would name its files {name!r}; use letters or digits."
+        )
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(
+            f"--placeholder_token is too long to name files ({len(name.encode())} bytes; at most {MAX_NAME_BYTES})."
+        )
+
+
 def validate_concept(args):
     """Check one concept's own flags (a --concepts_list entry's keys): its token, its initializer, one data source."""
     examples = {"--placeholder_token": "'<my-dog>' (the new token)", "--initializer_token": "dog (its class word)"}
@@ -466,6 +490,7 @@ def validate_concept(args):
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{message}.")
+    check_file_name(args.placeholder_token)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of --train_data_dir (a folder of images) and --dataset_name.")
     return args
@@ -584,6 +609,11 @@ def check_inputs(args):
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{message}.")
+    if args.revision is not None and os.path.isdir(args.pretrained_model_name_or_path):
+        raise ValueError(
+            f"--revision applies to Hub ids; {args.pretrained_model_name_or_path} is a local folder: drop --revision "
+            "(or check the revision out there)."
+        )
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file; give a folder.")

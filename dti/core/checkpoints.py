@@ -10,6 +10,12 @@ from dti.core.constants import CHECKPOINT_STATE, logger
 from dti.core.plumbing import stop_if_write_failed, write_atomically
 from dti.core.step import lora_description
 
+# Flags a resume must keep: each changes what the remaining steps compute (the data stream's position, the step
+# size, the prior, the pixels). Checkpoints made before a flag was recorded are not held to it.
+RESULT_FLAGS = ("learning_rate", "kappa", "train_batch_size", "gradient_accumulation_steps", "resolution",
+                "center_crop", "random_flip", "repeats", "lr_scheduler", "lr_warmup_steps")  # fmt: skip
+LATER_KEYS = {*RESULT_FLAGS, "train_data_dir", "dataset_name"}  # older checkpoints may lack them
+
 
 def checkpoint_identity(args, num_vectors):
     """What a checkpoint must match to be resumed by this run."""
@@ -22,6 +28,9 @@ def checkpoint_identity(args, num_vectors):
         "token_scale": str(args.token_scale),
         "num_vectors": num_vectors,
         "lora": lora_description(args) if args.lora_rank else None,
+        **{flag: getattr(args, flag) for flag in RESULT_FLAGS},
+        "train_data_dir": str(Path(args.train_data_dir).resolve()) if args.train_data_dir else None,
+        "dataset_name": args.dataset_name,
     }
 
 
@@ -31,7 +40,7 @@ def run_identity(args, concepts):
     identities = [checkpoint_identity(c.args, c.num_vectors) for c in concepts]
     if args.concepts_list is None:
         return identities[0]
-    own = ("placeholder_token", "initializer_token", "num_vectors")
+    own = ("placeholder_token", "initializer_token", "num_vectors", "train_data_dir", "dataset_name")
     shared = {key: value for key, value in identities[0].items() if key not in own}
     return shared | {"concepts": [{key: identity[key] for key in own} for identity in identities]}
 
@@ -101,7 +110,12 @@ def find_checkpoint(args, identity=None):
     is one made by another run (when `identity` is given)."""
     checkpoint = choose_checkpoint(args)
     if checkpoint is not None and identity is not None:
-        read_checkpoint_state(checkpoint, identity)
+        step = read_checkpoint_state(checkpoint, identity)["step"]
+        if step > args.max_train_steps:
+            raise ValueError(
+                f"--max_train_steps {args.max_train_steps} is below the step of {checkpoint} ({step}): give at least "
+                f"{step}, or name an earlier checkpoint with --resume_from_checkpoint."
+            )
     return checkpoint
 
 
@@ -135,19 +149,36 @@ def same_model(a, b):
     return isinstance(a, str) and isinstance(b, str) and a.rstrip("/") == b.rstrip("/")
 
 
+def same_concepts(made, this):
+    """Whether a --concepts_list checkpoint's concepts are this run's (in order; keys it lacks are not compared)."""
+    if made is None or len(made) != len(this):
+        return False
+    return all(
+        c.get(k) == v
+        for c, own in zip(made, this, strict=True)
+        for k, v in own.items()
+        if k in c or k not in LATER_KEYS
+    )
+
+
 def read_checkpoint_state(path, identity):
     state = json.loads((Path(path) / CHECKPOINT_STATE).read_text())
     for key, value in identity.items():
         same = same_model if key == "pretrained_model_name_or_path" else (lambda a, b: a == b)
-        if key == "concepts" and state.get(key) != value:
+        if key == "concepts" and not same_concepts(state.get(key), value):
             made = [c["placeholder_token"] for c in state.get(key) or [state]]
             raise ValueError(
                 f"--resume_from_checkpoint {path} was made with the concepts {made}, this run has "
                 f"{[c['placeholder_token'] for c in value]}; resume with the --concepts_list it was made with."
             )
+        if key in LATER_KEYS and key not in state:
+            continue
         if not same(state.get(key), value):
             made, this = ("no LoRA" if v is None and key == "lora" else f"{key} {v!r}" for v in (state.get(key), value))
-            raise ValueError(f"--resume_from_checkpoint {path} was made with {made}, this run has {this}.")
+            raise ValueError(
+                f"--resume_from_checkpoint {path} was made with {made}, this run has {this}; resume with the flags "
+                "it was made with, or start a new run in another --output_dir."
+            )
     return state
 
 

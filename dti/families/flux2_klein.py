@@ -33,7 +33,12 @@ from dti.core.loading import (
 )
 from dti.core.plumbing import concept_name
 from dti.core.step import lora_description
-from dti.shared.flow_matching import add_flow_matching_arguments, flow_matching_inputs, flow_matching_loss
+from dti.shared.flow_matching import (
+    add_flow_matching_arguments,
+    check_flow_matching_args,
+    flow_matching_inputs,
+    flow_matching_loss,
+)
 from dti.shared.token_rows import add_token_rows
 
 DEFAULT_KAPPA = 5e-5
@@ -186,6 +191,7 @@ class Flux2Klein(Family):
 
     def validate(self, args):
         check_diffusers()
+        check_flow_matching_args(args)
         if args.max_sequence_length < 16:
             raise ValueError("--max_sequence_length must be at least 16 (the chat template's own tokens).")
         return args

@@ -33,7 +33,12 @@ from dti.core.loading import (
     load_tokenizers_and_index,
 )
 from dti.core.step import lora_description
-from dti.shared.flow_matching import add_flow_matching_arguments, flow_matching_inputs, flow_matching_loss
+from dti.shared.flow_matching import (
+    add_flow_matching_arguments,
+    check_flow_matching_args,
+    flow_matching_inputs,
+    flow_matching_loss,
+)
 from dti.shared.token_rows import add_token_rows
 
 DEFAULT_KAPPA = 5e-5
@@ -228,6 +233,7 @@ class Sana(Family):
         add_flow_matching_arguments(sana)
 
     def validate(self, args):
+        check_flow_matching_args(args)
         return validate_sana_args(args)
 
     def validate_concept(self, args):

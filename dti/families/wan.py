@@ -29,7 +29,12 @@ from dti.core.loading import (
     load_tokenizers_and_index,
 )
 from dti.core.step import lora_description
-from dti.shared.flow_matching import add_flow_matching_arguments, flow_matching_inputs, flow_matching_loss
+from dti.shared.flow_matching import (
+    add_flow_matching_arguments,
+    check_flow_matching_args,
+    flow_matching_inputs,
+    flow_matching_loss,
+)
 from dti.shared.token_rows import add_token_rows
 
 DEFAULT_KAPPA = 5e-5
@@ -159,6 +164,7 @@ class Wan(Family):
         add_flow_matching_arguments(wan)
 
     def validate(self, args):
+        check_flow_matching_args(args)
         if args.max_sequence_length < 2:
             raise ValueError("--max_sequence_length must be at least 2.")
         if not (args.training_shift > 0 and args.training_shift < float("inf")):

@@ -19,6 +19,21 @@ def add_flow_matching_arguments(group):
     group.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode timestep density.")
 
 
+def check_flow_matching_args(args):
+    """The timestep densities' ranges: a logit_normal std that is positive, a mode scale in [-1, 7.2] (outside it the
+    mode density leaves [0, 1] and draws timesteps that do not exist)."""
+    import math
+
+    checks = [
+        (math.isfinite(args.logit_mean), "--logit_mean must be a finite number"),
+        (0 < args.logit_std < float("inf"), "--logit_std must be a positive number"),
+        (-1.0 <= args.mode_scale <= 7.2, "--mode_scale must be in [-1, 7.2]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}.")
+
+
 def flow_matching_inputs(latents, generators, noise_scheduler, args):
     """(noisy latents, noise, timesteps [B], sigmas) of x_t = (1 - sigma) x_0 + sigma eps; sample b's noise and
     timestep drawn from generators[b]. latents: [B, C, ...] fp32; sigmas broadcast over the latent dims."""

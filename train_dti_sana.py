@@ -1443,8 +1443,10 @@ class Family:
         """{file name: {key: tensor}} of the learned vectors; vectors: {text encoder name: [k, d] fp32}."""
         raise NotImplementedError
 
-    def lora_files(self, args, tensors, rank):
-        """{file stem: tensors}: other layouts of the LoRA's diffusers tensors (keys <denoiser>.<layer>.lora_A/B)."""
+    def lora_files(self, args, lora, vectors):
+        """{file stem: (tensors, metadata beside the run's)}: the LoRA in other tools' layouts. lora: the DenoiserLoRA
+        (layers(): each layer's A and B as trained; alpha, rank; config: the denoiser's); vectors: {text encoder name:
+        [k, d] fp32}, for a file that bundles the token with the LoRA."""
         return {}
 
     def card_text(self, args, repo_id, method):
@@ -1994,6 +1996,7 @@ class DenoiserLoRA:
         targets = lora_targets(args)
         check_lora_targets(denoiser, targets)
         self.rank, self.alpha, self.prefix = args.lora_rank, args.lora_alpha, prefix
+        self.config = denoiser.config  # what other layouts of the LoRA name its layers by
         self.start_step = args.lora_start_step
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian", target_modules=targets)
         with torch.random.fork_rng(devices=[]):  # peft draws A on the CPU before moving it to the layer's device
@@ -2021,28 +2024,30 @@ class DenoiserLoRA:
             for name, parameter in self.weights.items():
                 parameter.copy_(state[name])
 
+    def layers(self):
+        """{"<layer>": (down [rank, in], up [out, rank])}: each layer's LoRA as trained (A and B, fp32 on the CPU),
+        without the alpha / rank scale; <layer> is the layer's path in the denoiser."""
+        pairs = {}
+        for name, parameter in self.weights.items():  # "<layer>.lora_A.default.weight"
+            layer, kind = name.split(".lora_", 1)
+            pairs.setdefault(layer, {})[kind[0]] = parameter.detach().float().cpu().contiguous()
+        return {layer: (pair["A"], pair["B"]) for layer, pair in pairs.items()}
+
     def diffusers_state_dict(self):
         """{"<prefix>.<layer>.lora_A.weight": [rank, in], "...lora_B.weight": [out, rank]}: the names
         load_lora_weights reads. B carries alpha / rank, so the file means the same at scale 1 in every loader."""
         scale = self.alpha / self.rank
         tensors = {}
-        for name, parameter in self.weights.items():
-            value = parameter.detach().float().cpu()
-            if ".lora_B." in name and scale != 1:
-                value = value * scale
-            tensors[f"{self.prefix}.{name.replace('.default.', '.')}"] = value.contiguous()
+        for layer, (down, up) in self.layers().items():
+            tensors[f"{self.prefix}.{layer}.lora_A.weight"] = down
+            tensors[f"{self.prefix}.{layer}.lora_B.weight"] = up * scale if scale != 1 else up
         return tensors
 
-    def files(self, output_dir, suffix, metadata, other_layouts=None):
-        """{path: writer} of the LoRA's output files, for write_all_atomically: diffusers' file and the family's other
-        layouts of the same tensors (other_layouts: (diffusers tensors, rank) -> {file stem: tensors})."""
-        metadata = metadata | {"format": "pt"}
+    def files(self, output_dir, suffix, metadata):
+        """{path: writer} of diffusers' file of the LoRA, for write_all_atomically."""
         name = LORA_WEIGHT_NAME.replace(".safetensors", f"{suffix}.safetensors")
         tensors = self.diffusers_state_dict()
-        files = {output_dir / name: partial(save_file, tensors, metadata=metadata)}
-        for stem, layout in (other_layouts(tensors, self.rank) if other_layouts else {}).items():
-            files[output_dir / f"{stem}{suffix}.safetensors"] = partial(save_file, layout, metadata=metadata)
-        return files
+        return {output_dir / name: partial(save_file, tensors, metadata=metadata | {"format": "pt"})}
 
 
 class TokenAndLoRAOptimizer(torch.optim.Optimizer):
@@ -2409,7 +2414,9 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, family, suffix="
     files = family.embedding_files(args, vectors, suffix)
     writes = {output_dir / name: partial(save_file, tensors, metadata=metadata) for name, tensors in files.items()}
     if lora is not None:
-        writes |= lora.files(output_dir, suffix, metadata, partial(family.lora_files, args))
+        writes |= lora.files(output_dir, suffix, metadata)
+        for stem, (tensors, extra) in family.lora_files(args, lora, vectors).items():
+            writes[output_dir / f"{stem}{suffix}.safetensors"] = partial(save_file, tensors, metadata=metadata | extra)
     write_all_atomically(writes)
     logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(p.name for p in writes)}).")
 

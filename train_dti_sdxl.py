@@ -1439,8 +1439,10 @@ class Family:
         """{file name: {key: tensor}} of the learned vectors; vectors: {text encoder name: [k, d] fp32}."""
         raise NotImplementedError
 
-    def lora_files(self, args, tensors, rank):
-        """{file stem: tensors}: other layouts of the LoRA's diffusers tensors (keys <denoiser>.<layer>.lora_A/B)."""
+    def lora_files(self, args, lora, vectors):
+        """{file stem: (tensors, metadata beside the run's)}: the LoRA in other tools' layouts. lora: the DenoiserLoRA
+        (layers(): each layer's A and B as trained; alpha, rank; config: the denoiser's); vectors: {text encoder name:
+        [k, d] fp32}, for a file that bundles the token with the LoRA."""
         return {}
 
     def card_text(self, args, repo_id, method):
@@ -1516,6 +1518,14 @@ EMBEDDING_FILES = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_
 COMBINED_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 # The line that makes a StableDiffusionXLPipeline pool CLIP-G at end-of-text (--pooled_output eos), as training did.
 POOL_AT_END_OF_TEXT = "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  # end-of-text"
+# The metadata kohya's sd-scripts writes in an SDXL LoRA: A1111 / Forge take a LoRA for SDXL by ss_base_model_version.
+KOHYA_METADATA = {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora", "ss_v2": "False"}
+# Resnet layers of the SGM UNet (kohya's and A1111's names) by their diffusers names; attention layers keep theirs.
+SGM_RESNET_LAYERS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+# The SDXL UNet's linear layers outside its blocks: the time and text-time embeddings, which no kohya LoRA holds.
+EMBEDDING_LAYERS = ("time_embedding.linear_1", "time_embedding.linear_2", "time_embedding.cond_proj",
+                    "add_embedding.linear_1", "add_embedding.linear_2")  # fmt: skip
 
 
 def set_pooled_output(text_encoder, tokenizer, pooled_output):
@@ -1656,16 +1666,90 @@ def check_output_names(args):
             )
 
 
-def kohya_state_dict(diffusers_tensors, prefix, rank):
-    """A LoRA's diffusers tensors in the layout ComfyUI and A1111 / Forge read: lora_unet_<layer path, dots as
-    underscores> with .lora_down (A), .lora_up (B) and .alpha (the rank here: B already carries the scale)."""
-    tensors = {}
-    for key, value in diffusers_tensors.items():
-        layer, kind = key.removeprefix(f"{prefix}.").removesuffix(".weight").rsplit(".", 1)
-        base = "lora_unet_" + layer.replace(".", "_")
-        tensors[f"{base}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = value
-        tensors[f"{base}.alpha"] = torch.tensor(float(rank))
+def sgm_blocks(config):
+    """{diffusers block path: (SGM block path, its layers' SGM names)} of an SDXL UNet, from its config: the SGM UNet
+    numbers input_blocks from conv_in (0) on, one per down-block layer (resnet .0, attention .1) and one per
+    downsampler (.0.op); middle_block holds resnet, attention, resnet; output_blocks count one per up-block layer
+    (layers_per_block + 1 per block), the upsampler sitting in the block's last layer (.1, or .2 after an attention)."""
+    n = len(config.down_block_types)
+    per_block = config.layers_per_block
+    layers = list(per_block) if isinstance(per_block, (list, tuple)) else [per_block] * n
+    blocks, index = {}, 1
+    for i, block_type in enumerate(config.down_block_types):
+        for j in range(layers[i]):
+            blocks[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{index}.0", SGM_RESNET_LAYERS)
+            if "CrossAttn" in block_type:
+                blocks[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{index}.1", {})
+            index += 1
+        if i < n - 1:
+            blocks[f"down_blocks.{i}.downsamplers.0"] = (f"input_blocks.{index}.0", {"conv": "op"})
+            index += 1
+    blocks["mid_block.resnets.0"] = ("middle_block.0", SGM_RESNET_LAYERS)
+    blocks["mid_block.attentions.0"] = ("middle_block.1", {})
+    blocks["mid_block.resnets.1"] = ("middle_block.2", SGM_RESNET_LAYERS)
+    index = 0
+    for i, (block_type, per) in enumerate(zip(config.up_block_types, reversed(layers), strict=True)):
+        attention = "CrossAttn" in block_type
+        for j in range(per + 1):
+            blocks[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{index}.0", SGM_RESNET_LAYERS)
+            if attention:
+                blocks[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{index}.1", {})
+            index += 1
+        if i < n - 1:
+            blocks[f"up_blocks.{i}.upsamplers.0"] = (f"output_blocks.{index - 1}.{2 if attention else 1}", {})
+    return blocks
+
+
+def sgm_layer_name(layer, blocks):
+    """The SGM UNet's name of a diffusers UNet layer ('down_blocks.1.attentions.0.proj_in' ->
+    'input_blocks.4.1.proj_in' in SDXL), or None outside the blocks (conv_in, the embeddings, conv_out)."""
+    parts = layer.split(".")
+    for cut in (4, 3):  # down_blocks.i.attentions.j, mid_block.attentions.0
+        if (block := ".".join(parts[:cut])) in blocks:
+            name, renames = blocks[block]
+            inner = ".".join(parts[cut:])
+            return f"{name}.{renames.get(inner, inner)}"
+    return None
+
+
+def check_kohya_targets(targets, layers):
+    """Refuse a --lora_target_modules entry that matches one of `layers` (peft's rule: the name ends with it), UNet
+    layers that the kohya file cannot hold."""
+    for target in targets:
+        for layer in layers:
+            if layer == target or layer.endswith(f".{target}"):
+                raise ValueError(
+                    f"--lora_target_modules {target!r} matches the UNet's {layer}, outside its blocks: kohya's "
+                    "scripts skip such a layer and diffusers 0.37 cannot load a kohya file that has one; target "
+                    "layers of the blocks instead, e.g. "
+                    "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,time_emb_proj."
+                )
+
+
+def unnamed_linear_layers(unet):
+    """The UNet's linear layers without a name in the SGM UNet (for SDXL: EMBEDDING_LAYERS that it has)."""
+    blocks = sgm_blocks(unet.config)
+    return [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Linear) and sgm_layer_name(name, blocks) is None
+    ]
+
+
+def kohya_state_dict(lora):
+    """A LoRA in the layout of kohya's SDXL LoRAs, which ComfyUI, A1111 / Forge and kohya's scripts read:
+    lora_unet_<the layer's SGM name, dots as underscores> with .lora_down (A) and .lora_up (B) as trained and .alpha
+    the LoRA's alpha, so that each tool applies alpha / rank once."""
+    blocks, alpha, tensors = sgm_blocks(lora.config), torch.tensor(float(lora.alpha)), {}
+    for layer, (down, up) in lora.layers().items():
+        base = "lora_unet_" + sgm_layer_name(layer, blocks).replace(".", "_")
+        tensors |= {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up, f"{base}.alpha": alpha.clone()}
     return tensors
+
+
+def kohya_metadata(args):
+    """The metadata kohya's sd-scripts writes, which A1111 / Forge read (SDXL, rank, alpha)."""
+    return KOHYA_METADATA | {"ss_network_dim": str(args.lora_rank), "ss_network_alpha": repr(args.lora_alpha)}
 
 
 class SDXL(Family):
@@ -1691,8 +1775,19 @@ class SDXL(Family):
             "the authors' runs.",
         )
 
+    def validate(self, args):
+        if args.lora_rank:
+            check_kohya_targets(lora_targets(args), EMBEDDING_LAYERS)
+        return args
+
     def validate_concept(self, args):
         check_output_names(args)
+        if args.lora_rank and "." in concept_name(args.placeholder_token):
+            raise ValueError(
+                f"--placeholder_token {args.placeholder_token!r}: with --lora_rank the token is bundled with the LoRA "
+                f"in {concept_name(args.placeholder_token)}_pivotal.safetensors, whose embedding name A1111 cuts at "
+                "a dot; choose a token without '.'."
+            )
         return args
 
     def load_tokenizers(self, args):
@@ -1712,6 +1807,8 @@ class SDXL(Family):
         vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         if args.resolution % vae_factor:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
+        if args.lora_rank:
+            check_kohya_targets(lora_targets(args), unnamed_linear_layers(models.denoiser))
 
     def prepare_text_encoders(self, args, models, tokenizers, first_free_id):
         """CLIP pooling as --pooled_output says."""
@@ -1766,9 +1863,12 @@ class SDXL(Family):
         }
         return files
 
-    def lora_files(self, args, tensors, rank):
-        """<concept>_lora.safetensors: the kohya layout."""
-        return {f"{concept_name(args.placeholder_token)}_lora": kohya_state_dict(tensors, self.denoiser, rank)}
+    def lora_files(self, args, lora, vectors):
+        """<concept>_lora.safetensors: the kohya layout; <concept>_pivotal.safetensors: the same LoRA with the token as
+        A1111 / Forge bundle it (bundle_emb.<concept>.clip_l / .clip_g; the prompt writes <concept>)."""
+        name, tensors, metadata = concept_name(args.placeholder_token), kohya_state_dict(lora), kohya_metadata(args)
+        bundle = {f"bundle_emb.{name}.{COMBINED_KEYS[encoder]}": v for encoder, v in vectors.items()}
+        return {f"{name}_lora": (tensors, metadata), f"{name}_pivotal": (tensors | bundle, metadata)}
 
     def card_text(self, args, repo_id, method):
         token, name = args.placeholder_token, concept_name(args.placeholder_token)
@@ -1777,9 +1877,13 @@ class SDXL(Family):
         lora_line = lora_snippet_line(args, repo_id)
         lora_sentence = f" A LoRA of the UNet was trained with it ({lora_description(args)})." if args.lora_rank else ""
         lora_loader = " and `load_lora_weights`" if args.lora_rank else ""
-        lora_note = (
-            f" With the LoRA: put `{name}_lora.safetensors` in ComfyUI's `models/loras/` (a LoraLoader node) or "
-            f"A1111's `models/Lora/` (`<lora:{name}_lora:1>` in the prompt) as well."
+        lora_files = (
+            f"""- `{LORA_WEIGHT_NAME}`: the LoRA for diffusers' `load_lora_weights` (above).
+- `{name}_lora.safetensors`: the same LoRA in kohya's SDXL layout, for ComfyUI (`models/loras/`, a LoraLoader node),
+  A1111 / Forge (`models/Lora/`, `<lora:{name}_lora:1>` in the prompt) and kohya's sd-scripts, next to the embedding.
+- `{name}_pivotal.safetensors`: token and LoRA in one file for A1111 / Forge: put it in `models/Lora/` and write
+  `<lora:{name}_pivotal:1>` and `{name}` in the prompt (diffusers' `load_lora_weights` refuses it).
+"""
             if args.lora_rank
             else ""
         )
@@ -1805,9 +1909,12 @@ pipe.load_textual_inversion(
 {lora_line}image = pipe("{prompt}").images[0]
 ```
 
-ComfyUI: put `{name}.safetensors` in `models/embeddings/` and write `embedding:{name}`. A1111 / Forge: put it in
-`embeddings/` and write `{name}`.{lora_note}
-"""
+Which file for which tool:
+
+- `learned_embeds.safetensors`, `learned_embeds_2.safetensors`: diffusers' `load_textual_inversion` (above).
+- `{name}.safetensors` (`clip_l` and `clip_g` in one file): ComfyUI (`models/embeddings/`, write `embedding:{name}`)
+  and A1111 / Forge (`embeddings/`, write `{name}`).
+{lora_files}"""
         return about, usage
 
     def card_rows(self, args):
@@ -1897,6 +2004,7 @@ class DenoiserLoRA:
         targets = lora_targets(args)
         check_lora_targets(denoiser, targets)
         self.rank, self.alpha, self.prefix = args.lora_rank, args.lora_alpha, prefix
+        self.config = denoiser.config  # what other layouts of the LoRA name its layers by
         self.start_step = args.lora_start_step
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian", target_modules=targets)
         with torch.random.fork_rng(devices=[]):  # peft draws A on the CPU before moving it to the layer's device
@@ -1924,28 +2032,30 @@ class DenoiserLoRA:
             for name, parameter in self.weights.items():
                 parameter.copy_(state[name])
 
+    def layers(self):
+        """{"<layer>": (down [rank, in], up [out, rank])}: each layer's LoRA as trained (A and B, fp32 on the CPU),
+        without the alpha / rank scale; <layer> is the layer's path in the denoiser."""
+        pairs = {}
+        for name, parameter in self.weights.items():  # "<layer>.lora_A.default.weight"
+            layer, kind = name.split(".lora_", 1)
+            pairs.setdefault(layer, {})[kind[0]] = parameter.detach().float().cpu().contiguous()
+        return {layer: (pair["A"], pair["B"]) for layer, pair in pairs.items()}
+
     def diffusers_state_dict(self):
         """{"<prefix>.<layer>.lora_A.weight": [rank, in], "...lora_B.weight": [out, rank]}: the names
         load_lora_weights reads. B carries alpha / rank, so the file means the same at scale 1 in every loader."""
         scale = self.alpha / self.rank
         tensors = {}
-        for name, parameter in self.weights.items():
-            value = parameter.detach().float().cpu()
-            if ".lora_B." in name and scale != 1:
-                value = value * scale
-            tensors[f"{self.prefix}.{name.replace('.default.', '.')}"] = value.contiguous()
+        for layer, (down, up) in self.layers().items():
+            tensors[f"{self.prefix}.{layer}.lora_A.weight"] = down
+            tensors[f"{self.prefix}.{layer}.lora_B.weight"] = up * scale if scale != 1 else up
         return tensors
 
-    def files(self, output_dir, suffix, metadata, other_layouts=None):
-        """{path: writer} of the LoRA's output files, for write_all_atomically: diffusers' file and the family's other
-        layouts of the same tensors (other_layouts: (diffusers tensors, rank) -> {file stem: tensors})."""
-        metadata = metadata | {"format": "pt"}
+    def files(self, output_dir, suffix, metadata):
+        """{path: writer} of diffusers' file of the LoRA, for write_all_atomically."""
         name = LORA_WEIGHT_NAME.replace(".safetensors", f"{suffix}.safetensors")
         tensors = self.diffusers_state_dict()
-        files = {output_dir / name: partial(save_file, tensors, metadata=metadata)}
-        for stem, layout in (other_layouts(tensors, self.rank) if other_layouts else {}).items():
-            files[output_dir / f"{stem}{suffix}.safetensors"] = partial(save_file, layout, metadata=metadata)
-        return files
+        return {output_dir / name: partial(save_file, tensors, metadata=metadata | {"format": "pt"})}
 
 
 class TokenAndLoRAOptimizer(torch.optim.Optimizer):
@@ -2312,7 +2422,9 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, family, suffix="
     files = family.embedding_files(args, vectors, suffix)
     writes = {output_dir / name: partial(save_file, tensors, metadata=metadata) for name, tensors in files.items()}
     if lora is not None:
-        writes |= lora.files(output_dir, suffix, metadata, partial(family.lora_files, args))
+        writes |= lora.files(output_dir, suffix, metadata)
+        for stem, (tensors, extra) in family.lora_files(args, lora, vectors).items():
+            writes[output_dir / f"{stem}{suffix}.safetensors"] = partial(save_file, tensors, metadata=metadata | extra)
     write_all_atomically(writes)
     logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(p.name for p in writes)}).")
 

@@ -279,6 +279,17 @@ def training_cases(family, bad):
         cases["num_vectors_beyond_context"] = (too_many, None, 1, "--num_vectors 80: the prompt")
         for token in ("<learned_embeds>", "<Learned_Embeds_2>", "<learned_embeds-steps-5>"):
             cases[f"placeholder_{token}"] = (["--placeholder_token", token], None, 1, "clashes with the learned_embeds")
+        lora = ["--lora_rank", "4", "--lora_target_modules"]  # layers outside the UNet's blocks: no kohya name
+        cases["lora_time_embedding_target"] = (
+            [*lora, "to_q,linear_1"], None, 1,
+            "--lora_target_modules 'linear_1' matches the UNet's time_embedding.linear_1, outside its blocks",
+        )  # fmt: skip
+        cases["lora_add_embedding_target"] = (
+            [*lora, "add_embedding.linear_2"], None, 1, "'add_embedding.linear_2' matches the UNet's add_embedding",
+        )  # fmt: skip
+        cases["lora_placeholder_with_a_dot"] = (
+            ["--lora_rank", "4", "--placeholder_token", "<toy.robot>"], None, 1, "embedding name A1111 cuts at a dot",
+        )  # fmt: skip
     else:
         length = 24 if family == "flux2_klein" else 12  # klein: the chat template's own tokens come first
         short = ["--max_sequence_length", str(length), "--num_vectors", str(length - 2)]

@@ -64,7 +64,8 @@ def test_sigterm_to_accelerate_launch_saves_and_the_resume_is_bit_identical(npro
     assert resumed.wait(timeout=300) == 0, resumed.communicate()[1][-2000:]
     expected = load_file(tmp_path / "straight" / "learned_embeds.safetensors")[TOKEN]
     assert torch.equal(load_file(out / "learned_embeds.safetensors")[TOKEN], expected)
-    for file in ("pytorch_lora_weights.safetensors", "toy-robot_lora.safetensors") if nproc == 1 else ():
+    lora_files = ("pytorch_lora_weights.safetensors", "toy-robot_lora.safetensors", "toy-robot_pivotal.safetensors")
+    for file in lora_files if nproc == 1 else ():
         straight_lora, resumed_lora = load_file(tmp_path / "straight" / file), load_file(out / file)
         assert straight_lora.keys() == resumed_lora.keys()
         assert all(torch.equal(straight_lora[k], resumed_lora[k]) for k in straight_lora), file

@@ -1,10 +1,13 @@
 """DTI + LoRA (--lora_rank): the token stays on the sphere while a LoRA of the denoiser trains; the LoRA files load
-with diffusers' load_lora_weights (and, for SDXL, in the kohya layout ComfyUI and A1111 read); resume, SIGTERM and two
-processes stay exact (SIGTERM with a LoRA: tests/test_reliability.py)."""
+with diffusers' load_lora_weights (and, for SDXL, in kohya's layout that ComfyUI, A1111 and kohya's scripts read, and
+bundled with the token for A1111); resume, SIGTERM and two processes stay exact (SIGTERM with a LoRA:
+tests/test_reliability.py)."""
 
 import hashlib
+import itertools
 import json
 import math
+import re
 import shutil
 
 import huggingface_hub
@@ -119,19 +122,82 @@ def test_load_lora_weights_reproduces_the_training_time_denoiser(straight, tiny_
     torch.testing.assert_close(unet_output(kohya.unet), trained, atol=1e-6, rtol=1e-5)
 
 
-def test_the_kohya_file_has_the_names_comfyui_maps_to_unet_layers(straight):
+def kohya_names(config, targets):
+    """{kohya module name: diffusers layer} of each attention layer a LoRA on `targets` has, built from the UNet config
+    alone (not with the script's map): the SGM UNet numbers input_blocks 1 + i (layers_per_block + 1) + j (conv_in is
+    0; each down block but the last ends in a downsampler), output_blocks i (layers_per_block + 1) + j, holds a
+    layer's attention at .1 and the mid block's at middle_block.1; each attention has transformer_layers_per_block
+    transformer blocks (reversed for the up blocks)."""
+    per_block, n = config.layers_per_block, len(config.down_block_types)
+    depth = config.transformer_layers_per_block
+    depth = [depth] * n if isinstance(depth, int) else list(depth)
+    attentions = {"mid_block.attentions.0": ("middle_block.1", depth[-1])}
+    for i, kind in enumerate(config.down_block_types):
+        for j in range(per_block) if kind.startswith("CrossAttn") else ():
+            attentions[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{1 + i * (per_block + 1) + j}.1", depth[i])
+    for i, kind in enumerate(config.up_block_types):
+        for j in range(per_block + 1) if kind.startswith("CrossAttn") else ():
+            attentions[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{i * (per_block + 1) + j}.1", depth[-1 - i])
+    names = {}
+    for layer, (sgm, blocks) in attentions.items():
+        for block, attention, target in itertools.product(range(blocks), ("attn1", "attn2"), targets):
+            inner = f"transformer_blocks.{block}.{attention}.{target}"
+            names["lora_unet_" + f"{sgm}.{inner}".replace(".", "_")] = f"{layer}.{inner}"
+    return names
+
+
+def test_the_kohya_file_names_the_trained_layers_as_kohyas_sdxl_loras_do(straight):
     result, out, _ = straight
     tensors = load_file(out / "toy-robot_lora.safetensors")
+    sgm = re.compile(r"lora_unet_(input_blocks_\d+_\d+|middle_block_\d+|output_blocks_\d+_\d+)_\w+")
+    assert all(sgm.fullmatch(key.split(".")[0]) for key in tensors)
     unet = result.components["unet"]
-    layers = {name for name, module in unet.named_modules() if hasattr(module, "lora_A")}
-    # ComfyUI's model_lora_keys_unet maps "lora_unet_" + the diffusers weight name without ".weight", dots as "_"
-    expected = {"lora_unet_" + layer.replace(".", "_") for layer in layers}
-    assert {key.split(".")[0] for key in tensors} == expected
-    for base in expected:
-        layer = unet.get_submodule(next(n for n in layers if "lora_unet_" + n.replace(".", "_") == base))
-        assert tensors[f"{base}.lora_down.weight"].shape == (4, layer.in_features)
-        assert tensors[f"{base}.lora_up.weight"].shape == (layer.out_features, 4)
-        assert tensors[f"{base}.alpha"].item() == 4.0  # the up weights carry alpha / rank = 0.5
+    names = kohya_names(unet.config, dti.DEFAULT_LORA_TARGETS.split(","))
+    assert {key.split(".")[0] for key in tensors} == set(names)
+    assert set(names.values()) == {name for name, module in unet.named_modules() if hasattr(module, "lora_A")}
+    for base, layer in names.items():
+        assert tensors[f"{base}.lora_down.weight"].shape == (4, unet.get_submodule(layer).in_features)
+        assert tensors[f"{base}.lora_up.weight"].shape == (unet.get_submodule(layer).out_features, 4)
+
+
+def test_the_kohya_file_holds_the_lora_as_trained_with_its_alpha(straight):
+    result, out, _ = straight
+    with safe_open(out / "toy-robot_lora.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_base_model_version"].startswith("sdxl_") and metadata["ss_network_module"] == "networks.lora"
+    assert int(metadata["ss_network_dim"]) == 4 and float(metadata["ss_network_alpha"]) == 2.0
+    kohya, diffusers_file = load_file(out / "toy-robot_lora.safetensors"), load_file(out / dti.LORA_WEIGHT_NAME)
+    trained = result.lora.state_dict()  # peft's A and B
+    for base, layer in kohya_names(result.components["unet"].config, dti.DEFAULT_LORA_TARGETS.split(",")).items():
+        down, up, alpha = (kohya[f"{base}.{kind}"] for kind in ("lora_down.weight", "lora_up.weight", "alpha"))
+        assert alpha.item() == 2.0 and up.any()
+        assert torch.equal(down, trained[f"{layer}.lora_A.default.weight"])
+        assert torch.equal(up, trained[f"{layer}.lora_B.default.weight"])
+        delta = alpha / down.shape[0] * up @ down  # as kohya's scripts, A1111 and ComfyUI apply it
+        b, a = (diffusers_file[f"unet.{layer}.lora_{kind}.weight"] for kind in "BA")
+        torch.testing.assert_close(delta, b @ a, rtol=1e-6, atol=1e-9)
+
+
+def test_only_the_time_embeddings_have_no_kohya_name(tiny_sdxl):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    assert dti.unnamed_linear_layers(unet) == [layer for layer in dti.EMBEDDING_LAYERS if "cond_proj" not in layer]
+
+
+def test_the_pivotal_file_bundles_the_token_with_the_kohya_lora(straight, tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    _, out, _ = straight
+    pivotal, kohya = load_file(out / "toy-robot_pivotal.safetensors"), load_file(out / "toy-robot_lora.safetensors")
+    for key, file in (("clip_l", "learned_embeds"), ("clip_g", "learned_embeds_2")):
+        assert torch.equal(pivotal.pop(f"bundle_emb.toy-robot.{key}"), load_file(out / f"{file}.safetensors")[TOKEN])
+    assert pivotal.keys() == kohya.keys() and all(torch.equal(pivotal[k], kohya[k]) for k in kohya)
+    with safe_open(out / "toy-robot_pivotal.safetensors", "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):  # diffusers refuses the bundle_emb keys
+        pipe.load_lora_weights(out, weight_name="toy-robot_pivotal.safetensors")
 
 
 def test_metadata_card_and_resume_of_a_lora_run(straight, tiny_sdxl, tmp_path, monkeypatch):
@@ -142,7 +208,7 @@ def test_metadata_card_and_resume_of_a_lora_run(straight, tiny_sdxl, tmp_path, m
     assert metadata["lora_target_modules"] == "to_q,to_k,to_v,to_out.0"
     card = huggingface_hub.ModelCard.load(out / "README.md")
     assert "lora" in card.data.tags and "| LoRA | rank 4, alpha 2" in card.text
-    assert "toy-robot_lora.safetensors" in card.text
+    assert "toy-robot_lora.safetensors" in card.text and "toy-robot_pivotal.safetensors" in card.text
 
     # The card's snippet loads the embeddings and the LoRA.
     code = python_block(card.text).replace(f'"{out.name}"', f'"{out}"').replace('"cuda"', '"cpu"')

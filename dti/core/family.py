@@ -117,8 +117,10 @@ class Family:
         """{file name: {key: tensor}} of the learned vectors; vectors: {text encoder name: [k, d] fp32}."""
         raise NotImplementedError
 
-    def lora_files(self, args, tensors, rank):
-        """{file stem: tensors}: other layouts of the LoRA's diffusers tensors (keys <denoiser>.<layer>.lora_A/B)."""
+    def lora_files(self, args, lora, vectors):
+        """{file stem: (tensors, metadata beside the run's)}: the LoRA in other tools' layouts. lora: the DenoiserLoRA
+        (layers(): each layer's A and B as trained; alpha, rank; config: the denoiser's); vectors: {text encoder name:
+        [k, d] fp32}, for a file that bundles the token with the LoRA."""
         return {}
 
     def card_text(self, args, repo_id, method):

@@ -77,7 +77,9 @@ def save_embeddings(learned, args, vocabulary_mean_norms, step, family, suffix="
     files = family.embedding_files(args, vectors, suffix)
     writes = {output_dir / name: partial(save_file, tensors, metadata=metadata) for name, tensors in files.items()}
     if lora is not None:
-        writes |= lora.files(output_dir, suffix, metadata, partial(family.lora_files, args))
+        writes |= lora.files(output_dir, suffix, metadata)
+        for stem, (tensors, extra) in family.lora_files(args, lora, vectors).items():
+            writes[output_dir / f"{stem}{suffix}.safetensors"] = partial(save_file, tensors, metadata=metadata | extra)
     write_all_atomically(writes)
     logger.info(f"Saved the embeddings of step {step} to {output_dir} ({', '.join(p.name for p in writes)}).")
 

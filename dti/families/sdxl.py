@@ -15,19 +15,28 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from dti.core.constants import LORA_WEIGHT_NAME
 from dti.core.data import keyed_generators
 from dti.core.dti import content_positions
 from dti.core.family import Family, Models
 from dti.core.hub import lora_snippet_line
 from dti.core.loading import check_layout, load_components, load_tokenizers_and_index
 from dti.core.plumbing import concept_name
-from dti.core.step import lora_description
+from dti.core.step import lora_description, lora_targets
 
 DEFAULT_KAPPA = 1e-4
 EMBEDDING_FILES = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}
 COMBINED_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 # The line that makes a StableDiffusionXLPipeline pool CLIP-G at end-of-text (--pooled_output eos), as training did.
 POOL_AT_END_OF_TEXT = "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  # end-of-text"
+# The metadata kohya's sd-scripts writes in an SDXL LoRA: A1111 / Forge take a LoRA for SDXL by ss_base_model_version.
+KOHYA_METADATA = {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora", "ss_v2": "False"}
+# Resnet layers of the SGM UNet (kohya's and A1111's names) by their diffusers names; attention layers keep theirs.
+SGM_RESNET_LAYERS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+# The SDXL UNet's linear layers outside its blocks: the time and text-time embeddings, which no kohya LoRA holds.
+EMBEDDING_LAYERS = ("time_embedding.linear_1", "time_embedding.linear_2", "time_embedding.cond_proj",
+                    "add_embedding.linear_1", "add_embedding.linear_2")  # fmt: skip
 
 
 def set_pooled_output(text_encoder, tokenizer, pooled_output):
@@ -168,16 +177,90 @@ def check_output_names(args):
             )
 
 
-def kohya_state_dict(diffusers_tensors, prefix, rank):
-    """A LoRA's diffusers tensors in the layout ComfyUI and A1111 / Forge read: lora_unet_<layer path, dots as
-    underscores> with .lora_down (A), .lora_up (B) and .alpha (the rank here: B already carries the scale)."""
-    tensors = {}
-    for key, value in diffusers_tensors.items():
-        layer, kind = key.removeprefix(f"{prefix}.").removesuffix(".weight").rsplit(".", 1)
-        base = "lora_unet_" + layer.replace(".", "_")
-        tensors[f"{base}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = value
-        tensors[f"{base}.alpha"] = torch.tensor(float(rank))
+def sgm_blocks(config):
+    """{diffusers block path: (SGM block path, its layers' SGM names)} of an SDXL UNet, from its config: the SGM UNet
+    numbers input_blocks from conv_in (0) on, one per down-block layer (resnet .0, attention .1) and one per
+    downsampler (.0.op); middle_block holds resnet, attention, resnet; output_blocks count one per up-block layer
+    (layers_per_block + 1 per block), the upsampler sitting in the block's last layer (.1, or .2 after an attention)."""
+    n = len(config.down_block_types)
+    per_block = config.layers_per_block
+    layers = list(per_block) if isinstance(per_block, (list, tuple)) else [per_block] * n
+    blocks, index = {}, 1
+    for i, block_type in enumerate(config.down_block_types):
+        for j in range(layers[i]):
+            blocks[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{index}.0", SGM_RESNET_LAYERS)
+            if "CrossAttn" in block_type:
+                blocks[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{index}.1", {})
+            index += 1
+        if i < n - 1:
+            blocks[f"down_blocks.{i}.downsamplers.0"] = (f"input_blocks.{index}.0", {"conv": "op"})
+            index += 1
+    blocks["mid_block.resnets.0"] = ("middle_block.0", SGM_RESNET_LAYERS)
+    blocks["mid_block.attentions.0"] = ("middle_block.1", {})
+    blocks["mid_block.resnets.1"] = ("middle_block.2", SGM_RESNET_LAYERS)
+    index = 0
+    for i, (block_type, per) in enumerate(zip(config.up_block_types, reversed(layers), strict=True)):
+        attention = "CrossAttn" in block_type
+        for j in range(per + 1):
+            blocks[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{index}.0", SGM_RESNET_LAYERS)
+            if attention:
+                blocks[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{index}.1", {})
+            index += 1
+        if i < n - 1:
+            blocks[f"up_blocks.{i}.upsamplers.0"] = (f"output_blocks.{index - 1}.{2 if attention else 1}", {})
+    return blocks
+
+
+def sgm_layer_name(layer, blocks):
+    """The SGM UNet's name of a diffusers UNet layer ('down_blocks.1.attentions.0.proj_in' ->
+    'input_blocks.4.1.proj_in' in SDXL), or None outside the blocks (conv_in, the embeddings, conv_out)."""
+    parts = layer.split(".")
+    for cut in (4, 3):  # down_blocks.i.attentions.j, mid_block.attentions.0
+        if (block := ".".join(parts[:cut])) in blocks:
+            name, renames = blocks[block]
+            inner = ".".join(parts[cut:])
+            return f"{name}.{renames.get(inner, inner)}"
+    return None
+
+
+def check_kohya_targets(targets, layers):
+    """Refuse a --lora_target_modules entry that matches one of `layers` (peft's rule: the name ends with it), UNet
+    layers that the kohya file cannot hold."""
+    for target in targets:
+        for layer in layers:
+            if layer == target or layer.endswith(f".{target}"):
+                raise ValueError(
+                    f"--lora_target_modules {target!r} matches the UNet's {layer}, outside its blocks: kohya's "
+                    "scripts skip such a layer and diffusers 0.37 cannot load a kohya file that has one; target "
+                    "layers of the blocks instead, e.g. "
+                    "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,time_emb_proj."
+                )
+
+
+def unnamed_linear_layers(unet):
+    """The UNet's linear layers without a name in the SGM UNet (for SDXL: EMBEDDING_LAYERS that it has)."""
+    blocks = sgm_blocks(unet.config)
+    return [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Linear) and sgm_layer_name(name, blocks) is None
+    ]
+
+
+def kohya_state_dict(lora):
+    """A LoRA in the layout of kohya's SDXL LoRAs, which ComfyUI, A1111 / Forge and kohya's scripts read:
+    lora_unet_<the layer's SGM name, dots as underscores> with .lora_down (A) and .lora_up (B) as trained and .alpha
+    the LoRA's alpha, so that each tool applies alpha / rank once."""
+    blocks, alpha, tensors = sgm_blocks(lora.config), torch.tensor(float(lora.alpha)), {}
+    for layer, (down, up) in lora.layers().items():
+        base = "lora_unet_" + sgm_layer_name(layer, blocks).replace(".", "_")
+        tensors |= {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up, f"{base}.alpha": alpha.clone()}
     return tensors
+
+
+def kohya_metadata(args):
+    """The metadata kohya's sd-scripts writes, which A1111 / Forge read (SDXL, rank, alpha)."""
+    return KOHYA_METADATA | {"ss_network_dim": str(args.lora_rank), "ss_network_alpha": repr(args.lora_alpha)}
 
 
 class SDXL(Family):
@@ -203,8 +286,19 @@ class SDXL(Family):
             "the authors' runs.",
         )
 
+    def validate(self, args):
+        if args.lora_rank:
+            check_kohya_targets(lora_targets(args), EMBEDDING_LAYERS)
+        return args
+
     def validate_concept(self, args):
         check_output_names(args)
+        if args.lora_rank and "." in concept_name(args.placeholder_token):
+            raise ValueError(
+                f"--placeholder_token {args.placeholder_token!r}: with --lora_rank the token is bundled with the LoRA "
+                f"in {concept_name(args.placeholder_token)}_pivotal.safetensors, whose embedding name A1111 cuts at "
+                "a dot; choose a token without '.'."
+            )
         return args
 
     def load_tokenizers(self, args):
@@ -224,6 +318,8 @@ class SDXL(Family):
         vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         if args.resolution % vae_factor:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {vae_factor}.")
+        if args.lora_rank:
+            check_kohya_targets(lora_targets(args), unnamed_linear_layers(models.denoiser))
 
     def prepare_text_encoders(self, args, models, tokenizers, first_free_id):
         """CLIP pooling as --pooled_output says."""
@@ -278,9 +374,12 @@ class SDXL(Family):
         }
         return files
 
-    def lora_files(self, args, tensors, rank):
-        """<concept>_lora.safetensors: the kohya layout."""
-        return {f"{concept_name(args.placeholder_token)}_lora": kohya_state_dict(tensors, self.denoiser, rank)}
+    def lora_files(self, args, lora, vectors):
+        """<concept>_lora.safetensors: the kohya layout; <concept>_pivotal.safetensors: the same LoRA with the token as
+        A1111 / Forge bundle it (bundle_emb.<concept>.clip_l / .clip_g; the prompt writes <concept>)."""
+        name, tensors, metadata = concept_name(args.placeholder_token), kohya_state_dict(lora), kohya_metadata(args)
+        bundle = {f"bundle_emb.{name}.{COMBINED_KEYS[encoder]}": v for encoder, v in vectors.items()}
+        return {f"{name}_lora": (tensors, metadata), f"{name}_pivotal": (tensors | bundle, metadata)}
 
     def card_text(self, args, repo_id, method):
         token, name = args.placeholder_token, concept_name(args.placeholder_token)
@@ -289,9 +388,13 @@ class SDXL(Family):
         lora_line = lora_snippet_line(args, repo_id)
         lora_sentence = f" A LoRA of the UNet was trained with it ({lora_description(args)})." if args.lora_rank else ""
         lora_loader = " and `load_lora_weights`" if args.lora_rank else ""
-        lora_note = (
-            f" With the LoRA: put `{name}_lora.safetensors` in ComfyUI's `models/loras/` (a LoraLoader node) or "
-            f"A1111's `models/Lora/` (`<lora:{name}_lora:1>` in the prompt) as well."
+        lora_files = (
+            f"""- `{LORA_WEIGHT_NAME}`: the LoRA for diffusers' `load_lora_weights` (above).
+- `{name}_lora.safetensors`: the same LoRA in kohya's SDXL layout, for ComfyUI (`models/loras/`, a LoraLoader node),
+  A1111 / Forge (`models/Lora/`, `<lora:{name}_lora:1>` in the prompt) and kohya's sd-scripts, next to the embedding.
+- `{name}_pivotal.safetensors`: token and LoRA in one file for A1111 / Forge: put it in `models/Lora/` and write
+  `<lora:{name}_pivotal:1>` and `{name}` in the prompt (diffusers' `load_lora_weights` refuses it).
+"""
             if args.lora_rank
             else ""
         )
@@ -317,9 +420,12 @@ pipe.load_textual_inversion(
 {lora_line}image = pipe("{prompt}").images[0]
 ```
 
-ComfyUI: put `{name}.safetensors` in `models/embeddings/` and write `embedding:{name}`. A1111 / Forge: put it in
-`embeddings/` and write `{name}`.{lora_note}
-"""
+Which file for which tool:
+
+- `learned_embeds.safetensors`, `learned_embeds_2.safetensors`: diffusers' `load_textual_inversion` (above).
+- `{name}.safetensors` (`clip_l` and `clip_g` in one file): ComfyUI (`models/embeddings/`, write `embedding:{name}`)
+  and A1111 / Forge (`embeddings/`, write `{name}`).
+{lora_files}"""
         return about, usage
 
     def card_rows(self, args):

@@ -25,8 +25,15 @@ def readme_quick_try():
     return command.split(" && ", 1)[1].replace("python ", f"{sys.executable} ")
 
 
+def readme_generate_and_score():
+    """The commands of the README's "Generate and score with the quick try's token" section, one per line."""
+    section = (REPO / "README.md").read_text().split("### Generate and score with the quick try's token", 1)[1]
+    block = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1).replace("\\\n", " ")
+    return [line.replace("python ", f"{sys.executable} ", 1) for line in block.splitlines() if line.strip()]
+
+
 def test_the_quick_try_is_offline_and_quiet(tmp_path):
-    for name in ("tests", "assets", "train_dti_sdxl.py"):
+    for name in ("tests", "assets", "train_dti_sdxl.py", "infer.py", "evaluate.py"):
         (tmp_path / name).symlink_to(REPO / name)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     unreachable = "http://127.0.0.1:9"  # every request is refused at once: a network that cannot be reached
@@ -41,6 +48,21 @@ def test_the_quick_try_is_offline_and_quiet(tmp_path):
     done = [line for line in lines if "Done in " in line]
     assert len(done) == 1 and "learned_embeds.safetensors" in done[0] and "out-tiny" in done[0], lines[-5:]
     assert {p.name for p in (tmp_path / "out-tiny").iterdir()} >= {"learned_embeds.safetensors", "README.md"}
+    commands = readme_generate_and_score()
+    assert [c.split()[1] for c in commands] == ["infer.py", "-m", "evaluate.py"]
+    for command in commands:  # infer.py and evaluate.py on the quick try's output, as offline and as quiet
+        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [line for line in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines() if line.strip()]
+        assert [line for line in lines if NOISE.search(line)] == [], command
+        output_dir = command.split("--output_dir ")[1].split()[0] if "--output_dir" in command else None
+        if output_dir:  # the last line names what was written where
+            last = proc.stdout.strip().splitlines()[-1]
+            assert last.startswith("Done in ") and last.endswith(f" in {output_dir}."), proc.stdout[-500:]
+    assert (tmp_path / "gen-tiny" / "generations.json").is_file() and (
+        tmp_path / "eval-tiny" / "metrics.json"
+    ).is_file()
 
 
 class RecordingAccelerator:

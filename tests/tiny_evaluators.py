@@ -131,6 +131,10 @@ def main():
     parser.add_argument("output_dir", help="Folder to write dinov2/, siglip/ and clip/ to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     args = parser.parse_args()
+    import logging
+
+    notices = logging.getLogger("transformers.utils.import_utils")  # the PIL image processors are what is wanted
+    notices.addFilter(lambda record: "requires torchvision" not in record.getMessage())
     for name, folder in save_tiny_evaluators(args.output_dir, args.seed).items():
         print(name, folder)
 

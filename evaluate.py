@@ -396,11 +396,7 @@ def check_numbers(args):
         raise ValueError(f"--seeds must be in [0, 2**32 - 1], got {' '.join(map(str, args.seeds))}.")
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}.")
-    if args.rescale not in (None, "mean", "min", "max"):
-        try:
-            assert float(args.rescale) > 0
-        except (ValueError, AssertionError):
-            raise ValueError(f"--rescale must be mean, min, max or a positive number, got {args.rescale!r}.") from None
+    infer.check_rescale(args.rescale)
 
 
 # ----------------------------------------------------------------------------------------------------------------

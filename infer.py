@@ -596,6 +596,7 @@ class Family:
     uses_max_sequence_length: bool = False  # --max_sequence_length applies (the embeddings' metadata gives its default)
     video: bool = False  # the pipeline makes videos: num_videos_per_prompt and num_frames in, .frames out
     fp32_modules: tuple = ()  # components kept in float32 whatever --dtype says
+    size_multiple: int = 8  # --height / --width must be multiples of it (the VAE's factor times the patch size)
 
 
 FAMILIES = {
@@ -629,6 +630,7 @@ FAMILIES = {
             add_tokens=add_tokens_to_sana_encoders,
             inputs=sana_inputs,
             uses_complex_human_instruction=True,
+            size_multiple=32,  # the DC-AE's factor
         ),
         Family(
             name="wan",
@@ -644,6 +646,7 @@ FAMILIES = {
             uses_max_sequence_length=True,
             video=True,
             fp32_modules=("vae",),  # the Wan VAE decodes in float32, as training keeps it and diffusers recommends
+            size_multiple=16,  # the VAE's 8 times the transformer's 2x2 patches
         ),
         Family(
             name="flux2-klein",
@@ -658,6 +661,7 @@ FAMILIES = {
             add_tokens=add_tokens_to_flux2_klein_encoders,
             inputs=flux2_klein_inputs,
             uses_max_sequence_length=True,
+            size_multiple=16,  # the VAE's 8 times the 2x2 patches
         ),
     )
 }
@@ -891,10 +895,36 @@ def check_device(device):
     return device
 
 
+MAX_SIDE = 8192  # pixels: beyond any published checkpoint's resolution (SANA's 4K models are 4096)
+
+
+def check_generation_flags(args, family):
+    """The sampling numbers, before any model loads: sizes the family's VAE and patches divide (the pipelines would
+    raise late or round silently), at least one step, a finite guidance scale, a finite --rescale."""
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and not (0 < value <= MAX_SIDE and value % family.size_multiple == 0):
+            raise ValueError(f"{flag} must be a positive multiple of {family.size_multiple} up to {MAX_SIDE} for "
+                             f"{family.label}, got {value}.")  # fmt: skip
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
+        raise ValueError(f"--num_inference_steps must be at least 1, got {args.num_inference_steps}.")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance_scale must be a finite number, got {args.guidance_scale}.")
+    check_rescale(args.rescale)
+
+
+def check_rescale(value):
+    if value not in (None, "mean", "min", "max"):
+        try:
+            assert 0 < float(value) < float("inf")
+        except (ValueError, AssertionError):
+            raise ValueError(f"--rescale must be mean, min, max or a positive number, got {value!r}.") from None
+
+
 def check_family_flags(args, family):
     """The flags only some families take, checked before any model loads: --num_frames (Wan only, 4k + 1 frames:
     WanPipeline would round other counts silently), --max_sequence_length (Wan, FLUX.2 [klein]) and a --scheduler
-    the family has."""
+    the family has; and the sampling numbers (check_generation_flags)."""
+    check_generation_flags(args, family)
     if args.scheduler != "default" and args.scheduler not in family.schedulers:
         choices = listing(["default", *family.schedulers])
         raise ValueError(f"--scheduler {args.scheduler} is not one {family.label} samples with; use {choices}.")
@@ -1000,11 +1030,7 @@ def main(args):
     check_output_dir(args.output_dir)
     if args.num_images_per_prompt < 1 or args.interpolation_steps < 2:
         raise ValueError("--num_images_per_prompt must be at least 1 and --interpolation_steps at least 2.")
-    if args.rescale not in (None, "mean", "min", "max"):
-        try:
-            assert float(args.rescale) > 0
-        except (ValueError, AssertionError):
-            raise ValueError(f"--rescale must be mean, min, max or a positive number, got {args.rescale!r}.") from None
+    check_rescale(args.rescale)
     check_loras(args)
     prompts = read_prompts(args)
     concepts = load_embeddings(args.embeddings, args.weight_name, args.token)
@@ -1016,6 +1042,9 @@ def main(args):
                   f"--embeddings or its {LORA_WEIGHT_NAME} to --lora to apply it.", file=sys.stderr)  # fmt: skip
     if not prompts and not args.report:
         raise ValueError("Nothing to do: give --prompt, --prompt_file or --report.")
+    if args.interpolate:
+        check_interpolation(args.interpolate, {c.token: c.vectors for c in concepts})
+    warn_about_prompt_tokens(prompts, [c.token for c in concepts], args.interpolate)
     family = detect_family(args)
     check_family_flags(args, family)
     resolved = sampling_settings(args, family, concepts)
@@ -1054,9 +1083,6 @@ def main(args):
                     print(f"{concept.token} [{encoder}] vector {j}: norm {row['norm']:.4f}, "
                           f"{row['percentile']:.1f}th percentile of the vocabulary norms (mean "
                           f"{row['vocabulary_mean_norm']:.4f}); nearest: {nearest}")  # fmt: skip
-    for token in loaded:
-        if prompts and not any(token in prompt for prompt in prompts):
-            print(f"warning: {token} appears in no prompt.", file=sys.stderr)
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -1067,6 +1093,9 @@ def main(args):
     seeds = [args.seed + i for i in range(args.num_images_per_prompt)]
     records, frames = [], []
     for p, prompt in enumerate(prompts):
+        if args.interpolate:  # its frame 0 is the plain image of the prompt: nothing else to render
+            frames += interpolate(pipe, family, prompt, p, loaded, sampling, instruction, output_dir)
+            continue
         samples = sample(pipe, family, prompt, seeds, sampling, instruction)
         images = [clip[0] for clip in samples] if family.video else samples  # a video's first frame
         for i, (seed, image, clip) in enumerate(zip(seeds, images, samples, strict=True)):
@@ -1074,8 +1103,6 @@ def main(args):
             file = save_video(clip, path) if videos else save_image(image, path)
             records.append({"file": file, "prompt": prompt, "prompt_index": p, "index": i, "seed": seed})
         save_image(strip(images), output_dir / f"p{p:02d}-grid-{slug(prompt)}.png")
-        if args.interpolate:
-            frames += interpolate(pipe, family, prompt, p, loaded, sampling, instruction, output_dir)
 
     settings = dict(vars(args))
     summary = {
@@ -1109,21 +1136,40 @@ def main(args):
     tmp = output_dir / ".generations.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(output_dir / "generations.json")  # never a half-written record
-    written = [counted(len(records), "image"), counted(len(prompts), "grid")] if prompts else []
+    written = [counted(len(records), "image"), counted(len(prompts), "grid")] if records else []
     if frames:
         written.append(f"{counted(len(frames), 'interpolation frame')} and {counted(len(prompts), 'strip')}")
     print(done_line(started, [*written, "generations.json"], output_dir))
     return summary
 
 
+def check_interpolation(pair, vectors):
+    """--interpolate A B, before any model loads: two loaded tokens with the same vector shapes per encoder."""
+    a, b = pair
+    for token in (a, b):
+        if token not in vectors:
+            raise ValueError(f"--interpolate {token}: not a loaded token (loaded: {', '.join(vectors)}).")
+    if sorted(tuple(v.shape) for v in vectors[a].values()) != sorted(tuple(v.shape) for v in vectors[b].values()):
+        raise ValueError(f"--interpolate {a} {b}: the two tokens must have the same number of vectors per encoder.")
+
+
+def warn_about_prompt_tokens(prompts, tokens, interpolate=None):
+    """A loaded token no prompt holds (the second token of --interpolate needs none), and a <token> in a prompt that
+    nothing loaded (it would be read as plain text)."""
+    if not prompts:
+        return
+    for token in tokens:
+        if token not in (interpolate or ()) and not any(token in prompt for prompt in prompts):
+            print(f"warning: {token} appears in no prompt.", file=sys.stderr)
+    unknown = sorted({t for prompt in prompts for t in re.findall(r"<[^<>\s]+>", prompt)} - set(tokens))
+    for token in unknown:
+        print(f"warning: {token} in a prompt is no loaded token (loaded: {', '.join(tokens) or 'none'}); it is read "
+              "as plain text.", file=sys.stderr)  # fmt: skip
+
+
 def interpolate(pipe, family, prompt, p, loaded, args, instruction, output_dir):
     """Frames of prompt p with token A's vectors moved along SLERP(A, B, t), t = 0 .. 1, one seed for all."""
     a, b = args.interpolate
-    for token in (a, b):
-        if token not in loaded:
-            raise ValueError(f"--interpolate {token}: not a loaded token (loaded: {', '.join(loaded)}).")
-    if {e: v.shape for e, v in loaded[a].items()} != {e: v.shape for e, v in loaded[b].items()}:
-        raise ValueError(f"--interpolate {a} {b}: the two tokens must have the same number of vectors per encoder.")
     if a not in prompt:
         print(f"warning: --interpolate: the prompt {prompt!r} does not hold {a}.", file=sys.stderr)
     frames, images = [], []

@@ -400,6 +400,21 @@ def embedding_cases(bad):
     }
 
 
+def sampling_cases():
+    """Sampling numbers infer.py and evaluate.py refuse before any model loads (SDXL: sizes in multiples of 8)."""
+    size = "must be a positive multiple of 8 up to 8192 for SDXL, got"
+    return {
+        "height_zero": (["--height", "0"], f"--height {size} 0."),
+        "height_not_a_multiple": (["--height", "63"], f"--height {size} 63."),
+        "width_negative": (["--width=-64"], f"--width {size} -64."),
+        "width_huge": (["--width", "100000"], f"--width {size} 100000."),
+        "steps_zero": (["--num_inference_steps", "0"], "--num_inference_steps must be at least 1, got 0."),
+        "steps_negative": (["--num_inference_steps=-2"], "--num_inference_steps must be at least 1, got -2."),
+        "guidance_nan": (["--guidance_scale", "nan"], "--guidance_scale must be a finite number, got nan."),
+        "rescale_inf": (["--rescale", "inf"], "--rescale must be mean, min, max or a positive number, got 'inf'."),
+    }
+
+
 def test_bad_infer_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
     good = str(bad_files["good.safetensors"])
     copy = tmp_path / "copy.safetensors"
@@ -421,7 +436,8 @@ def test_bad_infer_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
         "lora_not_a_lora": (["--lora", good], f"--lora {good}: not a LoRA this pipeline can load"),
         "lora_scale_nan": (["--lora_scale", "nan"], "--lora_scale must be a number, got nan."),
         "hub_id_offline": (["--pretrained_model_name_or_path", FAKE_HUB_ID], OFFLINE_HUB_ID_ERROR),
-    }
+        "interpolate_unknown_token": (["--interpolate", TOKEN, "<nope>"], "--interpolate <nope>: not a loaded token"),
+    } | sampling_cases()
     if not torch.cuda.is_available():
         flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")
     usage = {"abbreviated_flag": (["--num_images", "2"], "unknown flag --num_images; did you mean --num_images_per_"),
@@ -463,7 +479,7 @@ def test_bad_evaluate_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
             ["--image_encoder", FAKE_HUB_ID, "--class_word", "toy"],
             f"--image_encoder '{FAKE_HUB_ID}' is not a local folder and the Hugging Face Hub could not be reached",
         ),
-    }
+    } | {name: ([*flags, "--class_word", "toy"], text) for name, (flags, text) in sampling_cases().items()}
     if not torch.cuda.is_available():
         flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")
     usage = {"abbreviated_flag": (["--seed", "1"], "unknown flag --seed; did you mean --seeds?")}

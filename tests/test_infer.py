@@ -153,18 +153,22 @@ def test_expand_prompt_matches_diffusers_maybe_convert_prompt(tiny_sdxl):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sana"])
-def test_interpolation_endpoints_equal_plain_generations_and_frames_keep_the_norm(runs, tiny_sdxl, tiny_sana,
-                                                                                   tmp_path, family):  # fmt: skip
+def test_interpolation_endpoints_equal_plain_generations_and_frames_keep_the_norm(
+    runs, tiny_sdxl, tiny_sana, tmp_path, family, capsys
+):
     model = tiny_sdxl if family == "sdxl" else tiny_sana
     embeddings = ["--embeddings", str(runs["root"] / f"{family}-robot"), str(runs["root"] / f"{family}-cat")]
     run_infer(model, tmp_path / "blend", *embeddings, "--prompt", f"a photo of {ROBOT}", "--interpolate", ROBOT, CAT,
               "--interpolation_steps", "4", "--seed", "3")  # fmt: skip
+    assert "appears in no prompt" not in capsys.readouterr().err  # the blend's second token needs no prompt
     run_infer(model, tmp_path / "cat", *embeddings, "--prompt", f"a photo of {CAT}", "--seed", "3")
+    run_infer(model, tmp_path / "robot", *embeddings, "--prompt", f"a photo of {ROBOT}", "--seed", "3")
+    assert not list((tmp_path / "blend").glob("p00-i0-*")) and not list((tmp_path / "blend").glob("p00-grid-*"))
     frames = sorted((tmp_path / "blend").glob("p00-interpolate-0*.png"))
     times = ["0.00", "0.33", "0.67", "1.00"]
     assert [f.name for f in frames] == [f"p00-interpolate-0{k}-t{t}.png" for k, t in enumerate(times)]
     pixels = [np.asarray(Image.open(f)) for f in frames]
-    plain_robot = np.asarray(Image.open(next((tmp_path / "blend").glob("p00-i0-seed3-*.png"))))
+    plain_robot = np.asarray(Image.open(next((tmp_path / "robot").glob("p00-i0-seed3-*.png"))))
     plain_cat = np.asarray(Image.open(next((tmp_path / "cat").glob("p00-i0-seed3-*.png"))))
     assert np.array_equal(pixels[0], plain_robot) and np.array_equal(pixels[-1], plain_cat)
     assert not np.array_equal(pixels[1], pixels[0])

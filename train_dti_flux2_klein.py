@@ -2999,20 +2999,24 @@ def write_all_atomically(writes):
                 leftover.unlink(missing_ok=True)
 
 
+def previous_run(output_dir):
+    """(whether output_dir holds a run, the placeholder it recorded or None when unreadable)."""
+    previous = Path(output_dir) / "learned_embeds.safetensors"
+    if not previous.is_file():
+        return False, None
+    try:
+        with safe_open(previous, framework="pt") as f:
+            return True, (f.metadata() or {}).get("placeholder_token")
+    except Exception:  # an unreadable file there is someone else's too
+        return True, None
+
+
 def check_output_dir(args):
     """Refuse an --output_dir that holds another concept's run (unless --overwrite) or that cannot be written."""
     output_dir = Path(args.output_dir)
-    previous = output_dir / "learned_embeds.safetensors"
-    if previous.is_file() and not args.overwrite:
-        try:
-            with safe_open(previous, framework="pt") as f:
-                other = (f.metadata() or {}).get("placeholder_token")
-        except Exception:  # an unreadable file there is someone else's too
-            other = None
-        if other != args.placeholder_token:
-            raise ValueError(
-                f"--output_dir {output_dir} holds the run of {other!r}; pick another folder or --overwrite."
-            )
+    held, other = previous_run(output_dir)
+    if held and not args.overwrite and other != args.placeholder_token:
+        raise ValueError(f"--output_dir {output_dir} holds the run of {other!r}; pick another folder or --overwrite.")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{os.getpid()}"
@@ -3053,6 +3057,25 @@ def lock_owner_alive(owner):
     return owner.get("start") is None or owner.get("start") == process_start_time(pid)
 
 
+def remove_replaced_run(args):
+    """--overwrite on another concept's run (a new run, not a resume): remove what that run wrote (its embeddings,
+    LoRA files, -steps-N copies, checkpoints, validation images and model card), so the folder holds one run only."""
+    held, other = previous_run(args.output_dir)
+    if not (args.overwrite and held and other != args.placeholder_token) or args.resume_from_checkpoint:
+        return
+    output_dir = Path(args.output_dir)
+    old_name = concept_name(other or "")
+    patterns = ["learned_embeds*.safetensors", "pytorch_lora_weights*.safetensors", "README.md", "checkpoint-*",
+                ".checkpoint-*", "validation", *([f"{old_name}*.safetensors"] if other else [])]  # fmt: skip
+    removed = sorted({p for pattern in patterns for p in output_dir.glob(pattern)})
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    logger.info(f"--overwrite: removed the run of {other!r} from {output_dir} ({len(removed)} files and folders).")
+
+
 def claim_output_dir(args, accelerator):
     """Refuse an --output_dir that a running training process uses; else mark it as this run's until exit. Only the
     main process holds the lock; a lock left by a process that died is taken over."""
@@ -3076,6 +3099,8 @@ def claim_output_dir(args, accelerator):
                     f"{owner.get('host')}; wait for it or pick another folder (delete {lock} if it is gone)."
                 ) from None
             lock.unlink(missing_ok=True)  # a dead process's lock, or this process's own from an earlier run
+
+    remove_replaced_run(args)
 
     def release():
         try:

@@ -669,17 +669,23 @@ def test_help_documents_every_flag():
     assert set(issue_flags) <= documented, set(issue_flags) - documented
 
 
-def test_overwrite_lets_a_run_replace_another_concepts_output(train, tmp_path):
-    save_file(
-        {"<other>": torch.ones(1, 32)},
-        tmp_path / "learned_embeds.safetensors",
-        metadata={"placeholder_token": "<other>"},
-    )
+def test_overwrite_replaces_another_concepts_run_and_leaves_only_the_new_one(train, tmp_path):
+    """The replaced run's files go (its combined file, -steps-N copies, checkpoints, card); the new run's
+    `latest` then resumes its own checkpoint. Files the runs do not write stay."""
+    out = tmp_path / "out"
+    train("--max_train_steps", "2", "--save_steps", "1", "--checkpointing_steps", "1", "--placeholder_token",
+          "<other>", output_dir=out)  # fmt: skip
+    (out / "notes.txt").write_text("mine\n")
     with pytest.raises(ValueError, match="holds the run of '<other>'"):
-        train("--max_train_steps", "1", output_dir=tmp_path)
-    train("--max_train_steps", "1", "--overwrite", output_dir=tmp_path)
-    assert PLACEHOLDER in load_file(tmp_path / "learned_embeds.safetensors")
-    train("--max_train_steps", "1", output_dir=tmp_path)  # the same concept may always be trained again
+        train("--max_train_steps", "1", output_dir=out)
+    train("--max_train_steps", "2", "--checkpointing_steps", "2", "--overwrite", output_dir=out)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "README.md", "checkpoint-2", "learned_embeds.safetensors", "learned_embeds_2.safetensors", "notes.txt",
+        "toy-robot.safetensors",
+    ]  # fmt: skip
+    assert PLACEHOLDER in load_file(out / "learned_embeds.safetensors")
+    train("--max_train_steps", "3", "--resume_from_checkpoint", "latest", output_dir=out)  # its own checkpoint
+    train("--max_train_steps", "1", output_dir=out)  # the same concept may always be trained again
 
 
 def test_an_initializer_the_tokenizer_does_not_know_is_refused():

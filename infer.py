@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -997,9 +998,16 @@ def sampling_settings(args, family, concepts):
 
 
 def check_output_dir(output_dir, flag="--output_dir"):
+    """A folder, or one that can be made: the nearest existing folder above it is writable (checked without writing,
+    so a refused run leaves nothing behind)."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; give a folder.")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder; give another folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} cannot be written ({existing} is not writable); give another folder.")
 
 
 def quiet_library_noise():

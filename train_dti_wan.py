@@ -759,8 +759,9 @@ def check_inputs(args):
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file; give a folder.")
     logging_dir = output_dir / args.logging_dir
-    if args.report_to != "none" and logging_dir.exists() and not logging_dir.is_dir():
-        raise ValueError(f"--logging_dir {logging_dir} is a file; give a folder.")
+    above = next((p for p in (logging_dir, *logging_dir.parents) if p.exists() and not p.is_dir()), None)
+    if args.report_to != "none" and above is not None:
+        raise ValueError(f"--logging_dir {logging_dir}: {above} is a file; give a folder.")
     if args.resume_from_checkpoint not in (None, "latest"):
         find_checkpoint(args)  # a missing or damaged named checkpoint is refused now, not after the models load
     return args

@@ -437,6 +437,7 @@ def test_bad_infer_input_ends_in_one_line(bad_files, tiny_sdxl, tmp_path):
         "lora_scale_nan": (["--lora_scale", "nan"], "--lora_scale must be a number, got nan."),
         "hub_id_offline": (["--pretrained_model_name_or_path", FAKE_HUB_ID], OFFLINE_HUB_ID_ERROR),
         "interpolate_unknown_token": (["--interpolate", TOKEN, "<nope>"], "--interpolate <nope>: not a loaded token"),
+        "output_dir_under_a_file": (["--output_dir", str(bad_files["a_file"] / "sub")], "is a file, not a folder;"),
     } | sampling_cases()
     if not torch.cuda.is_available():
         flag_cases["device_cuda_without_cuda"] = (["--device", "cuda"], "--device cuda: this machine has no CUDA")

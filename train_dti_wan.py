@@ -1319,10 +1319,12 @@ def attach_learned_tokens(
         vocabulary_mean_norms[name] = vocabulary_norms(table[:size]).mean().item()
         start = contextual[name] if contextual else None
         learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name, size, start)
-        if len(table) <= new_ids[-1]:  # a table padded beyond the tokenizer already has rows for the new ids
+        rows = len(table)
+        if rows <= new_ids[-1]:  # a table padded beyond the tokenizer already has rows for the new ids
             text_encoder.resize_token_embeddings(new_ids[-1] + 1, mean_resizing=False)
         with torch.no_grad():  # the new rows matter only to code that reads the table; keep them meaningful
             table = text_encoder.get_input_embeddings().weight
+            table[rows : new_ids[0]] = 0  # new rows of ids no token uses (a tokenizer larger than its table)
             table[new_ids] = learned[name].embeddings().to(table.dtype)
         inject_learned_tokens(text_encoder, new_ids[0], learned[name])
     return learned, vocabulary_mean_norms
@@ -2433,6 +2435,19 @@ def claim_output_dirs(args, concepts, accelerator):
         claim_output_dir(folder_args, accelerator)
 
 
+def pretrained_vocabulary(vocabulary_sizes, text_encoders, family):
+    """The tokenizers' sizes, cut to the rows each text encoder's table has: ids a tokenizer has beyond its table (a
+    special token added to the tokenizer file) have no pretrained row, so they stay out of m* and get zero rows."""
+    sizes = []
+    for name, size, encoder in zip(family.text_encoders, vocabulary_sizes, text_encoders, strict=True):
+        rows = encoder.get_input_embeddings().num_embeddings
+        if size > rows:
+            logger.warning(f"The {name} tokenizer has {size - rows} id(s) without a row in the text encoder's table "
+                           f"({rows}-{size - 1}): they get zero rows and are left out of m*.")  # fmt: skip
+        sizes.append(min(size, rows))
+    return sizes
+
+
 def attach_concepts(concepts, tokenizers, text_encoders, seed, vocabulary_sizes, family):
     """Give each concept its learned tokens on the text encoders (crossinit: started at the encoders' output for its
     initializer), from the pretrained tables: the first vocabulary_sizes rows."""
@@ -2524,6 +2539,7 @@ def setup(args, family):
         scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         args.learning_rate, args.lora_learning_rate = args.learning_rate * scale, args.lora_learning_rate * scale
 
+    vocabulary_sizes = pretrained_vocabulary(vocabulary_sizes, models.text_encoders, family)
     models.extras = family.prepare_text_encoders(args, models, tokenizers, concepts[-1].placeholder_ids[0][-1] + 1)
     attach_concepts(concepts, tokenizers, models.text_encoders, seed, vocabulary_sizes, family)
     frozen = {family.denoiser: models.denoiser, "vae": models.vae, **dict(zip(family.text_encoders,

@@ -244,3 +244,52 @@ def test_a_rename_failing_part_way_leaves_the_previous_files_whole(failing_renam
         script.main(script.parse_args(resume))
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == before
     assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+def file_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata()
+
+
+def tokenizer_beyond_table(model, folder):
+    """A copy of the tiny pipeline whose `tokenizer` has one id more than its text encoder's table (tokens added to
+    the tokenizer file only, as a tokenizer that gained special tokens has)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder.mkdir()
+    for entry in model.iterdir():
+        if entry.name != "tokenizer":
+            (folder / entry.name).symlink_to(entry)
+    tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+    config = json.loads((model / "text_encoder" / "config.json").read_text())
+    rows = config.get("vocab_size") or config["text_config"]["vocab_size"]
+    extra = rows + 1 - len(tokenizer)
+    tokenizer.add_tokens([f"<extra-{i}>" for i in range(max(extra, 1))], special_tokens=True)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    assert len(tokenizer) > rows
+    return folder
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana", "wan", "flux2_klein"])
+def test_a_tokenizer_larger_than_its_table_gives_the_same_files_twice(family, request, tmp_path, caplog):
+    """The ids without a pretrained row stay out of m* and get zero rows, so two runs that differ only in the
+    global random state (what a resized table's new rows would be drawn from) write the same tensors and metadata."""
+    model = tokenizer_beyond_table(request.getfixturevalue(f"tiny_{family}"), tmp_path / "model")
+    script = SCRIPTS[family]
+    extra = ["--max_sequence_length", "64"] if family == "flux2_klein" else []
+    files = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        out = tmp_path / f"run-{seed}"
+        with caplog.at_level("WARNING"):
+            script.main(script.parse_args(training_args(model, out, *extra, "--max_train_steps", "2")))
+        files.append({p.name: (load_file(p), file_metadata(p)) for p in sorted(out.glob("*.safetensors"))})
+    assert files[0].keys() == files[1].keys() and files[0]
+    for name, (tensors, metadata) in files[0].items():  # safetensors orders the metadata differently each write
+        assert tensors.keys() == files[1][name][0].keys() and metadata == files[1][name][1], name
+        assert all(torch.equal(t, files[1][name][0][k]) for k, t in tensors.items()), name
+    assert "id(s) without a row in the text encoder's table" in caplog.text

@@ -302,10 +302,12 @@ def attach_learned_tokens(
         vocabulary_mean_norms[name] = vocabulary_norms(table[:size]).mean().item()
         start = contextual[name] if contextual else None
         learned[name] = make_learned_tokens(args, text_encoder, ids, seed, name, size, start)
-        if len(table) <= new_ids[-1]:  # a table padded beyond the tokenizer already has rows for the new ids
+        rows = len(table)
+        if rows <= new_ids[-1]:  # a table padded beyond the tokenizer already has rows for the new ids
             text_encoder.resize_token_embeddings(new_ids[-1] + 1, mean_resizing=False)
         with torch.no_grad():  # the new rows matter only to code that reads the table; keep them meaningful
             table = text_encoder.get_input_embeddings().weight
+            table[rows : new_ids[0]] = 0  # new rows of ids no token uses (a tokenizer larger than its table)
             table[new_ids] = learned[name].embeddings().to(table.dtype)
         inject_learned_tokens(text_encoder, new_ids[0], learned[name])
     return learned, vocabulary_mean_norms

@@ -112,6 +112,19 @@ def claim_output_dirs(args, concepts, accelerator):
         claim_output_dir(folder_args, accelerator)
 
 
+def pretrained_vocabulary(vocabulary_sizes, text_encoders, family):
+    """The tokenizers' sizes, cut to the rows each text encoder's table has: ids a tokenizer has beyond its table (a
+    special token added to the tokenizer file) have no pretrained row, so they stay out of m* and get zero rows."""
+    sizes = []
+    for name, size, encoder in zip(family.text_encoders, vocabulary_sizes, text_encoders, strict=True):
+        rows = encoder.get_input_embeddings().num_embeddings
+        if size > rows:
+            logger.warning(f"The {name} tokenizer has {size - rows} id(s) without a row in the text encoder's table "
+                           f"({rows}-{size - 1}): they get zero rows and are left out of m*.")  # fmt: skip
+        sizes.append(min(size, rows))
+    return sizes
+
+
 def attach_concepts(concepts, tokenizers, text_encoders, seed, vocabulary_sizes, family):
     """Give each concept its learned tokens on the text encoders (crossinit: started at the encoders' output for its
     initializer), from the pretrained tables: the first vocabulary_sizes rows."""
@@ -203,6 +216,7 @@ def setup(args, family):
         scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         args.learning_rate, args.lora_learning_rate = args.learning_rate * scale, args.lora_learning_rate * scale
 
+    vocabulary_sizes = pretrained_vocabulary(vocabulary_sizes, models.text_encoders, family)
     models.extras = family.prepare_text_encoders(args, models, tokenizers, concepts[-1].placeholder_ids[0][-1] + 1)
     attach_concepts(concepts, tokenizers, models.text_encoders, seed, vocabulary_sizes, family)
     frozen = {family.denoiser: models.denoiser, "vae": models.vae, **dict(zip(family.text_encoders,

@@ -93,10 +93,11 @@ def encode_prompt(text_encoder, text, max_sequence_length):
 def add_zero_pad_row(text_encoder, pad_id):
     """--zero_pad: give the frozen table a row of zeros at pad_id (the id after the new tokens); it is never learned
     and Gemma's sqrt(d) scaling keeps it zero. Done before the learned tokens are attached."""
-    if text_encoder.get_input_embeddings().weight.shape[0] <= pad_id:
+    rows = text_encoder.get_input_embeddings().weight.shape[0]
+    if rows <= pad_id:
         text_encoder.resize_token_embeddings(pad_id + 1, mean_resizing=False)
-    with torch.no_grad():
-        text_encoder.get_input_embeddings().weight[pad_id] = 0
+    with torch.no_grad():  # every new row zero, not random (the learned tokens' rows are set when they attach)
+        text_encoder.get_input_embeddings().weight[min(rows, pad_id) : pad_id + 1] = 0
     return pad_id
 
 

@@ -551,7 +551,10 @@ def validate_args(args, family):
             "--crossinit_lambda must be zero or a positive number",
         ),
         (0 <= args.beta < 1, "--beta must be in [0, 1)"),
-        (args.resolution > 0 and args.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
+        (
+            args.resolution > 0 and args.resolution % family.vae_factor == 0,
+            f"--resolution must be a positive multiple of the {family.vae_label} factor {family.vae_factor}",
+        ),
         (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
         (args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
@@ -1484,11 +1487,17 @@ def load_tokenizers_and_index(args, load):
 def check_layout(args, model_index, components, pipeline, other_problem=False):
     """Refuse a checkpoint whose model_index lacks one of `components` (or has another_problem): it is not a
     `pipeline` checkpoint."""
+    path = args.pretrained_model_name_or_path
     missing = [c for c in components if c not in model_index]
     if missing or other_problem:
         raise ValueError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is not a {pipeline} checkpoint "
-            f"(missing {missing})."
+            f"--pretrained_model_name_or_path {path!r} is not a {pipeline} checkpoint (missing {missing})."
+        )
+    absent = [f"{c}/" for c in components if os.path.isdir(path) and not os.path.isdir(os.path.join(path, c))]
+    if absent:  # found now, not when that component loads after the others
+        raise ValueError(
+            f"--pretrained_model_name_or_path {path!r} lacks the folder(s) {', '.join(absent)} its model_index.json "
+            "names: give a complete checkpoint folder (download it again, or copy the missing folders)."
         )
 
 

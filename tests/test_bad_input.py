@@ -326,6 +326,17 @@ def test_bad_training_input_ends_in_one_line_and_leaves_the_output_folder(family
     model = request.getfixturevalue(f"tiny_{family}")
     common = ["--max_sequence_length", "64"] if family == "flux2_klein" else []  # the tiny Qwen3 is slow at 512
     cases = training_cases(family, bad_files)
+    incomplete = tmp_path / "incomplete-model"  # the checkpoint without its text_encoder/ folder
+    incomplete.mkdir()
+    for entry in model.iterdir():
+        if entry.name != "text_encoder":
+            (incomplete / entry.name).symlink_to(entry)
+    cases["model_folder_incomplete"] = (["--pretrained_model_name_or_path", str(incomplete)], None, 1,
+                                        "lacks the folder(s) text_encoder/ its model_index.json names")  # fmt: skip
+    factor = {"sdxl": ("VAE", 8), "sana": ("DC-AE", 32)}.get(family, ("VAE", 16))
+    cases["resolution_not_a_multiple"] = (["--resolution", str(factor[1] * 3 // 2)], None, 1,
+                                          f"--resolution must be a positive multiple of the {factor[0]} factor "
+                                          f"{factor[1]}.")  # fmt: skip
     trained = trained_folder(family, model, tmp_path, common)
     argvs, before = {}, {}
     for name, (extra, how, _, _) in cases.items():

@@ -407,7 +407,10 @@ def validate_args(args, family):
             "--crossinit_lambda must be zero or a positive number",
         ),
         (0 <= args.beta < 1, "--beta must be in [0, 1)"),
-        (args.resolution > 0 and args.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
+        (
+            args.resolution > 0 and args.resolution % family.vae_factor == 0,
+            f"--resolution must be a positive multiple of the {family.vae_label} factor {family.vae_factor}",
+        ),
         (args.train_batch_size >= 1, "--train_batch_size must be at least 1"),
         (args.max_train_steps >= 1, "--max_train_steps must be at least 1"),
         (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),

@@ -1,6 +1,8 @@
 """Loading a checkpoint's parts for a family: its model_index and tokenizers, then its frozen components, each
 failure as one line naming the model."""
 
+import os
+
 
 def load_tokenizers_and_index(args, load):
     """(model_index, load(path, revision)): the checkpoint's model_index and what `load` reads (its tokenizers)."""
@@ -17,11 +19,17 @@ def load_tokenizers_and_index(args, load):
 def check_layout(args, model_index, components, pipeline, other_problem=False):
     """Refuse a checkpoint whose model_index lacks one of `components` (or has another_problem): it is not a
     `pipeline` checkpoint."""
+    path = args.pretrained_model_name_or_path
     missing = [c for c in components if c not in model_index]
     if missing or other_problem:
         raise ValueError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is not a {pipeline} checkpoint "
-            f"(missing {missing})."
+            f"--pretrained_model_name_or_path {path!r} is not a {pipeline} checkpoint (missing {missing})."
+        )
+    absent = [f"{c}/" for c in components if os.path.isdir(path) and not os.path.isdir(os.path.join(path, c))]
+    if absent:  # found now, not when that component loads after the others
+        raise ValueError(
+            f"--pretrained_model_name_or_path {path!r} lacks the folder(s) {', '.join(absent)} its model_index.json "
+            "names: give a complete checkpoint folder (download it again, or copy the missing folders)."
         )
 
 

@@ -3003,6 +3003,17 @@ def read_checkpoint_state(path, identity):
     return state
 
 
+def set_aside_newer_checkpoints(output_dir, step):
+    """Resuming from an older checkpoint abandons the newer ones: renamed abandoned-checkpoint-N (kept, but never
+    taken by 'latest' again, which would go back to the abandoned branch)."""
+    for folder in list_checkpoints(output_dir):
+        if int(folder.name.split("-")[1]) > step:
+            target = folder.with_name(f"abandoned-{folder.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(folder, target)
+            logger.warning(f"{folder.name} is newer than the resumed step {step}: renamed {target.name}.")
+
+
 def resume(args, accelerator, checkpoint, identity, seed):
     """Load the checkpoint find_checkpoint chose, if any. Returns (global step, seed) to continue with."""
     if checkpoint is None:
@@ -3012,6 +3023,8 @@ def resume(args, accelerator, checkpoint, identity, seed):
         logger.warning(f"Resuming with the checkpoint's seed {state['seed']} (the data stream depends on it).")
     accelerator.load_state(str(checkpoint))
     logger.info(f"Resumed from {checkpoint} at step {state['step']}.")
+    if accelerator.is_main_process:
+        set_aside_newer_checkpoints(args.output_dir, state["step"])
     args.seed = state["seed"]
     return state["step"], state["seed"]
 

@@ -293,3 +293,18 @@ def test_a_tokenizer_larger_than_its_table_gives_the_same_files_twice(family, re
         assert tensors.keys() == files[1][name][0].keys() and metadata == files[1][name][1], name
         assert all(torch.equal(t, files[1][name][0][k]) for k, t in tensors.items()), name
     assert "id(s) without a row in the text encoder's table" in caplog.text
+
+
+def test_going_back_to_an_older_checkpoint_sets_the_newer_ones_aside(train, caplog):
+    """After a resume from checkpoint-2 of a run that reached checkpoint-4, 'latest' continues the new branch."""
+    _, out = train("--max_train_steps", "4", "--checkpointing_steps", "1")
+    with caplog.at_level("WARNING"):
+        train("--max_train_steps", "3", "--checkpointing_steps", "1", "--resume_from_checkpoint", "checkpoint-2")
+    assert "checkpoint-4 is newer than the resumed step 2: renamed abandoned-checkpoint-4." in caplog.text
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == [
+        "abandoned-checkpoint-3", "abandoned-checkpoint-4", "checkpoint-1", "checkpoint-2", "checkpoint-3",
+    ]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train("--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert f"Resumed from {out / 'checkpoint-3'} at step 3." in caplog.text

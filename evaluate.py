@@ -481,7 +481,7 @@ def put_token(pipe, family, concept, loaded, tables, rescale):
     """Load the run's vectors into the pipeline and return the name to write in its prompts. A token that an earlier
     run loaded with the same shapes gets its rows overwritten; with other shapes (runs sharing a placeholder over
     subjects with other initializers) the vectors go in under a new name: only the rows count, not the name."""
-    vectors = infer.assign_encoders(concept, pipe, family)
+    vectors = infer.assign_encoders(concept, infer.encoder_widths(pipe, family))
     if rescale:
         vectors = {encoder: infer.rescale(v, tables[encoder], rescale) for encoder, v in vectors.items()}
     shapes = {encoder: tuple(v.shape) for encoder, v in vectors.items()}
@@ -822,6 +822,7 @@ def main(args):
     jobs = dreambooth_plan(args) if args.benchmark else single_plan(args)
     family = infer.detect_family(args)
     infer.check_family_flags(args, family)
+    infer.check_widths([job.concept for job in jobs], args, family)
     check_evaluation_models(args)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     settings = [generation_settings(args, family, dtype_name, job.concept) for job in jobs]

@@ -380,10 +380,37 @@ def token_names(token, num_vectors):
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
-def assign_encoders(concept, pipe, family):
-    """Map each of the concept's vector sets to the family's encoder of the same width; errors name the file and
-    widths."""
-    widths = {name: getattr(pipe, name).get_input_embeddings().weight.shape[1] for name in family.encoders}
+def encoder_widths(pipe, family):
+    """{encoder: width of its input embedding table} of a loaded pipeline."""
+    return {name: getattr(pipe, name).get_input_embeddings().weight.shape[1] for name in family.encoders}
+
+
+def config_widths(args, family):
+    """{encoder: width} read from a local checkpoint's text encoder configs, without loading any weight (None for a
+    Hub id or an unreadable config: the widths are then checked once the pipeline has loaded)."""
+    path = Path(args.pretrained_model_name_or_path)
+    widths = {}
+    for name in family.encoders:
+        try:
+            config = json.loads((path / name / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        config = config.get("text_config", config)
+        widths[name] = config.get("hidden_size") or config.get("d_model")
+    return widths if all(isinstance(w, int) for w in widths.values()) else None
+
+
+def check_widths(concepts, args, family):
+    """Every concept fits the checkpoint's encoders (an SDXL file given to a SANA model, ...): found before loading."""
+    widths = config_widths(args, family)
+    if widths is not None:
+        for concept in concepts:
+            assign_encoders(concept, widths)
+
+
+def assign_encoders(concept, widths):
+    """Map each of the concept's vector sets to the encoder of the same width (widths: {encoder: width}); errors name
+    the file and widths."""
     assigned = {}
     for key, vectors in concept.vectors.items():
         matches = [key] if key in widths else [n for n, w in widths.items() if w == vectors.shape[1]]
@@ -1055,6 +1082,7 @@ def main(args):
     warn_about_prompt_tokens(prompts, [c.token for c in concepts], args.interpolate)
     family = detect_family(args)
     check_family_flags(args, family)
+    check_widths(concepts, args, family)
     resolved = sampling_settings(args, family, concepts)
     videos = resolved.get("num_frames", 1) > 1
     if videos and args.interpolate:
@@ -1071,7 +1099,7 @@ def main(args):
     tables = {encoder: vocabulary_table(pipe, encoder, len(tokenizers[encoder])) for encoder in family.encoders}
     loaded, reports = {}, {}
     for concept in concepts:
-        vectors = assign_encoders(concept, pipe, family)
+        vectors = assign_encoders(concept, encoder_widths(pipe, family))
         for encoder, tensor in vectors.items():
             check_new_token(tokenizers[encoder], concept.token, len(tensor), ", ".join(concept.sources))
             if args.rescale:

@@ -85,7 +85,7 @@ def test_sdxl_loads_every_format_into_both_encoders(runs, tiny_sdxl, tmp_path, f
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    vectors = infer.assign_encoders(concepts[0], pipe, infer.FAMILIES["sdxl"])
+    vectors = infer.assign_encoders(concepts[0], infer.encoder_widths(pipe, infer.FAMILIES["sdxl"]))
     infer.add_tokens_to_sdxl(pipe, ROBOT, vectors)
     assert torch.equal(row(pipe, "text_encoder", ROBOT), l_vector[0])
     if form != "a1111 file":
@@ -540,3 +540,12 @@ def test_infer_feeds_klein_the_ids_training_fed(klein_run, tiny_flux2_klein, tmp
     trained = train_dti_flux2_klein.tokenize_prompt(tokenizer, 64, prompt.replace(BOT, f"{BOT} {BOT}_1"))["input_ids"]
     new_ids = tokenizer.convert_tokens_to_ids([BOT, f"{BOT}_1"])
     assert fed == [trained] and set(new_ids) <= set(trained) and min(new_ids) >= len(tokenizer) - 2
+
+
+def test_embeddings_of_another_family_are_refused_before_loading(runs, tiny_sdxl, tiny_sana, tmp_path, monkeypatch):
+    """A SANA run given to an SDXL model (and the other way round): the widths come from the encoders' configs."""
+    monkeypatch.setattr(infer, "load_pipeline", lambda *args: pytest.fail("a pipeline was loaded"))
+    for model, run in ((tiny_sdxl, "sana-robot"), (tiny_sana, "sdxl-robot")):
+        with pytest.raises(ValueError, match=r"which fits no encoder of the model \(text_encoder: "):
+            run_infer(model, tmp_path / "out", "--embeddings", str(runs["root"] / run), "--prompt", f"a {ROBOT}")
+    assert not (tmp_path / "out").exists()

@@ -24,7 +24,8 @@ How this file reads (top to bottom):
   and `CrossInitTokens`; how the new tokens enter the tokenizers and text encoders (`attach_learned_tokens`).
 - The family: `Family` lists what the core asks of a family; `Sana` answers for SANA (models, prompt
   encoding, `training_loss`, validation, output files, model card).
-- The step: `data_gradient`, `NonFiniteGuard.finite`, `apply_update`; the optional LoRA (`DenoiserLoRA`).
+- The step: `data_gradient`, `NonFiniteGuard.finite`, `apply_update`; the optional LoRA (`DenoiserLoRA`) and
+  its DCO loss (`DCOLoss`).
 - `train` is the loop; `setup` builds what it needs; `train_step` is one step of the spec.
 - Safe to skip on a first read: the plumbing at the end (checkpoints, locks, signals, trackers, Hub, model card).
 """
@@ -50,6 +51,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -382,6 +384,15 @@ def parse_arguments(family, input_args=None):
         default=DEFAULT_LORA_TARGETS,
         help="Comma-separated names of the denoiser's linear layers that get a LoRA (a layer matches when its "
         "name ends with one).",
+    )
+    lora.add_argument(
+        "--dco_beta",
+        type=float,
+        default=0.0,
+        help="With --lora_rank: train with the DCO loss (Direct Consistency Optimization), the DTI authors' DTI + "
+        "LoRA recipe (beta 1000): -log sigmoid(-beta (l_model - l_ref)), l_ref the loss of the denoiser without the "
+        "LoRA on the same noisy latents, timesteps and prompts. As beta -> 0 it is log 2 + beta/2 (l_model - l_ref) "
+        "and its gradient beta/2 times the plain loss's. 0: the plain loss.",
     )
 
     train = parser.add_argument_group("training")
@@ -1942,7 +1953,8 @@ def check_lora_args(args):
     if not args.lora_rank:
         defaults = {"--lora_alpha": (args.lora_alpha, None), "--lora_start_step": (args.lora_start_step, 0),
                     "--lora_learning_rate": (args.lora_learning_rate, DEFAULT_LORA_LEARNING_RATE),
-                    "--lora_target_modules": (args.lora_target_modules, DEFAULT_LORA_TARGETS)}  # fmt: skip
+                    "--lora_target_modules": (args.lora_target_modules, DEFAULT_LORA_TARGETS),
+                    "--dco_beta": (args.dco_beta, 0.0)}  # fmt: skip
         for flag, (value, default) in defaults.items():
             if value != default:
                 raise ValueError(f"{flag} applies to a LoRA only: add --lora_rank (e.g. 16) or drop {flag}.")
@@ -1959,6 +1971,7 @@ def check_lora_args(args):
             f"--lora_start_step must be in [0, --max_train_steps {args.max_train_steps}) for the LoRA to train",
         ),
         (lora_targets(args), "--lora_target_modules must name at least one layer, e.g. to_q,to_k,to_v,to_out.0"),
+        (math.isfinite(args.dco_beta) and args.dco_beta >= 0, "--dco_beta must be zero (no DCO) or positive"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1985,7 +1998,8 @@ def check_lora_targets(denoiser, targets):
 
 
 def lora_description(args):
-    return f"rank {args.lora_rank}, alpha {args.lora_alpha:g}, targets {','.join(lora_targets(args))}"
+    dco = f", DCO loss beta {args.dco_beta:g}" if args.dco_beta else ""
+    return f"rank {args.lora_rank}, alpha {args.lora_alpha:g}, targets {','.join(lora_targets(args))}{dco}"
 
 
 def lora_metadata(args):
@@ -1994,7 +2008,8 @@ def lora_metadata(args):
         return {}
     return {"lora_rank": str(args.lora_rank), "lora_alpha": repr(args.lora_alpha),
             "lora_learning_rate": repr(args.lora_learning_rate), "lora_start_step": str(args.lora_start_step),
-            "lora_target_modules": ",".join(lora_targets(args))}  # fmt: skip
+            "lora_target_modules": ",".join(lora_targets(args)),
+            **({"dco_beta": repr(args.dco_beta)} if args.dco_beta else {})}  # fmt: skip
 
 
 class DenoiserLoRA:
@@ -2008,7 +2023,7 @@ class DenoiserLoRA:
 
         targets = lora_targets(args)
         check_lora_targets(denoiser, targets)
-        self.rank, self.alpha, self.prefix = args.lora_rank, args.lora_alpha, prefix
+        self.rank, self.alpha, self.prefix, self.denoiser = args.lora_rank, args.lora_alpha, prefix, denoiser
         self.config = denoiser.config  # what other layouts of the LoRA name its layers by
         self.start_step = args.lora_start_step
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian", target_modules=targets)
@@ -2028,6 +2043,18 @@ class DenoiserLoRA:
         for parameter in self.weights.values():
             parameter.requires_grad_(trains)
         return trains
+
+    @contextmanager
+    def turned_off(self):
+        """The denoiser without its LoRA: every LoRA layer at scale 0, as diffusers' `cross_attention_kwargs={"scale":
+        0.0}` sets it, then back to alpha / rank (requires_grad is left alone)."""
+        from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+        scale_lora_layers(self.denoiser, 0.0)
+        try:
+            yield
+        finally:
+            unscale_lora_layers(self.denoiser, 0.0)
 
     def state_dict(self):
         return {name: p.detach().cpu().clone() for name, p in self.weights.items()}
@@ -2061,6 +2088,38 @@ class DenoiserLoRA:
         name = LORA_WEIGHT_NAME.replace(".safetensors", f"{suffix}.safetensors")
         tensors = self.diffusers_state_dict()
         return {output_dir / name: partial(save_file, tensors, metadata=metadata | {"format": "pt"})}
+
+
+class DCOLoss:
+    """The DCO loss (Direct Consistency Optimization), as the DTI authors train DTI + LoRA with it. Per micro-batch:
+
+        L = -log sigmoid(-beta (l_model - l_ref))
+
+    l_model: the batch-mean denoising loss of the denoiser with its LoRA; l_ref: the same loss of the denoiser without
+    it (LoRA scale 0, no gradient) on the same noisy latents, timesteps and prompts (the family's loss keys every draw
+    by seed and stream position, so a second call draws them again; it encodes the prompts again, without gradient).
+    dL = beta sigmoid(beta (l_model - l_ref)) dl_model: beta / 2 times the plain gradient while the two losses are
+    equal (at the start, LoRA B = 0), fading once l_model is a few 1 / beta below l_ref, which keeps the LoRA close
+    to the frozen denoiser. As beta -> 0, L = log 2 + beta / 2 (l_model - l_ref) + O(beta^2). Called as the family's
+    loss: returns L for each sample of the batch, [B] (one value, so its mean is L); each micro-batch's
+    [l_model, l_ref] waits in `terms` for the step logs."""
+
+    keys = ("loss_model", "loss_reference")
+
+    def __init__(self, loss_fn, lora, beta):
+        self.loss_fn, self.lora, self.beta, self.terms = loss_fn, lora, beta, []
+
+    def __call__(self, batch, latent_mean, latent_std):
+        model = self.loss_fn(batch, latent_mean, latent_std).mean()
+        with torch.no_grad(), self.lora.turned_off():
+            reference = self.loss_fn(batch, latent_mean, latent_std).mean()
+        self.terms.append(torch.stack([model.detach(), reference]))
+        return (-F.logsigmoid(-self.beta * (model - reference))).expand(len(batch["position"]))
+
+    def step_terms(self, accelerator):
+        """[l_model, l_ref] of the step, a device tensor [2]: averaged over its micro-batches and processes."""
+        terms, self.terms = torch.stack(self.terms).mean(0), []
+        return accelerator.reduce(terms, reduction="mean") if accelerator.num_processes > 1 else terms
 
 
 class TokenAndLoRAOptimizer(torch.optim.Optimizer):
@@ -2296,12 +2355,13 @@ class StepLogs:
     degrees turned (keys prefixed by the concept's name in a --concepts_list run). Kept on the device and read in one
     host sync every --logging_steps, so the loop never waits for the GPU."""
 
-    def __init__(self, concepts):
-        self.concepts, self.pending = concepts, []
+    def __init__(self, concepts, extra_keys=()):
+        self.concepts, self.pending, self.extra_keys = concepts, [], extra_keys  # extra_keys: e.g. DCOLoss.keys
 
-    def add(self, step, step_loss, lr, finite):
+    def add(self, step, step_loss, lr, finite, extra=None):
+        """extra: a device tensor of the values of extra_keys (a run of one concept's)."""
         stats = [step_loss.float(), finite.float()] + [t.stats() for c in self.concepts for t in c.learned.values()]
-        self.pending.append((step, lr, torch.cat(stats)))
+        self.pending.append((step, lr, torch.cat(stats + ([extra.float()] if self.extra_keys else []))))
 
     def read(self):
         """[(step, finite flag of each concept, logs)] of the steps added since the last read."""
@@ -2316,6 +2376,8 @@ class StepLogs:
                 norm, cos_prior, angle = row[2 * k + 3 * i : 2 * k + 3 * i + 3]
                 logs |= {f"{prefix}{name}/norm": norm, f"{prefix}{name}/cos_prior": cos_prior,
                          f"{prefix}{name}/angle_deg": angle}  # fmt: skip
+            extra = row[2 * k + 3 * len(names) :]
+            logs |= {f"{self.concepts[0].prefix}{key}": v for key, v in zip(self.extra_keys, extra, strict=True)}
             records.append((step, [flag > 0 for flag in row[k : 2 * k]], logs))
         self.pending = []
         return records
@@ -2658,9 +2720,11 @@ def setup(args, family):
     global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
     start_streams(concepts, args, tokenize, models.vae, accelerator, global_step, seed, family)
     loss_fn = partial(family.training_loss, models=replace(models, denoiser=denoiser), seed=seed, args=args)
+    loss_fn = DCOLoss(loss_fn, lora, args.dco_beta) if args.dco_beta else loss_fn  # its reference: the LoRA off
+    logs = StepLogs(concepts, DCOLoss.keys if args.dco_beta else ())
     components = frozen | dict(zip(family.tokenizers, tokenizers, strict=True))
     return Run(args, family, accelerator, concepts, tokenizers, models, components, lora, optimizer, lr_scheduler,
-               loss_fn, StepLogs(concepts), identity, seed, global_step, token)  # fmt: skip
+               loss_fn, logs, identity, seed, global_step, token)  # fmt: skip
 
 
 def train_step(run):
@@ -2677,7 +2741,8 @@ def train_step(run):
     apply_update(run.optimizer, run.concepts, finite, adamw_on_sphere, lora_trains)
     run.lr_scheduler.step()
     run.step += 1
-    run.logs.add(run.step, step_loss, lr, finite)
+    dco_terms = run.loss_fn.step_terms(run.accelerator) if args.dco_beta else None  # l_model, l_ref
+    run.logs.add(run.step, step_loss, lr, finite, dco_terms)
 
 
 def validate_one_concept(run, concept):

@@ -209,6 +209,8 @@ def training_cases(family, bad):
         "hub_id_offline": (["--pretrained_model_name_or_path", FAKE_HUB_ID], None, 1, OFFLINE_HUB_ID_ERROR),
         "lora_rank_negative": (["--lora_rank", "-1"], None, 1, "--lora_rank must be zero (no LoRA) or positive."),
         "lora_flag_without_rank": (["--lora_alpha", "8"], None, 1, "--lora_alpha applies to a LoRA only: add"),
+        "dco_without_lora": (["--dco_beta", "1000"], None, 1, "--dco_beta applies to a LoRA only: add --lora_rank"),
+        "dco_beta_negative": (["--lora_rank", "4", "--dco_beta", "-1"], None, 1, "--dco_beta must be zero (no DCO) or"),
         "lora_start_too_late": (
             ["--lora_rank", "4", "--lora_start_step", "3"], None, 1,
             "--lora_start_step must be in [0, --max_train_steps 3) for the LoRA to train.",

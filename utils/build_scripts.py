@@ -51,7 +51,8 @@ How this file reads (top to bottom):
   and `CrossInitTokens`; how the new tokens enter the tokenizers and text encoders (`attach_learned_tokens`).
 - The family: `Family` lists what the core asks of a family; `{cls}` answers for {title} (models, prompt
   encoding, `training_loss`, validation, output files, model card).
-- The step: `data_gradient`, `NonFiniteGuard.finite`, `apply_update`; the optional LoRA (`DenoiserLoRA`).
+- The step: `data_gradient`, `NonFiniteGuard.finite`, `apply_update`; the optional LoRA (`DenoiserLoRA`) and
+  its DCO loss (`DCOLoss`).
 - `train` is the loop; `setup` builds what it needs; `train_step` is one step of the spec.
 - Safe to skip on a first read: the plumbing at the end (checkpoints, locks, signals, trackers, Hub, model card).
 """

@@ -241,6 +241,15 @@ def parse_arguments(family, input_args=None):
         help="Comma-separated names of the denoiser's linear layers that get a LoRA (a layer matches when its "
         "name ends with one).",
     )
+    lora.add_argument(
+        "--dco_beta",
+        type=float,
+        default=0.0,
+        help="With --lora_rank: train with the DCO loss (Direct Consistency Optimization), the DTI authors' DTI + "
+        "LoRA recipe (beta 1000): -log sigmoid(-beta (l_model - l_ref)), l_ref the loss of the denoiser without the "
+        "LoRA on the same noisy latents, timesteps and prompts. As beta -> 0 it is log 2 + beta/2 (l_model - l_ref) "
+        "and its gradient beta/2 times the plain loss's. 0: the plain loss.",
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="dti-model", help="Where embeddings and checkpoints go.")

@@ -32,6 +32,7 @@ from dti.core.plumbing import (
 )
 from dti.core.saving import check_finite, log_validation, save_all_embeddings
 from dti.core.step import (
+    DCOLoss,
     DenoiserLoRA,
     NonFiniteGuard,
     StepLogs,
@@ -245,9 +246,11 @@ def setup(args, family):
     global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
     start_streams(concepts, args, tokenize, models.vae, accelerator, global_step, seed, family)
     loss_fn = partial(family.training_loss, models=replace(models, denoiser=denoiser), seed=seed, args=args)
+    loss_fn = DCOLoss(loss_fn, lora, args.dco_beta) if args.dco_beta else loss_fn  # its reference: the LoRA off
+    logs = StepLogs(concepts, DCOLoss.keys if args.dco_beta else ())
     components = frozen | dict(zip(family.tokenizers, tokenizers, strict=True))
     return Run(args, family, accelerator, concepts, tokenizers, models, components, lora, optimizer, lr_scheduler,
-               loss_fn, StepLogs(concepts), identity, seed, global_step, token)  # fmt: skip
+               loss_fn, logs, identity, seed, global_step, token)  # fmt: skip
 
 
 def train_step(run):
@@ -264,7 +267,8 @@ def train_step(run):
     apply_update(run.optimizer, run.concepts, finite, adamw_on_sphere, lora_trains)
     run.lr_scheduler.step()
     run.step += 1
-    run.logs.add(run.step, step_loss, lr, finite)
+    dco_terms = run.loss_fn.step_terms(run.accelerator) if args.dco_beta else None  # l_model, l_ref
+    run.logs.add(run.step, step_loss, lr, finite, dco_terms)
 
 
 def validate_one_concept(run, concept):

@@ -9,8 +9,9 @@
 For a row, the script writes RUNS_ROOT/<row>.concepts.json (the 30 subjects as one --concepts_list, each with the
 word the authors' launcher of that row takes: the subject's `class` for every SDXL row and for SANA's TI and
 CrossInit, its `initializer` (their `initialization`) for SANA's and Wan's DTI), then prints, or with --run runs,
-the training launch (into RUNS_ROOT/<row>/<row>/<subject>/) and the evaluate.py command that scores it (into
-EVAL_DIR/<row>/). A --concepts_list run trains each subject as its own
+the training launch (into RUNS_ROOT/<row>/<row>/<subject>/; a row with a LoRA: one launch per subject, since a LoRA
+belongs to one concept) and the evaluate.py command that scores it (into EVAL_DIR/<row>/). A --concepts_list run
+trains each subject as its own
 run with the same flags would: only the wall time changes. The flags of each row are the authors' launchers'
 (exps/*.py of their public code), translated to this repository's names; where our defaults already equal theirs
 the flag is still written out, so a row reads as the whole recipe.
@@ -84,6 +85,10 @@ RECIPES = {
                                ["--method", "dti", "--learning_rate", "0.01", "--kappa", "0"], (0.507, 0.436)),
     "sdxl-dti-kappa-5e-4": Recipe("train_dti_sdxl.py", SDXL, "class",
                                   ["--method", "dti", "--learning_rate", "0.01", "--kappa", "5e-4"], (0.278, 0.688)),
+    "sdxl-dti-dco": Recipe("train_dti_sdxl.py", SDXL, "class",
+                           ["--method", "dti", "--learning_rate", "0.01", "--max_train_steps", "250",
+                            "--lora_rank", "4", "--lora_target_modules", "to_q,to_k,to_v", "--lora_start_step", "1",
+                            "--lora_learning_rate", "1.25e-5", "--dco_beta", "1000"], None),
     **{
         f"sana-{size}-{row}": recipe
         for size, numbers in (("1.6b", ((0.479, 0.744), (0.480, 0.621))), ("4.8b", ((0.452, 0.757), (0.446, 0.646))))
@@ -119,12 +124,36 @@ def concepts(recipe, dreambooth_dir):
     ]
 
 
+def merged(common, flags):
+    """The family's common flags with the row's own in place of any it overrides (each flag written once)."""
+    out, i = [], 0
+    while i < len(common):
+        takes_value = i + 1 < len(common) and not common[i + 1].startswith("--")
+        if common[i] not in flags:
+            out += common[i : i + 1 + takes_value]
+        i += 1 + takes_value
+    return out + flags
+
+
 def training_command(row, recipe, concepts_file, runs_root, concepts_per_step=None):
     """The row's launch: RUNS_ROOT/<row>/<row>/<subject>/, so RUNS_ROOT/<row> is a --runs_root of that row only."""
     command = ["accelerate", "launch", recipe.script, "--pretrained_model_name_or_path", recipe.model,
-               "--concepts_list", str(concepts_file), *COMMON[recipe.script], *recipe.flags,
+               "--concepts_list", str(concepts_file), *merged(COMMON[recipe.script], recipe.flags),
                "--output_dir", str(Path(runs_root) / row / row)]  # fmt: skip
     return command + (["--concepts_per_step", str(concepts_per_step)] if concepts_per_step else [])
+
+
+def subject_commands(row, recipe, dreambooth_dir, runs_root):
+    """A LoRA row's launches, one per subject (a LoRA belongs to one concept, so no --concepts_list)."""
+    commands = []
+    for entry in concepts(recipe, dreambooth_dir):
+        name = entry["placeholder_token"].strip("<>")
+        commands.append(["accelerate", "launch", recipe.script, "--pretrained_model_name_or_path", recipe.model,
+                         "--train_data_dir", entry["train_data_dir"], "--placeholder_token", entry["placeholder_token"],
+                         "--initializer_token", entry["initializer_token"],
+                         *merged(COMMON[recipe.script], recipe.flags),
+                         "--output_dir", str(Path(runs_root) / row / row / name)])  # fmt: skip
+    return commands
 
 
 def evaluate_command(row, recipe, dreambooth_dir, runs_root, eval_dir):
@@ -153,6 +182,8 @@ def main():
     commands = [evaluate_command(args.row, recipe, args.dreambooth_dir, runs_root, args.eval_dir)]
     if recipe.trains_as:
         print(f"# {args.row} scores the runs of {trained} (train that row first), rescaled at inference.")
+    elif "--lora_rank" in recipe.flags:
+        commands[:0] = subject_commands(args.row, recipe, args.dreambooth_dir, runs_root)
     else:
         concepts_file = runs_root / f"{args.row}.concepts.json"
         runs_root.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,9 @@ EXPECTED = {
     "sdxl-dti-kappa-0": ("class", {"--method": "dti", "--learning_rate": "0.01", "--kappa": "0"}, (0.507, 0.436)),
     "sdxl-dti-kappa-5e-4": ("class", {"--method": "dti", "--learning_rate": "0.01", "--kappa": "5e-4"},
                             (0.278, 0.688)),
+    "sdxl-dti-dco": ("class", {"--method": "dti", "--learning_rate": "0.01", "--max_train_steps": "250",
+                               "--lora_rank": "4", "--lora_target_modules": "to_q,to_k,to_v", "--lora_start_step": "1",
+                               "--lora_learning_rate": "1.25e-5", "--dco_beta": "1000"}, None),
     "sana-1.6b-dti": ("initializer", {"--method": "dti", "--learning_rate": "0.01", "--kappa": "5e-5",
                                       "--zero_pad": True}, (0.479, 0.744)),
     "sana-1.6b-ti": ("class", {"--method": "ti", "--learning_rate": "5e-3", **SANA_ADAMW}, (0.480, 0.621)),
@@ -79,16 +82,24 @@ def test_a_rows_flags_words_and_numbers_are_the_authors(row, tmp_path):
     word, flags, paper = EXPECTED[row]
     recipe = reproduce_paper.RECIPES[row]
     assert (recipe.word, recipe.paper) == (word, paper)
-    command = reproduce_paper.training_command(row, recipe, tmp_path / "c.json", tmp_path / "runs")
+    if "--lora_rank" in flags:  # a LoRA belongs to one concept: one launch per subject
+        command = reproduce_paper.subject_commands(row, recipe, tmp_path / "db", tmp_path / "runs")[0]
+        source = {
+            "--train_data_dir": str(tmp_path / "db" / "backpack"),
+            "--placeholder_token": "<backpack>",
+            "--initializer_token": "backpack",
+            "--output_dir": str(tmp_path / "runs" / row / row / "backpack"),
+        }
+    else:
+        command = reproduce_paper.training_command(row, recipe, tmp_path / "c.json", tmp_path / "runs")
+        source = {"--concepts_list": str(tmp_path / "c.json"), "--output_dir": str(tmp_path / "runs" / row / row)}
     assert command[:3] == ["accelerate", "launch", recipe.script]
     given = as_flags(command[3:])
-    expected = COMMON[row.split("-")[0]] | flags
-    expected |= {"--pretrained_model_name_or_path": recipe.model, "--concepts_list": str(tmp_path / "c.json"),
-                 "--output_dir": str(tmp_path / "runs" / row / row)}  # fmt: skip
-    assert given == expected
+    assert len(given) == len(command[3:]) - sum(v is not True for v in given.values())  # each flag written once
+    assert given == COMMON[row.split("-")[0]] | flags | {"--pretrained_model_name_or_path": recipe.model} | source
     script = SCRIPTS[recipe.script]
     args = script.parse_args(command[3:])  # every flag exists in the script
-    assert args.seed == 42 and args.concepts_list == str(tmp_path / "c.json")
+    assert args.seed == 42
     evaluate.parse_args(reproduce_paper.evaluate_command(row, recipe, "dreambooth", tmp_path, "eval")[2:])
 
 

@@ -39,28 +39,31 @@ def wait_for(path, proc, timeout=120):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sana", "wan", "flux2_klein"])
-def test_two_interruptions_then_resume_end_bit_identical(family, request, tmp_path):
+def test_interruptions_then_resume_end_bit_identical(family, request, tmp_path):
+    """SDXL: a SIGTERM, then a Ctrl-C in the resumed run, then the resume. The stop itself is the core's, so the other
+    families check one SIGTERM and the resume (what their own state and data stream must survive)."""
     model = request.getfixturevalue(f"tiny_{family}")
-    flags = ["--max_train_steps", "20", "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1"]
+    steps = 20 if family == "sdxl" else 8
+    flags = ["--max_train_steps", str(steps), "--save_steps", "1", "--checkpointing_steps", "100", "--repeats", "1"]
     flags += ["--gradient_accumulation_steps", "1"] + (
         ["--max_sequence_length", "64"] if family == "flux2_klein" else []
     )
     script = SCRIPTS[family]
     straight = script.main(script.parse_args(training_args(model, tmp_path / "straight", *flags)))
     out, stopped_at = tmp_path / "interrupted", []
-    for wait_step, sig in [(3, signal.SIGTERM), (9, signal.SIGINT)]:
+    for wait_step, sig in [(3, signal.SIGTERM), (9, signal.SIGINT)][: 2 if family == "sdxl" else 1]:
         extra = ["--resume_from_checkpoint", "latest"] if stopped_at else []
         proc = start(family, model, out, *flags, *extra)
         wait_for(out / f"learned_embeds-steps-{wait_step}.safetensors", proc)
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
         step = assert_stopped_by(SimpleProc(proc.returncode, stderr), sig)
-        assert step < 20
+        assert step < steps
         assert (out / f"checkpoint-{step}").is_dir()
         saved = load_file(out / "learned_embeds.safetensors")[TOKEN]
         assert torch.equal(saved, load_file(out / f"learned_embeds-steps-{step}.safetensors")[TOKEN])
         stopped_at.append(step)
-    assert stopped_at[0] < stopped_at[1]
+    assert stopped_at == sorted(set(stopped_at))
     proc = start(family, model, out, *flags, "--resume_from_checkpoint", "latest")
     _, stderr = proc.communicate(timeout=300)  # drain the pipes while it runs
     assert proc.returncode == 0, stderr[-2000:]
@@ -79,7 +82,7 @@ def checkpoint_steps(out):
 
 def test_a_process_killed_while_writing_leaves_only_complete_files(tiny_sdxl, tmp_path):
     """SIGKILL at moments when embeddings and checkpoints are being written, three times, then resume."""
-    flags = ["--max_train_steps", "40", "--save_steps", "1", "--checkpointing_steps", "1", "--repeats", "1"]
+    flags = ["--max_train_steps", "16", "--save_steps", "1", "--checkpointing_steps", "1", "--repeats", "1"]
     out = tmp_path / "killed"
     for kill_after in (0.05, 0.13, 0.21):
         done = max(checkpoint_steps(out), default=0)

@@ -7,12 +7,14 @@ import random
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 import train_dti_sdxl as dti
 from tests.conftest import ASSETS, training_args
 
 TOKEN = "<toy-robot>"
+EVALUATION = ASSETS.parent / "evaluation"  # the style table and the DreamBooth captions
 NAMES = sorted(p.name for p in ASSETS.iterdir())
 # "01_wood_table.jpg" -> "a {} on the wood table", ...
 CAPTIONS = {name: f"a {{}} on the {name.split('_', 1)[1].rsplit('.', 1)[0].replace('_', ' ')}" for name in NAMES}
@@ -133,3 +135,26 @@ def test_read_captions_reads_unicode_and_leaves_notes_out(tmp_path):
     file = tmp_path / "c.json"
     file.write_bytes(json.dumps({"_source": "MIT", "café.png": "un {} au café"}, ensure_ascii=False).encode())
     assert dti.read_captions(file) == {"café.png": "un {} au café"}
+
+
+def test_the_style_recipe_trains_one_image_on_its_template(train, tmp_path):
+    """The StyleDrop recipe: one style image, a captions file of one entry holding its template, the style's
+    initializer (two words: two vectors on SDXL), every sample the template with the token's expansion."""
+    style = tmp_path / "styledrop" / "00"
+    style.mkdir(parents=True)
+    Image.new("RGB", (80, 64), (30, 90, 160)).save(style / "00.png")
+    styles = json.loads((EVALUATION / "styledrop_styles.json").read_text())["styles"]
+    (tmp_path / "captions.json").write_text(json.dumps({"00.png": styles["00"]["template"]}))
+    result, out = train("--train_data_dir", str(style), "--captions", str(tmp_path / "captions.json"),
+                        "--initializer_token", styles["00"]["initializer"], "--max_train_steps", "1")  # fmt: skip
+    concept = result.concepts[0]
+    assert concept.num_vectors == 2 and len(concept.images) == 1
+    prompts = {concept.dataset[p]["prompt"] for p in range(len(concept.dataset))}
+    assert prompts == {f"A canyon in {TOKEN} {TOKEN}_1 style."}
+
+
+def test_the_dreambooth_captions_cover_every_subject_and_read_as_a_captions_file():
+    captions = dti.read_captions(EVALUATION / "dreambooth_captions.json")
+    subjects = json.loads((EVALUATION / "dreambooth_subjects.json").read_text())["subjects"]
+    assert len(captions) == 158 and {key.split("/")[0] for key in captions} == set(subjects)
+    assert captions["backpack/00.jpg"].startswith("A {} adorned with colorful patches")

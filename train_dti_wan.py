@@ -2488,10 +2488,10 @@ def save_all_embeddings(concepts, step, family, suffix="", lora=None):
 @dataclass
 class Concept:
     """One concept of a run. Known before any model loads: its flags, token ids per tokenizer (of the initializer and
-    of the new tokens), images and templates (and per-image captions, None without); prefix names it in logs ("" for
-    a run of one concept). Set once the
-    models are there: its learned tokens by text encoder and the vocabulary's mean norms; then its data stream
-    (dataset, latents: batch -> posterior, batches) and its non-finite guard."""
+    of the new tokens), images and templates, and the images' captions (None: the templates); prefix names it in logs
+    ("" for a run of one concept). Set once the models are there: its learned tokens by text encoder and the
+    vocabulary's mean norms; then its data stream (dataset, latents: batch -> posterior, batches) and its non-finite
+    guard."""
 
     args: object
     init_ids: list

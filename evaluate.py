@@ -16,7 +16,10 @@ at the run's text length). Then:
 - optional CLIP-T (raw cosine of CLIP's image and text embeddings) and CLIP-I (CLIP image cosine to the references).
 
 Images are kept, so a second call generates only what is missing. `--benchmark dreambooth` runs the paper's protocol
-over the DreamBooth subjects and averages over subjects.
+over the DreamBooth subjects and averages over subjects. `--protocol style` evaluates style tokens as the DTI authors'
+StyleDrop evaluation does: their 40 style prompts, seeds 0 and 1, DINOv2 on crops of the whole short side, CLIP-T
+(openai/clip-vit-large-patch14) against "A toothbrush in <class> style."; with --runs_root and --styledrop_dir, over
+every style of assets/evaluation/styledrop_styles.json found, averaged over styles.
 """
 
 import argparse
@@ -45,12 +48,19 @@ __version__ = "0.1.0"
 ASSETS = Path(__file__).resolve().parent / "assets" / "evaluation"
 PROMPTS_FILE = ASSETS / "eval_prompts.json"
 SUBJECTS_FILE = ASSETS / "dreambooth_subjects.json"
+STYLES_FILE = ASSETS / "styledrop_styles.json"
 LIVE_CLASS_WORDS = ("dog", "cat")  # the DreamBooth live subjects; other class words get the object prompts
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METRIC_NAMES = {"image_sim": "image sim", "text_sim": "text sim", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0
 THUMBNAIL = 128  # largest side of an image in the contact sheets, px
+# What --protocol sets where the flags are not given; without it: the simple set, seeds 0-3, no CLIP. style: the DTI
+# authors' StyleDrop evaluation (their scripts/eval_style.py), its prompts, seeds and CLIP model.
+PROTOCOL_DEFAULTS = {
+    None: {"prompt_set": "simple", "seeds": [0, 1, 2, 3], "clip_model": None},
+    "style": {"prompt_set": "style", "seeds": [0, 1], "clip_model": "openai/clip-vit-large-patch14"},
+}
 # settings resolved per run (the checkpoint's and the run's own), in generation.json
 RUN_SAMPLING = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "max_sequence_length")
 
@@ -99,9 +109,10 @@ def parse_args(input_args=None):
     )
     parser.add_argument(
         "--prompt_set",
-        default="simple",
+        default=None,
         help="simple (the DreamBooth prompts plus extras), complex_lv1, complex_lv2 or style, from "
-        "assets/evaluation/eval_prompts.json; or a set of the JSON file given to --prompt_file.",
+        "assets/evaluation/eval_prompts.json; or a set of the JSON file given to --prompt_file. Default: simple "
+        "(--protocol style: style).",
     )
     parser.add_argument(
         "--prompt_file",
@@ -110,7 +121,13 @@ def parse_args(input_args=None):
         "file laid out like eval_prompts.json (then --prompt_set picks the set).",
     )
     parser.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts of the set.")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="One image per prompt and seed.")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="One image per prompt and seed. Default: 0 1 2 3 (--protocol style: 0 1).",
+    )
     parser.add_argument(
         "--rescale",
         default=None,
@@ -124,7 +141,8 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--clip_model",
         default=None,
-        help="Also report CLIP-T and CLIP-I with this CLIP model, e.g. openai/clip-vit-large-patch14.",
+        help="Also report CLIP-T and CLIP-I with this CLIP model, e.g. openai/clip-vit-large-patch14 (the default of "
+        "--protocol style, whose text score CLIP-T is).",
     )
     parser.add_argument(
         "--benchmark",
@@ -136,7 +154,24 @@ def parse_args(input_args=None):
         "--dreambooth_dir", default=None, help="The DreamBooth dataset: a clone of google/dreambooth or its dataset/."
     )
     parser.add_argument(
-        "--runs_root", default=None, help="Folder of runs to compare, laid out as ROOT/<run>/<subject>/ (--benchmark)."
+        "--protocol",
+        choices=["style"],
+        default=None,
+        help="style: the DTI authors' style evaluation (StyleDrop): the style prompt set, seeds 0 1, CLIP-T with "
+        "openai/clip-vit-large-patch14 against the prompt with the class word and a final period, DINOv2 on a center "
+        "crop of the whole short side. With --runs_root and --styledrop_dir: every StyleDrop style found.",
+    )
+    parser.add_argument(
+        "--styledrop_dir",
+        default=None,
+        help="--protocol style: the style images, <id>.png (or a folder <id>/) for the ids 00-22 of "
+        "assets/evaluation/styledrop_styles.json.",
+    )
+    parser.add_argument(
+        "--runs_root",
+        default=None,
+        help="Folder of runs to compare, laid out as ROOT/<run>/<subject>/ (--benchmark; --protocol style: "
+        "ROOT/<run>/<style id>/).",
     )
     parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call.")
     parser.add_argument("--feature_batch_size", type=int, default=32, help="Images per evaluation model call.")
@@ -144,7 +179,15 @@ def parse_args(input_args=None):
         "--bootstrap", type=int, default=1000, help="Resamples of the 95%% percentile bootstrap intervals."
     )
     parser.add_argument("--output_dir", default="evaluation", help="Where images, metrics and plots go.")
-    return parser.parse_args(input_args)
+    return apply_protocol(parser.parse_args(input_args))
+
+
+def apply_protocol(args):
+    """Fill in what --protocol (or its absence) sets for the flags that were not given."""
+    for key, value in PROTOCOL_DEFAULTS[args.protocol].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,11 +274,11 @@ def read_json(path, flag):
         raise ValueError(f"{flag} {path}: cannot read it as JSON ({type(error).__name__}).") from None
 
 
-def reference_images(folder, flag):
-    """The readable reference images of a folder, checked before any model loads; unreadable ones (a decompression
-    bomb included) are skipped with a warning."""
+def reference_images(folder, flag, pattern="*"):
+    """The readable reference images of a folder (those whose name matches pattern), checked before any model loads;
+    unreadable ones (a decompression bomb included) are skipped with a warning."""
     folder = Path(folder)
-    images = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+    images = sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
     readable = []
     for path in images:
         try:
@@ -286,12 +329,18 @@ def prompt_templates(args, live):
     return templates
 
 
-def make_prompts(templates, token, class_word):
-    """The generation prompt (token in the slot) and the text-similarity prompt (class word in the slot)."""
+def make_prompts(templates, token, class_word, text_end=""):
+    """The generation prompt (token in the slot) and the text-similarity prompt (class word in the slot, then
+    text_end: '.' for --protocol style, as the authors' style scorer reads its prompts back from the file names)."""
     return [
-        {"index": i, "template": t, "prompt": t.replace("{}", token), "text_prompt": t.replace("{}", class_word)}
+        {"index": i, "template": t, "prompt": t.replace("{}", token),
+         "text_prompt": t.replace("{}", class_word) + text_end}
         for i, t in enumerate(templates)
-    ]
+    ]  # fmt: skip
+
+
+def text_end(args):
+    return "." if args.protocol == "style" else ""
 
 
 def run_names(specs):
@@ -328,8 +377,9 @@ def recorded_class_word(concepts):
 
 def single_plan(args):
     """Jobs of the plain mode: every --embeddings run on the --instance_data_dir subject."""
-    if args.dreambooth_dir or args.runs_root:
-        raise ValueError("--dreambooth_dir and --runs_root go with --benchmark dreambooth.")
+    if args.dreambooth_dir or args.runs_root or args.styledrop_dir:
+        raise ValueError("--dreambooth_dir and --runs_root go with --benchmark dreambooth; --styledrop_dir with "
+                         "--protocol style.")  # fmt: skip
     if not args.embeddings:
         raise ValueError("--embeddings is needed: training output folders or embedding files to evaluate.")
     if not args.instance_data_dir:
@@ -340,52 +390,99 @@ def single_plan(args):
     live = args.live if args.live is not None else class_word.lower() in LIVE_CLASS_WORDS
     templates = prompt_templates(args, live)
     subject = Subject(Path(args.instance_data_dir).resolve().name, class_word, live, references)
-    output_dir = Path(args.output_dir)
+    output_dir, end = Path(args.output_dir), text_end(args)
     return [
-        Job(name, subject, concept, output_dir / name, make_prompts(templates, concept.token, class_word))
+        Job(name, subject, concept, output_dir / name, make_prompts(templates, concept.token, class_word, end))
         for name, concept in runs.items()
     ]
 
 
-def dreambooth_plan(args):
-    """Jobs of --benchmark dreambooth: every run folder ROOT/<run>/ on every subject ROOT/<run>/<subject>/ found."""
-    if not (args.dreambooth_dir and args.runs_root):
-        raise ValueError(
-            "--benchmark dreambooth needs --dreambooth_dir (the dataset) and --runs_root (ROOT/<run>/<subject>/)."
-        )
-    if args.embeddings or args.instance_data_dir or args.class_word:
-        raise ValueError(
-            "--benchmark dreambooth takes the runs from --runs_root and each subject's images and class word from "
-            "--dreambooth_dir: leave out --embeddings, --instance_data_dir and --class_word."
-        )
-    known = read_json(SUBJECTS_FILE, "The subjects file")["subjects"]
-    data, root = Path(args.dreambooth_dir), Path(args.runs_root)
-    for flag, folder in (("--dreambooth_dir", data), ("--runs_root", root)):
+def plan(args):
+    """The jobs of the mode the flags choose: --benchmark dreambooth, --protocol style over the StyleDrop styles
+    (--runs_root), or the plain mode."""
+    if args.benchmark and args.protocol:
+        raise ValueError(f"--benchmark {args.benchmark} and --protocol {args.protocol} are two evaluations; give one.")
+    if args.benchmark:
+        return dreambooth_plan(args)
+    if args.protocol == "style" and (args.runs_root or args.styledrop_dir):
+        return styledrop_plan(args)
+    return single_plan(args)
+
+
+def benchmark_runs(args, needs, data_flag, known):
+    """(data folder, run folders) of a benchmark (needs: its name in errors): the folder of its data flag, the folders
+    of --runs_root that hold a subject of `known`."""
+    if not (getattr(args, data_flag[2:]) and args.runs_root):
+        raise ValueError(f"{needs} needs {data_flag} (the images) and --runs_root (ROOT/<run>/<name>/).")
+    given = [f for f in ("--embeddings", "--instance_data_dir", "--class_word") if getattr(args, f[2:])]
+    if given:
+        raise ValueError(f"{needs} takes the runs from --runs_root and each one's images and class word from "
+                         f"{data_flag}: leave out {', '.join(given)}.")  # fmt: skip
+    data, root = Path(getattr(args, data_flag[2:])), Path(args.runs_root)
+    for flag, folder in ((data_flag, data), ("--runs_root", root)):
         if not folder.is_dir():
             raise ValueError(f"{flag} {folder}: no such folder.")
-    if (data / "dataset").is_dir():
-        data = data / "dataset"
-    runs = sorted(p for p in root.iterdir() if p.is_dir() and any((p / s).is_dir() for s in known))
-    subjects = [s for s in known if (data / s).is_dir() and any((run / s).is_dir() for run in runs)]
-    if not subjects:
-        raise ValueError(
-            f"No subjects found: --dreambooth_dir {data} needs <subject>/ image folders and --runs_root {root} "
-            f"<run>/<subject>/ training outputs, named as in {SUBJECTS_FILE.name} (dog, backpack, ...)."
-        )
+    return data, sorted(p for p in root.iterdir() if p.is_dir() and any((p / s).is_dir() for s in known))
+
+
+def benchmark_jobs(args, known, runs, references):
+    """Every run folder on every subject found: known {name: {"class", "live"}}, references {name: image files}. A
+    run without a subject's folder is left out of that subject's mean, with a warning."""
     jobs, output_dir = [], Path(args.output_dir)
-    for name in subjects:
+    for name, files in references.items():
         info = known[name]
-        live = args.live if args.live is not None else info["live"]
-        subject = Subject(name, info["class"], live, reference_images(data / name, "--dreambooth_dir"))
+        live = args.live if args.live is not None else info.get("live", False)
+        subject = Subject(name, info["class"], live, files)
         templates = prompt_templates(args, live)
         for run in runs:
             if not (run / name).is_dir():
                 print(f"warning: run {run.name} has no {name}/; its mean is over the subjects it has.", file=sys.stderr)
                 continue
             concept = load_run(run / name)
-            prompts = make_prompts(templates, concept.token, info["class"])
+            prompts = make_prompts(templates, concept.token, info["class"], text_end(args))
             jobs.append(Job(run.name, subject, concept, output_dir / name / run.name, prompts))
     return jobs
+
+
+def dreambooth_plan(args):
+    """Jobs of --benchmark dreambooth: every run folder ROOT/<run>/ on every subject ROOT/<run>/<subject>/ found."""
+    if args.styledrop_dir:
+        raise ValueError("--styledrop_dir goes with --protocol style.")
+    known = read_json(SUBJECTS_FILE, "The subjects file")["subjects"]
+    data, runs = benchmark_runs(args, "--benchmark dreambooth", "--dreambooth_dir", known)
+    if (data / "dataset").is_dir():
+        data = data / "dataset"
+    subjects = [s for s in known if (data / s).is_dir() and any((run / s).is_dir() for run in runs)]
+    if not subjects:
+        raise ValueError(
+            f"No subjects found: --dreambooth_dir {data} needs <subject>/ image folders and --runs_root "
+            f"{args.runs_root} <run>/<subject>/ training outputs, named as in {SUBJECTS_FILE.name} (dog, backpack, "
+            "...)."
+        )
+    return benchmark_jobs(args, known, runs, {s: reference_images(data / s, "--dreambooth_dir") for s in subjects})
+
+
+def styledrop_plan(args):
+    """Jobs of --protocol style with --runs_root: every run folder ROOT/<run>/ on every StyleDrop style
+    ROOT/<run>/<id>/ found whose image --styledrop_dir holds (<id>.png, any image extension, or a folder <id>/)."""
+    if args.dreambooth_dir:
+        raise ValueError("--dreambooth_dir goes with --benchmark dreambooth; --protocol style takes --styledrop_dir.")
+    known = read_json(STYLES_FILE, "The styles file")["styles"]
+    data, runs = benchmark_runs(args, "--protocol style with --runs_root", "--styledrop_dir", known)
+    found = [s for s in known if any((run / s).is_dir() for run in runs)]
+    found = [s for s in found if (data / s).is_dir() or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in
+             data.glob(f"{s}.*"))]  # fmt: skip
+    if not found:
+        raise ValueError(
+            f"No styles found: --styledrop_dir {data} needs the style images <id>.png and --runs_root "
+            f"{args.runs_root} <run>/<id>/ training outputs, with the ids of {STYLES_FILE.name} (00 to 22)."
+        )
+    references = {
+        s: reference_images(data / s, "--styledrop_dir") if (data / s).is_dir()
+        else reference_images(data, "--styledrop_dir", f"{s}.*")
+        for s in found
+    }  # fmt: skip
+    return benchmark_jobs(args, known, runs, references)
 
 
 def check_numbers(args):
@@ -557,6 +654,7 @@ class Encoder:
     model: torch.nn.Module
     processor: object
     tokenizer: object = None
+    options: dict = None  # the image processor's call options (--protocol style's resize)
 
     def images(self, paths, batch_size):
         """[n, d] features of image files. Image models (DINOv2): the CLS token of the final layer-normed hidden
@@ -564,7 +662,8 @@ class Encoder:
         device, features = next(self.model.parameters()).device, []
         for start in range(0, len(paths), batch_size):
             images = [open_image(p) for p in paths[start : start + batch_size]]
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+            pixels = self.processor(images=images, return_tensors="pt", **(self.options or {}))["pixel_values"]
+            pixels = pixels.to(device)
             with torch.no_grad():
                 if self.tokenizer is None:
                     out = self.model(pixel_values=pixels).last_hidden_state[:, 0]
@@ -657,12 +756,24 @@ def score_job(job, args, encoders, references, output_dir):
             "images": images}  # fmt: skip
 
 
+def whole_short_side(processor):
+    """--protocol style: the DTI authors' style scorer resizes the short side to the crop size (224) and center crops,
+    where DINOv2's processor resizes it to 256 first. The processor options that do theirs (none for a processor
+    without a center crop)."""
+    crop = getattr(processor, "crop_size", None)
+    if not (crop and getattr(processor, "do_center_crop", False)):
+        return {}
+    return {"size": {"shortest_edge": min(crop["height"], crop["width"])}}
+
+
 def score(jobs, args, device, output_dir):
     """Load the evaluation models once, compute each subject's reference features once, and score every job."""
     encoders = {
         "dino": load_encoder(args.image_encoder, "--image_encoder", device, with_tokenizer=False),
         "siglip": load_encoder(args.text_encoder, "--text_encoder", device, with_tokenizer=True),
     }
+    if args.protocol == "style":
+        encoders["dino"].options = whole_short_side(encoders["dino"].processor)
     if args.clip_model:
         encoders["clip"] = load_encoder(args.clip_model, "--clip_model", device, with_tokenizer=True)
     references, results = {}, []
@@ -750,7 +861,7 @@ def nice_axis(values, ticks=5):
     return first * step, last * step, [k * step for k in range(first, last + 1)], decimals
 
 
-def scatter_plot(points, size=720):
+def scatter_plot(points, size=720, y_label="text similarity (SigLIP)"):
     """Image sim (x) against text sim (y), one labelled point per run with its 95% intervals as error bars.
     points: [(label, {"mean", "ci95"} of x, {"mean", "ci95"} of y)]."""
     image = Image.new("RGB", (size, size), "white")
@@ -774,7 +885,7 @@ def scatter_plot(points, size=720):
         draw.line([left - 5, py, left, py], fill="black")
         draw.text((left - 8, py), f"{y:.{y_decimals}f}", fill="black", font=font, anchor="rm")
     draw.text(((left + right) / 2, size - 30), "image similarity (DINOv2)", fill="black", font=font, anchor="ma")
-    draw.text((left, top - 25), "text similarity (SigLIP)", fill="black", font=font)
+    draw.text((left, top - 25), y_label, fill="black", font=font)
     draw.text((right, top - 25), "mean and 95% interval per run", fill="gray", font=font, anchor="ra")
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     for k, (label, x, y) in enumerate(points):
@@ -819,7 +930,7 @@ def main(args):
     infer.check_loras(args)
     device = infer.check_device(args.device)
     infer.check_output_dir(args.output_dir)
-    jobs = dreambooth_plan(args) if args.benchmark else single_plan(args)
+    jobs = plan(args)
     family = infer.detect_family(args)
     infer.check_family_flags(args, family)
     infer.check_widths([job.concept for job in jobs], args, family)
@@ -837,6 +948,7 @@ def main(args):
         "model": args.pretrained_model_name_or_path,
         "family": family.name,
         "benchmark": args.benchmark,
+        "protocol": args.protocol,
         "prompt_set": args.prompt_file or args.prompt_set,
         "seeds": args.seeds,
         "num_inference_steps": settings[0]["num_inference_steps"],  # one checkpoint: the same for every run
@@ -853,8 +965,11 @@ def main(args):
     output_dir.mkdir(parents=True, exist_ok=True)
     for job in jobs:
         infer.save_image(contact_sheet(job, args.seeds), job.folder / "contact_sheet.png")
-    points = [(name, run["aggregate"]["image_sim"], run["aggregate"]["text_sim"]) for name, run in runs.items()]
-    infer.save_image(scatter_plot(points), output_dir / "scatter.png")
+    y, label = (
+        ("clip_t", "text similarity (CLIP)") if args.protocol == "style" else ("text_sim", "text similarity (SigLIP)")
+    )
+    points = [(name, run["aggregate"]["image_sim"], run["aggregate"][y]) for name, run in runs.items()]
+    infer.save_image(scatter_plot(points, y_label=label), output_dir / "scatter.png")
     write_atomically(output_dir / "metrics.csv", metrics_csv(runs, metrics))
     write_atomically(output_dir / "metrics.json", json.dumps(summary, indent=2))
     print(format_table(runs, metrics))

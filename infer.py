@@ -109,11 +109,12 @@ def add_pipeline_arguments(
     parser.add_argument("--width", type=int, default=None, help=size_help)
     parser.add_argument(
         "--scheduler",
-        choices=["default", "dpm", "euler"],
+        choices=["default", "dpm", "euler", "ddim"],
         default="default",
         help="default: DPM-Solver++ for SDXL (as the paper samples), the checkpoint's own sampler for SANA, Wan "
         "(Wan 2.1: UniPC with flow shift 3) and FLUX.2 [klein]. dpm / euler: DPM-Solver++ / Euler (Wan: with the flow "
-        "shift kept; FLUX.2 [klein]: euler only, its own flow-matching Euler).",
+        "shift kept; FLUX.2 [klein]: euler only, its own flow-matching Euler). ddim: DDIM, SDXL only (the DTI "
+        "authors' style evaluation samples with it, 50 steps).",
     )
     parser.add_argument("--num_frames", type=int, default=None, help=num_frames_help)
     parser.add_argument(
@@ -642,6 +643,7 @@ FAMILIES = {
                 "default": "DPMSolverMultistepScheduler",
                 "dpm": "DPMSolverMultistepScheduler",
                 "euler": "EulerDiscreteScheduler",
+                "ddim": "DDIMScheduler",  # the DTI authors' style evaluation
             },
             add_tokens=add_tokens_to_sdxl,
             inputs=sdxl_inputs,

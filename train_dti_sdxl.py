@@ -152,7 +152,7 @@ CHECKPOINT_STATE = "dti_state.json"
 OUTPUT_LOCK = ".dti-train.lock"
 # The keys of a --concepts_list entry: the first two are required, then one of the two data sources.
 CONCEPT_KEYS = ("placeholder_token", "initializer_token", "train_data_dir", "dataset_name", "num_vectors",
-                "learnable_property", "validation_prompt", "output_dir")  # fmt: skip
+                "learnable_property", "validation_prompt", "output_dir", "captions", "caption_column")  # fmt: skip
 MAX_NAME_BYTES = 200  # a placeholder's file names: 255 bytes less '-steps-N_pivotal.safetensors' and a temp suffix
 MAX_REPEATS = 100_000  # an epoch of images x repeats samples is shuffled in memory
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a step size or norm beyond it overflows
@@ -248,6 +248,21 @@ def parse_arguments(family, input_args=None):
     data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
     data.add_argument("--cache_dir", type=str, default=None, help="Where datasets caches --dataset_name.")
     data.add_argument(
+        "--captions",
+        type=str,
+        default=None,
+        help="With --train_data_dir: a JSON file {image file name: caption}, '{}' where the token goes ('a {} on a "
+        "mossy rock'); each image then trains with its own caption instead of a random template. A key may also be "
+        "'<folder>/<file name>', so one file covers several folders; keys starting with '_' are notes. Every image "
+        "needs a caption.",
+    )
+    data.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="With --dataset_name: the column of per-image captions, '{}' where the token goes (as --captions).",
+    )
+    data.add_argument(
         "--learnable_property",
         choices=["object", "style"],
         default="object",
@@ -294,9 +309,9 @@ def parse_arguments(family, input_args=None):
         default=None,
         help="Instead of --placeholder_token, --initializer_token and the data flags: a JSON file with a list of "
         "concepts, each {placeholder_token, initializer_token, train_data_dir or dataset_name} and optionally "
-        "num_vectors, learnable_property, validation_prompt, output_dir, trained together in one run (each as its "
-        "own run would train it). Outputs go to --output_dir/<placeholder>/ unless an entry names its output_dir; "
-        "the other flags apply to every concept.",
+        "num_vectors, learnable_property, validation_prompt, output_dir, captions, caption_column, trained "
+        "together in one run (each as its own run would train it). Outputs go to --output_dir/<placeholder>/ unless "
+        "an entry names its output_dir; the other flags apply to every concept.",
     )
     token.add_argument(
         "--concepts_per_step",
@@ -645,6 +660,10 @@ def validate_concept(args):
     check_file_name(args.placeholder_token)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of --train_data_dir (a folder of images) and --dataset_name.")
+    if args.captions is not None and args.dataset_name is not None:
+        raise ValueError("--captions goes with --train_data_dir; with --dataset_name give --caption_column.")
+    if args.caption_column is not None and args.train_data_dir is not None:
+        raise ValueError("--caption_column goes with --dataset_name; with --train_data_dir give --captions FILE.")
     return args
 
 
@@ -863,8 +882,58 @@ def load_training_images(train_data_dir, resolution):
     return warn_small_images(images, resolution)
 
 
+def check_caption(caption, where):
+    """A caption is a string with a '{}' slot for the token."""
+    if not isinstance(caption, str):
+        raise ValueError(f"{where} is a {type(caption).__name__}, not a string with '{{}}' where the token goes.")
+    if "{}" not in caption:
+        raise ValueError(f"{where} has no '{{}}' where the token goes: write e.g. 'a {{}} on a mossy rock'.")
+
+
+def read_captions(path):
+    """--captions: {image file name or '<folder>/<file name>': caption}, every caption checked; keys starting with
+    '_' (a note such as '_source') are left out."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"--captions {path} cannot be read ({reason}); give a JSON file of captions.") from None
+    except ValueError as error:
+        raise ValueError(f"--captions {path} is not JSON ({error}); give {{image file name: caption}}.") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"--captions {path} must hold a JSON object {{image file name: caption}}.")
+    captions = {key: caption for key, caption in table.items() if not key.startswith("_")}
+    for key, caption in captions.items():
+        check_caption(caption, f"--captions {path}: the caption of {key!r}")
+    return captions
+
+
+def match_captions(path, captions, images):
+    """The caption of each image [(path, image)] of --train_data_dir: the entry of '<folder>/<file name>', else of
+    '<file name>'. An image without one is refused (no silent mix of captions and templates)."""
+    keys = [(f"{p.parent.name}/{p.name}", p.name) for p, _ in images]
+    missing = [name for own, name in keys if own not in captions and name not in captions]
+    if missing:
+        more = f" and {len(missing) - 1} other image(s)" if len(missing) > 1 else ""
+        raise ValueError(f"--captions {path} has no caption for {missing[0]!r}{more} of --train_data_dir; give every "
+                         "image one, keyed by its file name.")  # fmt: skip
+    return [captions[own] if own in captions else captions[name] for own, name in keys]
+
+
+def load_concept_data(args):
+    """A concept's training images [(name, PIL image)] and their captions (None: the templates), from
+    --train_data_dir and --captions or from --dataset_name and --caption_column. The captions file is read first:
+    its errors are found before the images are decoded."""
+    if args.dataset_name:
+        return load_dataset_images(args)
+    captions = read_captions(args.captions) if args.captions else None
+    images = load_training_images(args.train_data_dir, args.resolution)
+    return images, match_captions(args.captions, captions, images) if captions is not None else None
+
+
 def load_dataset_images(args):
-    """The images of --dataset_name's train split (a Hub id, an image folder, or parquet / arrow files)."""
+    """The images of --dataset_name's train split (a Hub id, an image folder, or parquet / arrow files) and, with
+    --caption_column, the caption of each image kept (None without)."""
     try:
         import datasets
     except ImportError as error:
@@ -879,14 +948,18 @@ def load_dataset_images(args):
     except (OSError, ValueError, ConnectionError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"--dataset_name {name!r} could not be loaded ({reason}).") from error
-    if args.image_column not in dataset.column_names:
-        columns = ", ".join(dataset.column_names)
-        raise ValueError(f"--image_column {args.image_column!r} is not a column of {name}; its columns: {columns}.")
+    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if column is not None and column not in dataset.column_names:
+            columns = ", ".join(dataset.column_names)
+            raise ValueError(f"{flag} {column!r} is not a column of {name}; its columns: {columns}.")
+    texts = dataset[args.caption_column] if args.caption_column else None
     if isinstance(dataset.features[args.image_column], datasets.Image):  # decoded below, as image files are
         dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
-    images = []
+    images, captions = [], []
     for i, item in enumerate(dataset[args.image_column]):
         row = f"{path.name or name}[{i}]"
+        if texts is not None:
+            check_caption(texts[i], f"--caption_column {args.caption_column!r}: row {i}")
         try:
             if isinstance(item, dict) and (item.get("bytes") or item.get("path")):
                 source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
@@ -895,13 +968,14 @@ def load_dataset_images(args):
             else:
                 raise ValueError(f"a {type(item).__name__}, not an image")
             images.append((row, open_image(source, args.resolution)))
+            captions.append(texts[i] if texts is not None else None)
         except (OSError, ValueError) as error:
             logger.warning(f"Skipping row {i} of --image_column {args.image_column!r}: not a readable image ({error}).")
     if not images:
         raise ValueError(
             f"--dataset_name {name!r}: no row of --image_column {args.image_column!r} holds a readable image."
         )
-    return warn_small_images(images, args.resolution)
+    return warn_small_images(images, args.resolution), captions if texts is not None else None
 
 
 class DTIDataset(Dataset):
@@ -910,10 +984,14 @@ class DTIDataset(Dataset):
     Item `position` is the position-th sample of the stream: epoch `position // len(self)` visits the images
     `repeats` times in an order drawn from (seed, epoch); every random choice of the sample (template, crop, flip)
     is drawn from (seed, position). So a resumed run, or a run split over several processes, sees exactly the
-    samples an uninterrupted single-process run sees.
+    samples an uninterrupted single-process run sees. With captions (one per image, '{}' for the token) a sample's
+    prompt is its image's caption; the template is drawn all the same, so crops and flips do not depend on them.
     """
 
-    def __init__(self, images, prompt_token, tokenize, resolution, center_crop, random_flip, templates, repeats, seed):
+    def __init__(
+        self, images, prompt_token, tokenize, resolution, center_crop, random_flip, templates, repeats, seed,
+        captions=None,
+    ):  # fmt: skip
         self.images = [self._resize(image, resolution) for _, image in images]
         self.original_sizes = [image.info.get("original_size", image.size[::-1]) for _, image in images]
         self.prompt_token = prompt_token
@@ -922,6 +1000,7 @@ class DTIDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.templates = templates
+        self.captions = captions
         self.repeats = repeats
         self.seed = seed
         self.with_pixels = True  # False once the latents are cached: no image work per sample then
@@ -965,7 +1044,11 @@ class DTIDataset(Dataset):
     def __getitem__(self, position):
         rng = random.Random(stable_seed(self.seed, "sample", position))
         index = self._image_index(position)
-        prompt = rng.choice(self.templates).format(self.prompt_token)
+        template = rng.choice(self.templates)  # drawn with captions too: the draws after it stay the same
+        if self.captions is None:
+            prompt = template.format(self.prompt_token)
+        else:
+            prompt = self.captions[index].replace("{}", self.prompt_token)
         top, left = self._crop(self.images[index], rng)
         flip = self.random_flip and rng.random() < 0.5
         crop_left = self.images[index].width - left - self.resolution if flip else left
@@ -1018,6 +1101,11 @@ class StreamSampler(Sampler):
 
     def __len__(self):  # endless; DataLoader only needs it for len(), which we never call
         return sys.maxsize
+
+
+def caption_source(args):
+    """Where a concept's per-image captions come from, for the metadata and the card: the file's name or the column."""
+    return Path(args.captions).name if args.captions else f"column {args.caption_column}"
 
 
 def validation_prompt(args):
@@ -1172,22 +1260,40 @@ def inject_learned_tokens(text_encoder, first_token_id, tokens):
     return [module.register_forward_hook(hook) for module in modules]
 
 
-def check_prompts_fit(args, tokenize, templates, placeholder_ids, num_vectors):
+def check_prompts_fit(args, tokenize, templates, placeholder_ids, num_vectors, captions=()):
     """Every learned vector must reach the text encoder: refuse a token whose expansion (<tok> <tok>_1 ...) is cut
-    off by the encoder's context in a training template or the validation prompt. tokenize: prompt -> {key: ids}."""
+    off by the encoder's context in a training template or the validation prompt. captions: [(image name, caption)]
+    of a run with per-image captions, which must fit whole. tokenize: prompt -> {key: ids}."""
     prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
     prompts = [template.format(prompt_token) for template in templates]
     if args.num_validation_images and args.placeholder_token in validation_prompt(args):
         prompts.append(validation_prompt(args).replace(args.placeholder_token, prompt_token))
     for prompt in prompts:
-        tokenized = tokenize(prompt)
-        keys = [key for key in tokenized if key.startswith("input_ids")]
-        for key, ids in zip(keys, placeholder_ids, strict=True):
-            if not set(ids) <= set(tokenized[key]):
-                raise ValueError(
-                    f"--num_vectors {num_vectors}: the prompt {prompt!r} does not fit the text encoder's context "
-                    f"({len(tokenized[key])} tokens) with every learned vector; use fewer vectors or a shorter prompt."
-                )
+        length = cut_off_length(tokenize, prompt, placeholder_ids)
+        if length:
+            raise ValueError(
+                f"--num_vectors {num_vectors}: the prompt {prompt!r} does not fit the text encoder's context "
+                f"({length} tokens) with every learned vector; use fewer vectors or a shorter prompt."
+            )
+    source = f"--captions {args.captions}" if args.captions else f"--caption_column {args.caption_column!r}"
+    for name, caption in captions:
+        prompt = caption.replace("{}", prompt_token)
+        length = cut_off_length(tokenize, prompt, placeholder_ids, whole=True)
+        if length:
+            raise ValueError(f"{source}: the caption of {name} is cut off by the text encoder's context ({length} "
+                             f"tokens with the token's {num_vectors} vector(s)); shorten it.")  # fmt: skip
+
+
+def cut_off_length(tokenize, prompt, placeholder_ids, whole=False):
+    """The context length (tokens) if the prompt loses a learned vector to it (whole: or any of its text), else 0.
+    A prompt the context cuts off tokenizes the same with a word appended (so one that fills it exactly counts too)."""
+    tokenized = tokenize(prompt)
+    keys = [key for key in tokenized if key.startswith("input_ids")]
+    longer = tokenize(f"{prompt} x") if whole else tokenized
+    for key, ids in zip(keys, placeholder_ids, strict=True):
+        if not set(ids) <= set(tokenized[key]) or (whole and longer[key] == tokenized[key]):
+            return len(tokenized[key])
+    return 0
 
 
 def placeholder_names(placeholder_token, num_vectors):
@@ -2474,6 +2580,7 @@ def embedding_metadata(args, learned, vocabulary_mean_norms, step):
         "beta": repr(args.beta if args.method == "dti" and args.optimizer == "rsgd" else 0.0),
         "learning_rate": repr(args.learning_rate),
         **({"crossinit_lambda": repr(args.crossinit_lambda)} if args.method == "crossinit" else {}),
+        **({"captions": caption_source(args)} if args.captions or args.caption_column else {}),
         "steps": str(step),
         "resolution": str(args.resolution),
         "script": Path(__file__).name,
@@ -2531,9 +2638,10 @@ def save_all_embeddings(concepts, step, family, suffix="", lora=None):
 @dataclass
 class Concept:
     """One concept of a run. Known before any model loads: its flags, token ids per tokenizer (of the initializer and
-    of the new tokens), images and templates; prefix names it in logs ("" for a run of one concept). Set once the
-    models are there: its learned tokens by text encoder and the vocabulary's mean norms; then its data stream
-    (dataset, latents: batch -> posterior, batches) and its non-finite guard."""
+    of the new tokens), images and templates, and the images' captions (None: the templates); prefix names it in logs
+    ("" for a run of one concept). Set once the models are there: its learned tokens by text encoder and the
+    vocabulary's mean norms; then its data stream (dataset, latents: batch -> posterior, batches) and its non-finite
+    guard."""
 
     args: object
     init_ids: list
@@ -2542,6 +2650,7 @@ class Concept:
     num_vectors: int
     templates: list
     prefix: str
+    captions: list = None
     learned: torch.nn.ModuleDict = None
     vocabulary_mean_norms: dict = None
     dataset: DTIDataset = None
@@ -2560,12 +2669,12 @@ def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True, add_tokens=N
             init_ids, placeholder_ids = add_concept_tokens(args, tokenizers, in_prompt, add_tokens)
             num_vectors = len(init_ids[0])
             templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
-            check_prompts_fit(args, fit, templates, placeholder_ids, num_vectors)
-            images = (
-                load_dataset_images(args)
-                if args.dataset_name
-                else load_training_images(args.train_data_dir, args.resolution)
-            )
+            images, captions = load_concept_data(args)
+            if captions is None:
+                check_prompts_fit(args, fit, templates, placeholder_ids, num_vectors)
+            else:  # the templates are not used: the captions must fit, each whole
+                named = [(Path(str(name)).name, text) for (name, _), text in zip(images, captions, strict=True)]
+                check_prompts_fit(args, fit, [], placeholder_ids, num_vectors, named)
         except ValueError as error:
             if args.concept_index is None:
                 raise
@@ -2581,7 +2690,7 @@ def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True, add_tokens=N
                 f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token."
             )
         prefix = "" if args.concept_index is None else f"{concept_name(args.placeholder_token)}/"
-        concepts.append(Concept(args, init_ids, placeholder_ids, images, num_vectors, templates, prefix))
+        concepts.append(Concept(args, init_ids, placeholder_ids, images, num_vectors, templates, prefix, captions))
     return concepts
 
 
@@ -2624,7 +2733,7 @@ def start_streams(concepts, args, tokenize, vae, accelerator, global_step, seed,
     for c in concepts:
         prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
         c.dataset = DTIDataset(c.images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
-                               c.templates, args.repeats, seed)  # fmt: skip
+                               c.templates, args.repeats, seed, c.captions)  # fmt: skip
         c.latents = latent_source(args, c.dataset, vae, family.latent_posterior)
         c.batches = batch_stream(args, c.dataset, accelerator, global_step)
         c.guard = NonFiniteGuard(args.max_nonfinite_steps, f" of {c.args.placeholder_token}" if c.prefix else "")
@@ -2633,7 +2742,8 @@ def start_streams(concepts, args, tokenize, vae, accelerator, global_step, seed,
 def describe_concepts(concepts, args):
     """The concepts in one line for the start-of-training banner."""
     return "; ".join(
-        f"{c.args.placeholder_token} ({len(c.images)} images x {args.repeats} repeats, {c.num_vectors} vector(s) "
+        f"{c.args.placeholder_token} ({len(c.images)} images{' with captions' if c.captions else ''} x "
+        f"{args.repeats} repeats, {c.num_vectors} vector(s) "
         f"from {c.args.initializer_token!r})"
         for c in concepts
     )
@@ -2907,7 +3017,7 @@ def train(args, family):
 # size, the prior, the pixels). Checkpoints made before a flag was recorded are not held to it.
 RESULT_FLAGS = ("learning_rate", "kappa", "train_batch_size", "gradient_accumulation_steps", "resolution",
                 "center_crop", "random_flip", "repeats", "lr_scheduler", "lr_warmup_steps")  # fmt: skip
-LATER_KEYS = {*RESULT_FLAGS, "train_data_dir", "dataset_name"}  # older checkpoints may lack them
+LATER_KEYS = {*RESULT_FLAGS, "train_data_dir", "dataset_name", "captions", "caption_column"}  # older ones lack them
 
 
 def checkpoint_identity(args, num_vectors):
@@ -2924,6 +3034,8 @@ def checkpoint_identity(args, num_vectors):
         **{flag: getattr(args, flag) for flag in RESULT_FLAGS},
         "train_data_dir": str(Path(args.train_data_dir).resolve()) if args.train_data_dir else None,
         "dataset_name": args.dataset_name,
+        "captions": str(Path(args.captions).resolve()) if args.captions else None,
+        "caption_column": args.caption_column,
     }
 
 
@@ -2933,7 +3045,8 @@ def run_identity(args, concepts):
     identities = [checkpoint_identity(c.args, c.num_vectors) for c in concepts]
     if args.concepts_list is None:
         return identities[0]
-    own = ("placeholder_token", "initializer_token", "num_vectors", "train_data_dir", "dataset_name")
+    own = ("placeholder_token", "initializer_token", "num_vectors", "train_data_dir", "dataset_name", "captions",
+           "caption_column")  # fmt: skip
     shared = {key: value for key, value in identities[0].items() if key not in own}
     return shared | {"concepts": [{key: identity[key] for key in own} for identity in identities]}
 
@@ -3623,6 +3736,8 @@ def training_table(args, learned, num_processes):
     ]
     rows += [("batch (global)", str(args.train_batch_size * args.gradient_accumulation_steps * num_processes))]
     rows += [("resolution", str(args.resolution)), ("initializer", args.initializer_token)]
+    if args.captions or args.caption_column:
+        rows += [("prompts", f"per-image captions ({caption_source(args)})")]
     if args.lora_rank:
         rows += [("LoRA", f"{lora_description(args)}; lr {args.lora_learning_rate:g} from step {args.lora_start_step}")]
     return "| setting | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)

@@ -135,7 +135,30 @@ def bad_files(tmp_path_factory):
     torch.save({"string_to_param": {"x": good}, "name": "nostar"}, files["nostar.pt"])
     files["a_file"] = root / "a-file.txt"
     files["a_file"].write_text("a file, not a folder\n")
-    return files | concepts_lists(root)
+    pq.write_table(pa.table({"image": columns["strings"], "text": pa.array(["a photo", "a {}"])}),
+                   root / "captioned.parquet")  # fmt: skip
+    files["data-captioned"] = root / "captioned.parquet"
+    return files | concepts_lists(root) | caption_files(root)
+
+
+def caption_files(root):
+    """--captions files: not JSON, a list, a caption without its slot, one for the first four toy robot images only,
+    one for all, one far longer than any text encoder's context."""
+    names = sorted(p.name for p in ASSETS.iterdir())
+    tables = {
+        "list": [f"a {{}} in {name}" for name in names],
+        "no_slot": dict.fromkeys(names, "a robot on a table"),
+        "four": dict.fromkeys(names[:4], "a {} on a table"),
+        "all": dict.fromkeys(names, "a {} on a table"),
+        "long": dict.fromkeys(names, "a {} " + "red " * 600),
+    }
+    files = {}
+    for name, table in tables.items():
+        files[f"captions-{name}"] = root / f"captions-{name}.json"
+        files[f"captions-{name}"].write_text(json.dumps(table))
+    files["captions-not_json"] = root / "captions-not-json.json"
+    files["captions-not_json"].write_text("{01_wood_table.jpg: a {} on a table}\n")
+    return files
 
 
 def concepts_lists(root):
@@ -151,6 +174,7 @@ def concepts_lists(root):
         "same_output": [{**good[0], "output_dir": str(root / "one")}, {**good[1], "output_dir": str(root / "one")}],
         "empty_folder": [good[0], {**good[1], "train_data_dir": str(root / "no-images")}],
         "dots": [{**good[0], "placeholder_token": "<..>"}, good[1]],
+        "captions_missing": [good[0], {**good[1], "captions": str(root / "no-such-captions.json")}],
     }
     files = {}
     for name, entries in lists.items():
@@ -237,6 +261,35 @@ def training_cases(family, bad):
     }
     for name, (path, expected) in concepts.items():
         cases[f"concepts_list_{name}"] = (["--concepts_list", str(path)], None, 1, expected)
+    captions = {
+        "missing": (root_of(bad) / "no-such-captions.json", " cannot be read (No such file or directory)"),
+        "not_json": (bad["captions-not_json"], " is not JSON (Expecting property name enclosed in double quotes"),
+        "list": (bad["captions-list"], " must hold a JSON object {image file name: caption}"),
+        "no_slot": (bad["captions-no_slot"], ": the caption of '01_wood_table.jpg' has no '{}' where the token goes"),
+        "uncovered": (bad["captions-four"], " has no caption for '05_tiled_floor.jpg' of --train_data_dir"),
+        "too_long": (bad["captions-long"], ": the caption of 01_wood_table.jpg is cut off by the text encoder's"),
+    }
+    for name, (path, expected) in captions.items():
+        cases[f"captions_{name}"] = (["--captions", str(path)], None, 1, f"--captions {path}{expected}")
+    cases |= {
+        "concepts_list_captions_missing": (
+            ["--concepts_list", str(bad["list-captions_missing"])], None, 1,
+            "--concepts_list entry 1 (<toy-b>): --captions",
+        ),
+        "captions_with_dataset": (
+            ["--dataset_name", str(bad["data-strings"]), "--captions", str(bad["captions-four"])], None, 1,
+            "--captions goes with --train_data_dir; with --dataset_name give --caption_column.",
+        ),
+        "caption_column_with_folder": (["--caption_column", "text"], None, 1, "--caption_column goes with --dataset"),
+        "caption_column_unknown": (
+            ["--dataset_name", str(bad["data-strings"]), "--caption_column", "text"], None, 1,
+            "--caption_column 'text' is not a column of",
+        ),
+        "caption_column_no_slot": (
+            ["--dataset_name", str(bad["data-captioned"]), "--caption_column", "text"], None, 1,
+            "--caption_column 'text': row 0 has no '{}' where the token goes",
+        ),
+    }  # fmt: skip
     cases |= {
         "concepts_per_step_alone": (["--concepts_per_step", "1"], None, 1, "--concepts_per_step applies to --concepts"),
         "output_dir_empty": (["--output_dir", ""], None, 1, "--output_dir must not be empty; give a folder."),
@@ -264,6 +317,10 @@ def training_cases(family, bad):
         "resume_changed_data": (
             ["--resume_from_checkpoint", "latest", "--train_data_dir", str(bad["three_images"])], "trained", 1,
             "was made with train_data_dir",
+        ),
+        "resume_with_captions": (
+            ["--resume_from_checkpoint", "latest", "--captions", str(bad["captions-all"])], "trained", 1,
+            "was made with captions None, this run has captions",
         ),
         "resume_below_its_step": (
             ["--resume_from_checkpoint", "latest", "--max_train_steps", "1"], "trained", 1,

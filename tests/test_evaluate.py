@@ -322,6 +322,14 @@ def test_wan_runs_are_scored_on_the_first_frame_at_the_training_resolution(tiny_
         ("prompt without slot", r"the prompt 'a photo' has no '\{\}' slot"),
         ("benchmark without folders", r"--benchmark dreambooth needs --dreambooth_dir"),
         ("no subjects found", r"No subjects found: --dreambooth_dir"),
+        ("no styles found", r"No styles found: --styledrop_dir"),
+        ("style protocol with the benchmark", r"--benchmark dreambooth and --protocol style are two evaluations"),
+        ("styledrop without the protocol", r"--styledrop_dir with --protocol style"),
+        (
+            "style runs with embeddings",
+            r"--protocol style with --runs_root takes the runs from --runs_root .* leave out "
+            r"--embeddings",
+        ),
         ("text encoder not SigLIP", r"--text_encoder .* is a dinov2 model"),
         ("frames for an image model", r"--num_frames is for Wan \(video\) checkpoints; StableDiffusionXLPipeline"),
     ],
@@ -338,6 +346,18 @@ def test_bad_input_is_refused_before_anything_is_written(runs, tiny_sdxl, evalua
         "prompt without slot": [*single, "--prompt_file", str(tmp_path / "prompts.txt")],
         "benchmark without folders": ["--benchmark", "dreambooth", "--runs_root", str(empty)],
         "no subjects found": ["--benchmark", "dreambooth", "--dreambooth_dir", str(empty), "--runs_root", str(empty)],
+        "no styles found": ["--protocol", "style", "--styledrop_dir", str(empty), "--runs_root", str(empty)],
+        "style protocol with the benchmark": ["--benchmark", "dreambooth", "--protocol", "style"],
+        "styledrop without the protocol": [*single, "--styledrop_dir", str(empty)],
+        "style runs with embeddings": [
+            *single,
+            "--protocol",
+            "style",
+            "--runs_root",
+            str(empty),
+            "--styledrop_dir",
+            str(empty),
+        ],
         "text encoder not SigLIP": [*single, "--text_encoder", str(evaluators["dinov2"])],
         "frames for an image model": [*single, "--num_frames", "5"],
     }[case]
@@ -384,3 +404,100 @@ def test_klein_runs_are_scored_at_the_runs_text_length(tiny_flux2_klein, evaluat
     settings = json.loads((tmp_path / "out" / "klein-dti" / "generation.json").read_text())
     assert (settings["num_inference_steps"], settings["max_sequence_length"], settings["height"]) == (2, 64, 64)
     assert Image.open(tmp_path / "out" / result["images"][0]["file"]).size == (64, 64)
+
+
+STYLE_PROMPTS = json.loads(evaluate.PROMPTS_FILE.read_text())["style"]
+
+
+def style_image(folder, name="00.png"):
+    """A tiny stand-in for a StyleDrop image (the real ones are not in the repository): 48 x 40 stripes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((40, 48, 3), dtype=np.uint8)
+    pixels[:, ::4] = (200, 40, 90)
+    Image.fromarray(pixels).save(folder / name)
+    return folder
+
+
+def test_style_protocol_scores_the_40_style_prompts_as_the_authors_style_evaluation(runs, tiny_sdxl, evaluators,
+                                                                                   tmp_path):  # fmt: skip
+    argv = evaluate_args(tiny_sdxl, evaluators, tmp_path / "out", "--protocol", "style", "--embeddings",
+                         str(runs["sdxl"]), "--instance_data_dir", str(style_image(tmp_path / "style")),
+                         "--class_word", "watercolor painting", "--clip_model", str(evaluators["clip"]))  # fmt: skip
+    at = argv.index("--max_prompts")
+    del argv[at : at + 2]  # all the protocol's prompts
+    protocol = evaluate.parse_args(argv[: argv.index("--seeds")] + argv[argv.index("--seeds") + 3 :])
+    assert (protocol.prompt_set, protocol.seeds, protocol.clip_model) == ("style", [0, 1], str(evaluators["clip"]))
+    assert evaluate.parse_args(["--pretrained_model_name_or_path", "m", "--protocol", "style"]).clip_model == (
+        "openai/clip-vit-large-patch14"
+    )
+    assert len(STYLE_PROMPTS) == 40 and STYLE_PROMPTS[0] == "A toothbrush in {} style"
+    cheap = ["--seeds", "0", "--num_inference_steps", "1", "--height", "32", "--width", "32"]  # 40 images on a CPU
+    with pytest.MonkeyPatch.context() as patch:  # their sampler: DDIM from the checkpoint's scheduler config
+        schedulers = []
+        patch.setattr(infer, "load_pipeline", lambda *a, load=infer.load_pipeline: schedulers.append(load(*a)) or
+                      schedulers[-1])  # fmt: skip
+        summary, calls, _ = run_evaluate([*argv, *cheap, "--scheduler", "ddim"])
+    assert [type(pipe.scheduler).__name__ for pipe in schedulers] == ["DDIMScheduler"]
+    assert calls == [(p.replace("{}", ROBOT), [0]) for p in STYLE_PROMPTS]  # the 40 prompts, the token in the slot
+    recorded = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (recorded["protocol"], recorded["prompt_set"]) == ("style", "style")
+    result = recorded["runs"]["sdxl-dti"]["subjects"]["style"]
+    assert len(result["images"]) == 40 and result["aggregate"].keys() == {"image_sim", "text_sim", "clip_t", "clip_i"}
+    assert result["prompts"][0]["text_prompt"] == "A toothbrush in watercolor painting style."  # as theirs reads it
+    for metric, aggregate in result["aggregate"].items():  # a style's number: the mean over its images
+        values = [image[metric] for image in result["images"]]
+        assert aggregate["mean"] == pytest.approx(np.mean(values)) and aggregate["n"] == 40
+
+    # CLIP-T (their text score): the CLIP cosine of the image and the prompt with the class word and a period.
+    # Image sim: DINOv2 on a center crop of the whole short side (theirs: resize to 224, crop 224), not of 32/28.
+    first = tmp_path / "out" / result["images"][0]["file"]
+    clip = evaluate.load_encoder(str(evaluators["clip"]), "--clip_model", "cpu", with_tokenizer=True)
+    cosine = evaluate.paired_cosine(clip.images([first], 1), clip.texts(["A toothbrush in watercolor painting style."]))
+    assert cosine.item() == pytest.approx(result["images"][0]["clip_t"], abs=1e-6)
+    dino = evaluate.load_encoder(str(evaluators["dinov2"]), "--image_encoder", "cpu", with_tokenizer=False)
+    plain = evaluate.image_similarity(
+        dino.images([first], 1), dino.images(recorded["subjects"]["style"]["references"], 1)
+    )
+    dino.options = {"size": {"shortest_edge": 28}}
+    theirs = evaluate.image_similarity(dino.images([first], 1), dino.images([tmp_path / "style" / "00.png"], 1))
+    assert theirs.item() == pytest.approx(result["images"][0]["image_sim"], abs=1e-6)
+    assert abs(plain.item() - theirs.item()) > 1e-4  # the crop matters
+
+
+def test_style_protocol_over_the_styledrop_styles_averages_over_the_styles(runs, tiny_sdxl, evaluators, tmp_path):
+    styles, root = tmp_path / "styledrop", tmp_path / "runs"
+    style_image(styles, "00.png")  # an image file per style, as the authors' data/styledrop/<id>.png ...
+    style_image(styles / "05", "05.png")  # ... or a folder per style, as training needs them
+    style_image(styles, "07.png")  # no run has this style: left out
+    for style in ("00", "05"):
+        shutil.copytree(runs["sdxl"], root / "dti" / style)
+    shutil.copytree(runs["ti"], root / "ti" / "00")
+    argv = evaluate_args(tiny_sdxl, evaluators, tmp_path / "out", "--protocol", "style", "--styledrop_dir",
+                         str(styles), "--runs_root", str(root), "--clip_model", str(evaluators["clip"]),
+                         "--max_prompts", "1", "--seeds", "0")  # fmt: skip
+    summary, calls, _ = run_evaluate(argv)
+    assert summary["subjects"].keys() == {"00", "05"}
+    assert sorted(calls) == sorted([(f"A toothbrush in {ROBOT} style", [0])] * 2 + [(f"A toothbrush in {TI} style",
+                                   [0])])  # fmt: skip
+    assert summary["subjects"]["05"]["class_word"] == "line drawing"  # the class word of styledrop_styles.json
+    assert summary["runs"]["dti"]["subjects"]["00"]["prompts"][0]["text_prompt"] == (
+        "A toothbrush in watercolor painting style."
+    )
+    dti = summary["runs"]["dti"]
+    assert dti["over"] == "subjects" and dti["aggregate"]["clip_t"]["n"] == 2
+    means = [dti["subjects"][s]["aggregate"]["clip_t"]["mean"] for s in ("00", "05")]
+    assert dti["aggregate"]["clip_t"]["mean"] == pytest.approx(np.mean(means))
+    assert summary["runs"]["ti"]["over"] == "images"  # one style
+
+
+def test_the_style_table_is_the_authors_23_styles():
+    styles = json.loads(evaluate.STYLES_FILE.read_text())
+    assert "_source" in styles and list(styles["styles"]) == [f"{i:02d}" for i in range(23)]
+    assert styles["styles"]["00"] == {
+        "class": "watercolor painting",
+        "initializer": "watercolor painting",
+        "template": "A canyon in {} style.",
+        "url": styles["styles"]["00"]["url"],
+    }
+    assert all("{}" in s["template"] for s in styles["styles"].values())
+    assert styles["styles"]["21"]["class"] != styles["styles"]["21"]["initializer"]  # the one style where they differ

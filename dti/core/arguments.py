@@ -108,6 +108,21 @@ def parse_arguments(family, input_args=None):
     data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
     data.add_argument("--cache_dir", type=str, default=None, help="Where datasets caches --dataset_name.")
     data.add_argument(
+        "--captions",
+        type=str,
+        default=None,
+        help="With --train_data_dir: a JSON file {image file name: caption}, '{}' where the token goes ('a {} on a "
+        "mossy rock'); each image then trains with its own caption instead of a random template. A key may also be "
+        "'<folder>/<file name>', so one file covers several folders; keys starting with '_' are notes. Every image "
+        "needs a caption.",
+    )
+    data.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="With --dataset_name: the column of per-image captions, '{}' where the token goes (as --captions).",
+    )
+    data.add_argument(
         "--learnable_property",
         choices=["object", "style"],
         default="object",
@@ -154,9 +169,9 @@ def parse_arguments(family, input_args=None):
         default=None,
         help="Instead of --placeholder_token, --initializer_token and the data flags: a JSON file with a list of "
         "concepts, each {placeholder_token, initializer_token, train_data_dir or dataset_name} and optionally "
-        "num_vectors, learnable_property, validation_prompt, output_dir, trained together in one run (each as its "
-        "own run would train it). Outputs go to --output_dir/<placeholder>/ unless an entry names its output_dir; "
-        "the other flags apply to every concept.",
+        "num_vectors, learnable_property, validation_prompt, output_dir, captions, caption_column, trained "
+        "together in one run (each as its own run would train it). Outputs go to --output_dir/<placeholder>/ unless "
+        "an entry names its output_dir; the other flags apply to every concept.",
     )
     token.add_argument(
         "--concepts_per_step",
@@ -505,6 +520,10 @@ def validate_concept(args):
     check_file_name(args.placeholder_token)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of --train_data_dir (a folder of images) and --dataset_name.")
+    if args.captions is not None and args.dataset_name is not None:
+        raise ValueError("--captions goes with --train_data_dir; with --dataset_name give --caption_column.")
+    if args.caption_column is not None and args.train_data_dir is not None:
+        raise ValueError("--caption_column goes with --dataset_name; with --train_data_dir give --captions FILE.")
     return args
 
 

@@ -14,7 +14,7 @@ from dti.core.step import lora_description
 # size, the prior, the pixels). Checkpoints made before a flag was recorded are not held to it.
 RESULT_FLAGS = ("learning_rate", "kappa", "train_batch_size", "gradient_accumulation_steps", "resolution",
                 "center_crop", "random_flip", "repeats", "lr_scheduler", "lr_warmup_steps")  # fmt: skip
-LATER_KEYS = {*RESULT_FLAGS, "train_data_dir", "dataset_name"}  # older checkpoints may lack them
+LATER_KEYS = {*RESULT_FLAGS, "train_data_dir", "dataset_name", "captions", "caption_column"}  # older ones lack them
 
 
 def checkpoint_identity(args, num_vectors):
@@ -31,6 +31,8 @@ def checkpoint_identity(args, num_vectors):
         **{flag: getattr(args, flag) for flag in RESULT_FLAGS},
         "train_data_dir": str(Path(args.train_data_dir).resolve()) if args.train_data_dir else None,
         "dataset_name": args.dataset_name,
+        "captions": str(Path(args.captions).resolve()) if args.captions else None,
+        "caption_column": args.caption_column,
     }
 
 
@@ -40,7 +42,8 @@ def run_identity(args, concepts):
     identities = [checkpoint_identity(c.args, c.num_vectors) for c in concepts]
     if args.concepts_list is None:
         return identities[0]
-    own = ("placeholder_token", "initializer_token", "num_vectors", "train_data_dir", "dataset_name")
+    own = ("placeholder_token", "initializer_token", "num_vectors", "train_data_dir", "dataset_name", "captions",
+           "caption_column")  # fmt: skip
     shared = {key: value for key, value in identities[0].items() if key not in own}
     return shared | {"concepts": [{key: identity[key] for key in own} for identity in identities]}
 

@@ -84,7 +84,7 @@ CHECKPOINT_STATE = "dti_state.json"
 OUTPUT_LOCK = ".dti-train.lock"
 # The keys of a --concepts_list entry: the first two are required, then one of the two data sources.
 CONCEPT_KEYS = ("placeholder_token", "initializer_token", "train_data_dir", "dataset_name", "num_vectors",
-                "learnable_property", "validation_prompt", "output_dir")  # fmt: skip
+                "learnable_property", "validation_prompt", "output_dir", "captions", "caption_column")  # fmt: skip
 MAX_NAME_BYTES = 200  # a placeholder's file names: 255 bytes less '-steps-N_pivotal.safetensors' and a temp suffix
 MAX_REPEATS = 100_000  # an epoch of images x repeats samples is shuffled in memory
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a step size or norm beyond it overflows

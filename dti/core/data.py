@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import random
 import sys
 from pathlib import Path
@@ -94,8 +95,58 @@ def load_training_images(train_data_dir, resolution):
     return warn_small_images(images, resolution)
 
 
+def check_caption(caption, where):
+    """A caption is a string with a '{}' slot for the token."""
+    if not isinstance(caption, str):
+        raise ValueError(f"{where} is a {type(caption).__name__}, not a string with '{{}}' where the token goes.")
+    if "{}" not in caption:
+        raise ValueError(f"{where} has no '{{}}' where the token goes: write e.g. 'a {{}} on a mossy rock'.")
+
+
+def read_captions(path):
+    """--captions: {image file name or '<folder>/<file name>': caption}, every caption checked; keys starting with
+    '_' (a note such as '_source') are left out."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"--captions {path} cannot be read ({reason}); give a JSON file of captions.") from None
+    except ValueError as error:
+        raise ValueError(f"--captions {path} is not JSON ({error}); give {{image file name: caption}}.") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"--captions {path} must hold a JSON object {{image file name: caption}}.")
+    captions = {key: caption for key, caption in table.items() if not key.startswith("_")}
+    for key, caption in captions.items():
+        check_caption(caption, f"--captions {path}: the caption of {key!r}")
+    return captions
+
+
+def match_captions(path, captions, images):
+    """The caption of each image [(path, image)] of --train_data_dir: the entry of '<folder>/<file name>', else of
+    '<file name>'. An image without one is refused (no silent mix of captions and templates)."""
+    keys = [(f"{p.parent.name}/{p.name}", p.name) for p, _ in images]
+    missing = [name for own, name in keys if own not in captions and name not in captions]
+    if missing:
+        more = f" and {len(missing) - 1} other image(s)" if len(missing) > 1 else ""
+        raise ValueError(f"--captions {path} has no caption for {missing[0]!r}{more} of --train_data_dir; give every "
+                         "image one, keyed by its file name.")  # fmt: skip
+    return [captions[own] if own in captions else captions[name] for own, name in keys]
+
+
+def load_concept_data(args):
+    """A concept's training images [(name, PIL image)] and their captions (None: the templates), from
+    --train_data_dir and --captions or from --dataset_name and --caption_column. The captions file is read first:
+    its errors are found before the images are decoded."""
+    if args.dataset_name:
+        return load_dataset_images(args)
+    captions = read_captions(args.captions) if args.captions else None
+    images = load_training_images(args.train_data_dir, args.resolution)
+    return images, match_captions(args.captions, captions, images) if captions is not None else None
+
+
 def load_dataset_images(args):
-    """The images of --dataset_name's train split (a Hub id, an image folder, or parquet / arrow files)."""
+    """The images of --dataset_name's train split (a Hub id, an image folder, or parquet / arrow files) and, with
+    --caption_column, the caption of each image kept (None without)."""
     try:
         import datasets
     except ImportError as error:
@@ -110,14 +161,18 @@ def load_dataset_images(args):
     except (OSError, ValueError, ConnectionError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"--dataset_name {name!r} could not be loaded ({reason}).") from error
-    if args.image_column not in dataset.column_names:
-        columns = ", ".join(dataset.column_names)
-        raise ValueError(f"--image_column {args.image_column!r} is not a column of {name}; its columns: {columns}.")
+    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if column is not None and column not in dataset.column_names:
+            columns = ", ".join(dataset.column_names)
+            raise ValueError(f"{flag} {column!r} is not a column of {name}; its columns: {columns}.")
+    texts = dataset[args.caption_column] if args.caption_column else None
     if isinstance(dataset.features[args.image_column], datasets.Image):  # decoded below, as image files are
         dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
-    images = []
+    images, captions = [], []
     for i, item in enumerate(dataset[args.image_column]):
         row = f"{path.name or name}[{i}]"
+        if texts is not None:
+            check_caption(texts[i], f"--caption_column {args.caption_column!r}: row {i}")
         try:
             if isinstance(item, dict) and (item.get("bytes") or item.get("path")):
                 source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
@@ -126,13 +181,14 @@ def load_dataset_images(args):
             else:
                 raise ValueError(f"a {type(item).__name__}, not an image")
             images.append((row, open_image(source, args.resolution)))
+            captions.append(texts[i] if texts is not None else None)
         except (OSError, ValueError) as error:
             logger.warning(f"Skipping row {i} of --image_column {args.image_column!r}: not a readable image ({error}).")
     if not images:
         raise ValueError(
             f"--dataset_name {name!r}: no row of --image_column {args.image_column!r} holds a readable image."
         )
-    return warn_small_images(images, args.resolution)
+    return warn_small_images(images, args.resolution), captions if texts is not None else None
 
 
 class DTIDataset(Dataset):
@@ -141,10 +197,14 @@ class DTIDataset(Dataset):
     Item `position` is the position-th sample of the stream: epoch `position // len(self)` visits the images
     `repeats` times in an order drawn from (seed, epoch); every random choice of the sample (template, crop, flip)
     is drawn from (seed, position). So a resumed run, or a run split over several processes, sees exactly the
-    samples an uninterrupted single-process run sees.
+    samples an uninterrupted single-process run sees. With captions (one per image, '{}' for the token) a sample's
+    prompt is its image's caption; the template is drawn all the same, so crops and flips do not depend on them.
     """
 
-    def __init__(self, images, prompt_token, tokenize, resolution, center_crop, random_flip, templates, repeats, seed):
+    def __init__(
+        self, images, prompt_token, tokenize, resolution, center_crop, random_flip, templates, repeats, seed,
+        captions=None,
+    ):  # fmt: skip
         self.images = [self._resize(image, resolution) for _, image in images]
         self.original_sizes = [image.info.get("original_size", image.size[::-1]) for _, image in images]
         self.prompt_token = prompt_token
@@ -153,6 +213,7 @@ class DTIDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.templates = templates
+        self.captions = captions
         self.repeats = repeats
         self.seed = seed
         self.with_pixels = True  # False once the latents are cached: no image work per sample then
@@ -196,7 +257,11 @@ class DTIDataset(Dataset):
     def __getitem__(self, position):
         rng = random.Random(stable_seed(self.seed, "sample", position))
         index = self._image_index(position)
-        prompt = rng.choice(self.templates).format(self.prompt_token)
+        template = rng.choice(self.templates)  # drawn with captions too: the draws after it stay the same
+        if self.captions is None:
+            prompt = template.format(self.prompt_token)
+        else:
+            prompt = self.captions[index].replace("{}", self.prompt_token)
         top, left = self._crop(self.images[index], rng)
         flip = self.random_flip and rng.random() < 0.5
         crop_left = self.images[index].width - left - self.resolution if flip else left
@@ -249,6 +314,11 @@ class StreamSampler(Sampler):
 
     def __len__(self):  # endless; DataLoader only needs it for len(), which we never call
         return sys.maxsize
+
+
+def caption_source(args):
+    """Where a concept's per-image captions come from, for the metadata and the card: the file's name or the column."""
+    return Path(args.captions).name if args.captions else f"column {args.caption_column}"
 
 
 def validation_prompt(args):

@@ -144,22 +144,40 @@ def inject_learned_tokens(text_encoder, first_token_id, tokens):
     return [module.register_forward_hook(hook) for module in modules]
 
 
-def check_prompts_fit(args, tokenize, templates, placeholder_ids, num_vectors):
+def check_prompts_fit(args, tokenize, templates, placeholder_ids, num_vectors, captions=()):
     """Every learned vector must reach the text encoder: refuse a token whose expansion (<tok> <tok>_1 ...) is cut
-    off by the encoder's context in a training template or the validation prompt. tokenize: prompt -> {key: ids}."""
+    off by the encoder's context in a training template or the validation prompt. captions: [(image name, caption)]
+    of a run with per-image captions, which must fit whole. tokenize: prompt -> {key: ids}."""
     prompt_token = placeholder_prompt_token(args.placeholder_token, num_vectors)
     prompts = [template.format(prompt_token) for template in templates]
     if args.num_validation_images and args.placeholder_token in validation_prompt(args):
         prompts.append(validation_prompt(args).replace(args.placeholder_token, prompt_token))
     for prompt in prompts:
-        tokenized = tokenize(prompt)
-        keys = [key for key in tokenized if key.startswith("input_ids")]
-        for key, ids in zip(keys, placeholder_ids, strict=True):
-            if not set(ids) <= set(tokenized[key]):
-                raise ValueError(
-                    f"--num_vectors {num_vectors}: the prompt {prompt!r} does not fit the text encoder's context "
-                    f"({len(tokenized[key])} tokens) with every learned vector; use fewer vectors or a shorter prompt."
-                )
+        length = cut_off_length(tokenize, prompt, placeholder_ids)
+        if length:
+            raise ValueError(
+                f"--num_vectors {num_vectors}: the prompt {prompt!r} does not fit the text encoder's context "
+                f"({length} tokens) with every learned vector; use fewer vectors or a shorter prompt."
+            )
+    source = f"--captions {args.captions}" if args.captions else f"--caption_column {args.caption_column!r}"
+    for name, caption in captions:
+        prompt = caption.replace("{}", prompt_token)
+        length = cut_off_length(tokenize, prompt, placeholder_ids, whole=True)
+        if length:
+            raise ValueError(f"{source}: the caption of {name} is cut off by the text encoder's context ({length} "
+                             f"tokens with the token's {num_vectors} vector(s)); shorten it.")  # fmt: skip
+
+
+def cut_off_length(tokenize, prompt, placeholder_ids, whole=False):
+    """The context length (tokens) if the prompt loses a learned vector to it (whole: or any of its text), else 0.
+    A prompt the context cuts off tokenizes the same with a word appended (so one that fills it exactly counts too)."""
+    tokenized = tokenize(prompt)
+    keys = [key for key in tokenized if key.startswith("input_ids")]
+    longer = tokenize(f"{prompt} x") if whole else tokenized
+    for key, ids in zip(keys, placeholder_ids, strict=True):
+        if not set(ids) <= set(tokenized[key]) or (whole and longer[key] == tokenized[key]):
+            return len(tokenized[key])
+    return 0
 
 
 def placeholder_names(placeholder_token, num_vectors):

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from dti.core.constants import LORA_WEIGHT_NAME, logger
-from dti.core.data import validation_prompt
+from dti.core.data import caption_source, validation_prompt
 from dti.core.plumbing import write_atomically
 from dti.core.step import lora_description
 
@@ -156,6 +156,8 @@ def training_table(args, learned, num_processes):
     ]
     rows += [("batch (global)", str(args.train_batch_size * args.gradient_accumulation_steps * num_processes))]
     rows += [("resolution", str(args.resolution)), ("initializer", args.initializer_token)]
+    if args.captions or args.caption_column:
+        rows += [("prompts", f"per-image captions ({caption_source(args)})")]
     if args.lora_rank:
         rows += [("LoRA", f"{lora_description(args)}; lr {args.lora_learning_rate:g} from step {args.lora_start_step}")]
     return "| setting | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)

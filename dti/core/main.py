@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from dti.core.arguments import check_inputs, ignored_flags, read_concepts, validate_args
 from dti.core.checkpoints import find_checkpoint, resume, run_identity, save_checkpoint
 from dti.core.constants import MIN_TRAINING_IMAGES, OBJECT_TEMPLATES, STYLE_TEMPLATES, logger
-from dti.core.data import DTIDataset, load_dataset_images, load_training_images, validation_prompt
+from dti.core.data import DTIDataset, load_concept_data, validation_prompt
 from dti.core.dti import add_concept_tokens, attach_learned_tokens, check_prompts_fit, placeholder_prompt_token
 from dti.core.family import Models
 from dti.core.hub import check_hub_model, create_hub_repo, hub_repo_id, hub_token, push_to_hub, save_model_card
@@ -50,9 +50,10 @@ from dti.core.step import (
 @dataclass
 class Concept:
     """One concept of a run. Known before any model loads: its flags, token ids per tokenizer (of the initializer and
-    of the new tokens), images and templates; prefix names it in logs ("" for a run of one concept). Set once the
-    models are there: its learned tokens by text encoder and the vocabulary's mean norms; then its data stream
-    (dataset, latents: batch -> posterior, batches) and its non-finite guard."""
+    of the new tokens), images and templates, and the images' captions (None: the templates); prefix names it in logs
+    ("" for a run of one concept). Set once the models are there: its learned tokens by text encoder and the
+    vocabulary's mean norms; then its data stream (dataset, latents: batch -> posterior, batches) and its non-finite
+    guard."""
 
     args: object
     init_ids: list
@@ -61,6 +62,7 @@ class Concept:
     num_vectors: int
     templates: list
     prefix: str
+    captions: list = None
     learned: torch.nn.ModuleDict = None
     vocabulary_mean_norms: dict = None
     dataset: DTIDataset = None
@@ -79,12 +81,12 @@ def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True, add_tokens=N
             init_ids, placeholder_ids = add_concept_tokens(args, tokenizers, in_prompt, add_tokens)
             num_vectors = len(init_ids[0])
             templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
-            check_prompts_fit(args, fit, templates, placeholder_ids, num_vectors)
-            images = (
-                load_dataset_images(args)
-                if args.dataset_name
-                else load_training_images(args.train_data_dir, args.resolution)
-            )
+            images, captions = load_concept_data(args)
+            if captions is None:
+                check_prompts_fit(args, fit, templates, placeholder_ids, num_vectors)
+            else:  # the templates are not used: the captions must fit, each whole
+                named = [(Path(str(name)).name, text) for (name, _), text in zip(images, captions, strict=True)]
+                check_prompts_fit(args, fit, [], placeholder_ids, num_vectors, named)
         except ValueError as error:
             if args.concept_index is None:
                 raise
@@ -100,7 +102,7 @@ def prepare_concepts(concept_args, tokenizers, fit, in_prompt=True, add_tokens=N
                 f"--validation_prompt {args.validation_prompt!r} has neither '{{}}' nor the placeholder token."
             )
         prefix = "" if args.concept_index is None else f"{concept_name(args.placeholder_token)}/"
-        concepts.append(Concept(args, init_ids, placeholder_ids, images, num_vectors, templates, prefix))
+        concepts.append(Concept(args, init_ids, placeholder_ids, images, num_vectors, templates, prefix, captions))
     return concepts
 
 
@@ -143,7 +145,7 @@ def start_streams(concepts, args, tokenize, vae, accelerator, global_step, seed,
     for c in concepts:
         prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
         c.dataset = DTIDataset(c.images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
-                               c.templates, args.repeats, seed)  # fmt: skip
+                               c.templates, args.repeats, seed, c.captions)  # fmt: skip
         c.latents = latent_source(args, c.dataset, vae, family.latent_posterior)
         c.batches = batch_stream(args, c.dataset, accelerator, global_step)
         c.guard = NonFiniteGuard(args.max_nonfinite_steps, f" of {c.args.placeholder_token}" if c.prefix else "")
@@ -152,7 +154,8 @@ def start_streams(concepts, args, tokenize, vae, accelerator, global_step, seed,
 def describe_concepts(concepts, args):
     """The concepts in one line for the start-of-training banner."""
     return "; ".join(
-        f"{c.args.placeholder_token} ({len(c.images)} images x {args.repeats} repeats, {c.num_vectors} vector(s) "
+        f"{c.args.placeholder_token} ({len(c.images)} images{' with captions' if c.captions else ''} x "
+        f"{args.repeats} repeats, {c.num_vectors} vector(s) "
         f"from {c.args.initializer_token!r})"
         for c in concepts
     )

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from dti.core.constants import __version__, logger
-from dti.core.data import validation_prompt
+from dti.core.data import caption_source, validation_prompt
 from dti.core.plumbing import TrainingStopped, write_all_atomically, write_atomically
 from dti.core.step import lora_metadata
 
@@ -55,6 +55,7 @@ def embedding_metadata(args, learned, vocabulary_mean_norms, step):
         "beta": repr(args.beta if args.method == "dti" and args.optimizer == "rsgd" else 0.0),
         "learning_rate": repr(args.learning_rate),
         **({"crossinit_lambda": repr(args.crossinit_lambda)} if args.method == "crossinit" else {}),
+        **({"captions": caption_source(args)} if args.captions or args.caption_column else {}),
         "steps": str(step),
         "resolution": str(args.resolution),
         "script": Path(__file__).name,

@@ -280,6 +280,12 @@ def parse_arguments(family, input_args=None):
     )
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
     data.add_argument(
+        "--image_resampling",
+        choices=["bilinear", "bicubic"],
+        default="bilinear",
+        help="Filter of the resize to --resolution: bilinear, or bicubic as the DTI authors' code resizes.",
+    )
+    data.add_argument(
         "--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading (0: main process)."
     )
 
@@ -990,9 +996,9 @@ class DTIDataset(Dataset):
 
     def __init__(
         self, images, prompt_token, tokenize, resolution, center_crop, random_flip, templates, repeats, seed,
-        captions=None,
+        captions=None, resampling="bilinear",
     ):  # fmt: skip
-        self.images = [self._resize(image, resolution) for _, image in images]
+        self.images = [self._resize(image, resolution, resampling) for _, image in images]
         self.original_sizes = [image.info.get("original_size", image.size[::-1]) for _, image in images]
         self.prompt_token = prompt_token
         self.tokenize = tokenize  # prompt -> {name: list of ids}, as the pipeline tokenizes
@@ -1007,10 +1013,10 @@ class DTIDataset(Dataset):
         self._order = (None, None)
 
     @staticmethod
-    def _resize(image, resolution):
+    def _resize(image, resolution, resampling="bilinear"):
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-        return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return image.resize(size, Image.Resampling[resampling.upper()], reducing_gap=3.0)
 
     def __len__(self):
         return len(self.images) * self.repeats
@@ -2733,7 +2739,7 @@ def start_streams(concepts, args, tokenize, vae, accelerator, global_step, seed,
     for c in concepts:
         prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
         c.dataset = DTIDataset(c.images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
-                               c.templates, args.repeats, seed, c.captions)  # fmt: skip
+                               c.templates, args.repeats, seed, c.captions, args.image_resampling)  # fmt: skip
         c.latents = latent_source(args, c.dataset, vae, family.latent_posterior)
         c.batches = batch_stream(args, c.dataset, accelerator, global_step)
         c.guard = NonFiniteGuard(args.max_nonfinite_steps, f" of {c.args.placeholder_token}" if c.prefix else "")
@@ -3016,7 +3022,8 @@ def train(args, family):
 # Flags a resume must keep: each changes what the remaining steps compute (the data stream's position, the step
 # size, the prior, the pixels). Checkpoints made before a flag was recorded are not held to it.
 RESULT_FLAGS = ("learning_rate", "kappa", "train_batch_size", "gradient_accumulation_steps", "resolution",
-                "center_crop", "random_flip", "repeats", "lr_scheduler", "lr_warmup_steps")  # fmt: skip
+                "center_crop", "random_flip", "image_resampling", "repeats", "lr_scheduler",
+                "lr_warmup_steps")  # fmt: skip
 LATER_KEYS = {*RESULT_FLAGS, "train_data_dir", "dataset_name", "captions", "caption_column"}  # older ones lack them
 
 

@@ -32,19 +32,23 @@ SANA = {"1.6b": "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers",
 WAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 # What every row of a family shares: the authors' launchers' resolution, batch, steps, seed, precision, validation.
-# --pooled_output argmax: their SDXL runs pool CLIP-G as the checkpoint's config says (our default pools at <eos>).
+# --pooled_output argmax: their SDXL runs pool CLIP-G as the checkpoint's config says (our default pools at <eos>);
+# --image_resampling bicubic: their data loader resizes bicubically (our default: bilinear).
 SDXL_COMMON = ["--resolution", "768", "--train_batch_size", "4", "--gradient_accumulation_steps", "1",
                "--max_train_steps", "400", "--scale_lr", "--seed", "42", "--mixed_precision", "bf16",
-               "--pooled_output", "argmax", "--validation_steps", "50", "--save_steps", "50",
+               "--pooled_output", "argmax", "--image_resampling", "bicubic", "--validation_steps", "50",
+               "--save_steps", "50",
                "--validation_prompt", "a {} with Japanese modern city street in the background"]  # fmt: skip
 # --initializer_form bare: their SANA code takes the class word's bare Gemma piece ("robot", not "▁robot").
 SANA_COMMON = ["--resolution", "1024", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
                "--max_train_steps", "500", "--scale_lr", "--seed", "42", "--mixed_precision", "bf16",
-               "--initializer_form", "bare", "--validation_steps", "100", "--save_steps", "100",
+               "--initializer_form", "bare", "--image_resampling", "bicubic", "--validation_steps", "100",
+               "--save_steps", "100",
                "--validation_prompt", "a {} on a beach"]  # fmt: skip
 WAN_COMMON = ["--resolution", "512", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
               "--max_train_steps", "500", "--scale_lr", "--seed", "42", "--mixed_precision", "bf16",
-              "--validation_steps", "100", "--save_steps", "100", "--validation_prompt", "a {} on a beach"]  # fmt: skip
+              "--image_resampling", "bicubic", "--validation_steps", "100", "--save_steps", "100",
+              "--validation_prompt", "a {} on a beach"]  # fmt: skip
 # Their SANA AdamW passes the RSGD weight decay (0) and their TI / CrossInit launchers add no zero pad.
 SANA_ADAMW = ["--adam_weight_decay", "0", "--no-zero_pad"]
 

@@ -19,10 +19,12 @@ from tests.conftest import REPO
 SCRIPTS = {"train_dti_sdxl.py": train_dti_sdxl, "train_dti_sana.py": train_dti_sana, "train_dti_wan.py": train_dti_wan}
 SDXL = {"--resolution": "768", "--train_batch_size": "4", "--gradient_accumulation_steps": "1",
         "--max_train_steps": "400", "--seed": "42", "--mixed_precision": "bf16", "--pooled_output": "argmax",
+        "--image_resampling": "bicubic",
         "--validation_steps": "50", "--save_steps": "50", "--scale_lr": True,
         "--validation_prompt": "a {} with Japanese modern city street in the background"}  # fmt: skip
 SANA = {"--resolution": "1024", "--train_batch_size": "2", "--gradient_accumulation_steps": "2",
         "--max_train_steps": "500", "--seed": "42", "--mixed_precision": "bf16", "--initializer_form": "bare",
+        "--image_resampling": "bicubic",
         "--validation_steps": "100", "--save_steps": "100", "--scale_lr": True,
         "--validation_prompt": "a {} on a beach"}  # fmt: skip
 SANA_ADAMW = {"--adam_weight_decay": "0", "--no-zero_pad": True}

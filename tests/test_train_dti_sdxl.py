@@ -725,3 +725,16 @@ def test_awkward_images_load_as_rgb_at_a_sensible_size(tmp_path, caplog):
     dataset = dti.DTIDataset(list(loaded.items()), "x", no_text, 64, True, False, dti.OBJECT_TEMPLATES, 1, seed=0)
     huge = list(loaded).index("huge.jpg")
     assert dataset.original_sizes[huge] == (4800, 6400)
+
+
+def test_image_resampling_bicubic_resizes_as_pil_bicubic():
+    """--image_resampling bicubic (the DTI authors' resize); the default stays bilinear."""
+    image = Image.open(next(ASSETS.glob("*.jpg"))).convert("RGB")
+    resized = {name: dti.DTIDataset._resize(image, 64, name) for name in ("bilinear", "bicubic")}
+    for name, result in resized.items():
+        target = image.resize(result.size, getattr(Image.Resampling, name.upper()), reducing_gap=3.0)
+        assert min(result.size) == 64 and np.array_equal(np.asarray(result), np.asarray(target)), name
+    assert not np.array_equal(np.asarray(resized["bilinear"]), np.asarray(resized["bicubic"]))
+    assert np.array_equal(np.asarray(dti.DTIDataset._resize(image, 64)), np.asarray(resized["bilinear"]))
+    args = dti.parse_args(["--pretrained_model_name_or_path", "m", "--image_resampling", "bicubic"])
+    assert args.image_resampling == "bicubic"

@@ -140,6 +140,12 @@ def parse_arguments(family, input_args=None):
     )
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
     data.add_argument(
+        "--image_resampling",
+        choices=["bilinear", "bicubic"],
+        default="bilinear",
+        help="Filter of the resize to --resolution: bilinear, or bicubic as the DTI authors' code resizes.",
+    )
+    data.add_argument(
         "--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading (0: main process)."
     )
 

@@ -13,7 +13,8 @@ from dti.core.step import lora_description
 # Flags a resume must keep: each changes what the remaining steps compute (the data stream's position, the step
 # size, the prior, the pixels). Checkpoints made before a flag was recorded are not held to it.
 RESULT_FLAGS = ("learning_rate", "kappa", "train_batch_size", "gradient_accumulation_steps", "resolution",
-                "center_crop", "random_flip", "repeats", "lr_scheduler", "lr_warmup_steps")  # fmt: skip
+                "center_crop", "random_flip", "image_resampling", "repeats", "lr_scheduler",
+                "lr_warmup_steps")  # fmt: skip
 LATER_KEYS = {*RESULT_FLAGS, "train_data_dir", "dataset_name", "captions", "caption_column"}  # older ones lack them
 
 

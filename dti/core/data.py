@@ -203,9 +203,9 @@ class DTIDataset(Dataset):
 
     def __init__(
         self, images, prompt_token, tokenize, resolution, center_crop, random_flip, templates, repeats, seed,
-        captions=None,
+        captions=None, resampling="bilinear",
     ):  # fmt: skip
-        self.images = [self._resize(image, resolution) for _, image in images]
+        self.images = [self._resize(image, resolution, resampling) for _, image in images]
         self.original_sizes = [image.info.get("original_size", image.size[::-1]) for _, image in images]
         self.prompt_token = prompt_token
         self.tokenize = tokenize  # prompt -> {name: list of ids}, as the pipeline tokenizes
@@ -220,10 +220,10 @@ class DTIDataset(Dataset):
         self._order = (None, None)
 
     @staticmethod
-    def _resize(image, resolution):
+    def _resize(image, resolution, resampling="bilinear"):
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-        return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return image.resize(size, Image.Resampling[resampling.upper()], reducing_gap=3.0)
 
     def __len__(self):
         return len(self.images) * self.repeats

@@ -145,7 +145,7 @@ def start_streams(concepts, args, tokenize, vae, accelerator, global_step, seed,
     for c in concepts:
         prompt_token = placeholder_prompt_token(c.args.placeholder_token, c.num_vectors)
         c.dataset = DTIDataset(c.images, prompt_token, tokenize, args.resolution, args.center_crop, args.random_flip,
-                               c.templates, args.repeats, seed, c.captions)  # fmt: skip
+                               c.templates, args.repeats, seed, c.captions, args.image_resampling)  # fmt: skip
         c.latents = latent_source(args, c.dataset, vae, family.latent_posterior)
         c.batches = batch_stream(args, c.dataset, accelerator, global_step)
         c.guard = NonFiniteGuard(args.max_nonfinite_steps, f" of {c.args.placeholder_token}" if c.prefix else "")

@@ -10,11 +10,13 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import train_dti_flux2_klein
 import train_dti_sana
 import train_dti_sdxl
+import train_dti_wan
 from tests.conftest import REPO, training_args
 
-SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana, "wan": train_dti_wan, "flux2_klein": train_dti_flux2_klein}
 
 
 def train_run(family, model, output_dir, *extra):
@@ -87,6 +89,88 @@ def test_quantize_frozen_8bit_keeps_the_gradient_path_and_changes_the_loss_littl
         assert cosine > 0.9, (name, cosine)  # the gradient reaches the learned rows through the int8 layers
     first_loss_change = abs(logged["8bit"][0] - logged["full"][0]) / logged["full"][0]
     assert 0 < first_loss_change < 0.02, first_loss_change
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def setup_run(family, model, output_dir, *extra):
+    """The script's run as `train` sets it up (1 micro-batch per step), and its first concept's first batch and
+    latents."""
+    script = SCRIPTS[family]
+    flags = [
+        "--gradient_accumulation_steps",
+        "1",
+        *(["--max_sequence_length", "64"] if family == "flux2_klein" else []),
+    ]
+    run = script.setup(script.parse_args(training_args(model, output_dir, *flags, *extra)), script.FAMILY)
+    batch = next(run.concepts[0].batches)
+    return run, batch, run.concepts[0].latents(batch)
+
+
+def loss_and_gradient(run, batch, latents):
+    """The loss of each sample and the gradient of the first concept's learned tokens, flat."""
+    learned = run.concepts[0].learned
+    learned.zero_grad(set_to_none=True)
+    loss = run.loss_fn(batch, *latents)
+    loss.sum().backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in learned.parameters()])
+
+
+def text_conditioning(family, text_encoder, text, args, attended_only):
+    """What the denoiser reads of the text conditioning: SANA's attended positions (it masks the rest), all of Wan's."""
+    if family == "sana":
+        embeds, mask = train_dti_sana.encode_prompt(text_encoder, text, args.max_sequence_length, attended_only)
+        return embeds[mask.bool()]
+    return train_dti_wan.encode_prompt(text_encoder, text, attended_only)
+
+
+@pytest.mark.parametrize(
+    ("family", "flags"), [("sana", []), ("sana", ["--complex_human_instruction"]), ("wan", [])],
+    ids=["sana", "sana-instruction", "wan"],
+)  # fmt: skip
+def test_encoding_only_the_attended_positions_keeps_the_conditioning_loss_and_gradient(
+    family, flags, request, tmp_path, monkeypatch
+):
+    script = SCRIPTS[family]
+    run, batch, latents = setup_run(family, request.getfixturevalue(f"tiny_{family}"), tmp_path / "out", *flags)
+    lengths = batch["text"]["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == 2 and max(lengths) < batch["text"]["attention_mask"].shape[1]  # padded, unevenly
+    with torch.no_grad():
+        attended, full = (text_conditioning(family, run.models.text_encoders[0], batch["text"], run.args, attended)
+                          for attended in (True, False))  # fmt: skip
+    assert relative(attended, full) <= 1e-6
+    results = {}
+    for attended_only in (True, False):
+        monkeypatch.setattr(script.FAMILY, "encode_attended_only", attended_only)
+        results[attended_only] = loss_and_gradient(run, batch, latents)
+    (loss, gradient), (full_loss, full_gradient) = results[True], results[False]
+    assert relative(loss, full_loss) <= 1e-6 and relative(gradient, full_gradient) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["sana", "wan"])
+def test_a_run_encoding_the_attended_positions_ends_where_the_full_length_run_ends(
+    family, request, tmp_path, monkeypatch
+):
+    model = request.getfixturevalue(f"tiny_{family}")
+    attended = final_rows(train_run(family, model, tmp_path / "attended"))
+    reset_accelerate()
+    monkeypatch.setattr(SCRIPTS[family].FAMILY, "encode_attended_only", False)
+    full = final_rows(train_run(family, model, tmp_path / "full"))
+    assert {name: relative(rows, full[name]) <= 1e-6 for name, rows in attended.items()} == {"text_encoder": True}
+
+
+def test_the_klein_encoder_cut_after_its_last_read_layer_keeps_the_loss_and_gradient(
+    tiny_flux2_klein, tmp_path, monkeypatch
+):
+    cut = setup_run("flux2_klein", tiny_flux2_klein, tmp_path / "cut")
+    reset_accelerate()
+    monkeypatch.setattr(train_dti_flux2_klein.FAMILY, "prepare_text_encoders", lambda args, models, *_: models.extras)
+    full = setup_run("flux2_klein", tiny_flux2_klein, tmp_path / "full")
+    assert [len(run.models.text_encoders[0].model.layers) for run, _, _ in (cut, full)] == [28, 36]
+    (loss, gradient), (full_loss, full_gradient) = (loss_and_gradient(*run) for run in (cut, full))
+    assert relative(loss, full_loss) <= 1e-6 and relative(gradient, full_gradient) <= 1e-6
 
 
 class CountDeviceReads(TorchDispatchMode):

@@ -410,10 +410,11 @@ def parse_arguments(family, input_args=None):
         help=f"Recompute activations of the {family.denoiser_label} and {family.text_encoder_label} in the backward "
         "pass to save memory.",
     )
+    compiled = (family.denoiser_label, family.text_encoder_label)[: 1 + family.compile_text_encoders]
     train.add_argument(
         "--compile",
         action="store_true",
-        help=f"torch.compile the {family.denoiser_label} for training (the first steps are slow while it compiles; "
+        help=f"torch.compile the {' and '.join(compiled)} for training (the first steps are slow while it compiles; "
         "validation is not).",
     )
     train.add_argument(
@@ -1361,6 +1362,7 @@ class Family:
     tokenizers = ()  # their tokenizers' component names, in the same order
     text_encoder_label = ""  # how --help names the text encoder(s)
     fp32_modules = ()  # components kept in fp32 under mixed precision
+    compile_text_encoders = False  # whether --compile compiles the text encoders too (fixed-length text only)
     vae_label, vae_factor = "VAE", 8  # the autoencoder's name and its downsampling factor (for --help)
     defaults = {}  # resolution, train_batch_size, gradient_accumulation_steps, max_train_steps (and, optionally,
     # validation_prompt and validation_steps)
@@ -2519,6 +2521,15 @@ def check_run(args, family):
     return concept_args
 
 
+def compiled(models, family, backend):
+    """--compile: the models as training calls them, the denoiser (and the text encoders, if the family's take text
+    of a fixed length) compiled; validation keeps the plain modules."""
+    text_encoders = models.text_encoders
+    if family.compile_text_encoders:
+        text_encoders = [torch.compile(model, backend=backend) for model in text_encoders]
+    return replace(models, denoiser=torch.compile(models.denoiser, backend=backend), text_encoders=text_encoders)
+
+
 def setup(args, family):
     """From the flags to the first step: checks, tokens and data (cheap errors first), the models, the learned
     tokens in fp32 (every other weight frozen in the mixed-precision dtype), the optimizer, the resumed state."""
@@ -2558,7 +2569,7 @@ def setup(args, family):
     for concept in concepts:
         concept.learned.to(accelerator.device)
     lora = DenoiserLoRA(models.denoiser, args, seed, prefix=family.denoiser) if args.lora_rank else None
-    denoiser = torch.compile(models.denoiser, backend=args.compile_backend) if args.compile else models.denoiser
+    trained = compiled(models, family, args.compile_backend) if args.compile else models
 
     optimizer = make_optimizer(args, [t for c in concepts for t in c.learned.values()], lora)
     from diffusers.optimization import get_scheduler  # here: diffusers takes 1.5 s to import, --help does not wait
@@ -2573,7 +2584,7 @@ def setup(args, family):
     accelerator.register_for_checkpointing(*(c.learned for c in concepts), lr_scheduler, *([lora] if lora else []))
     global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
     start_streams(concepts, args, tokenize, models.vae, accelerator, global_step, seed, family)
-    loss_fn = partial(family.training_loss, models=replace(models, denoiser=denoiser), seed=seed, args=args)
+    loss_fn = partial(family.training_loss, models=trained, seed=seed, args=args)
     components = frozen | dict(zip(family.tokenizers, tokenizers, strict=True))
     return Run(args, family, accelerator, concepts, tokenizers, models, components, lora, optimizer, lr_scheduler,
                loss_fn, StepLogs(concepts), identity, seed, global_step, token)  # fmt: skip

@@ -56,6 +56,21 @@ def test_each_speed_option_leaves_the_learned_embeddings_unchanged(family, tiny_
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_compile_compiles_the_clip_encoders_with_the_unet_and_validation_keeps_the_plain_modules(
+    family, tiny_sdxl, tiny_sana, tmp_path
+):
+    model = tiny_sdxl if family == "sdxl" else tiny_sana
+    run, _, _ = setup_run(family, model, tmp_path / "out", "--compile", "--compile_backend", "aot_eager")
+    trained = run.loss_fn.keywords["models"]
+    compiled = [
+        isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in (trained.denoiser, *trained.text_encoders)
+    ]
+    assert compiled == [True, *[family == "sdxl"] * len(trained.text_encoders)]  # SANA's text length varies by batch
+    plain = [run.components[name] for name in (run.family.denoiser, *run.family.text_encoders)]
+    assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in plain)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
 def test_quantize_frozen_8bit_keeps_the_gradient_path_and_changes_the_loss_little(
     family, tiny_sdxl, tiny_sana, tmp_path, monkeypatch
 ):

@@ -33,6 +33,7 @@ class Family:
     tokenizers = ()  # their tokenizers' component names, in the same order
     text_encoder_label = ""  # how --help names the text encoder(s)
     fp32_modules = ()  # components kept in fp32 under mixed precision
+    compile_text_encoders = False  # whether --compile compiles the text encoders too (fixed-length text only)
     vae_label, vae_factor = "VAE", 8  # the autoencoder's name and its downsampling factor (for --help)
     defaults = {}  # resolution, train_batch_size, gradient_accumulation_steps, max_train_steps (and, optionally,
     # validation_prompt and validation_steps)

@@ -176,6 +176,15 @@ def check_run(args, family):
     return concept_args
 
 
+def compiled(models, family, backend):
+    """--compile: the models as training calls them, the denoiser (and the text encoders, if the family's take text
+    of a fixed length) compiled; validation keeps the plain modules."""
+    text_encoders = models.text_encoders
+    if family.compile_text_encoders:
+        text_encoders = [torch.compile(model, backend=backend) for model in text_encoders]
+    return replace(models, denoiser=torch.compile(models.denoiser, backend=backend), text_encoders=text_encoders)
+
+
 def setup(args, family):
     """From the flags to the first step: checks, tokens and data (cheap errors first), the models, the learned
     tokens in fp32 (every other weight frozen in the mixed-precision dtype), the optimizer, the resumed state."""
@@ -215,7 +224,7 @@ def setup(args, family):
     for concept in concepts:
         concept.learned.to(accelerator.device)
     lora = DenoiserLoRA(models.denoiser, args, seed, prefix=family.denoiser) if args.lora_rank else None
-    denoiser = torch.compile(models.denoiser, backend=args.compile_backend) if args.compile else models.denoiser
+    trained = compiled(models, family, args.compile_backend) if args.compile else models
 
     optimizer = make_optimizer(args, [t for c in concepts for t in c.learned.values()], lora)
     from diffusers.optimization import get_scheduler  # here: diffusers takes 1.5 s to import, --help does not wait
@@ -230,7 +239,7 @@ def setup(args, family):
     accelerator.register_for_checkpointing(*(c.learned for c in concepts), lr_scheduler, *([lora] if lora else []))
     global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
     start_streams(concepts, args, tokenize, models.vae, accelerator, global_step, seed, family)
-    loss_fn = partial(family.training_loss, models=replace(models, denoiser=denoiser), seed=seed, args=args)
+    loss_fn = partial(family.training_loss, models=trained, seed=seed, args=args)
     components = frozen | dict(zip(family.tokenizers, tokenizers, strict=True))
     return Run(args, family, accelerator, concepts, tokenizers, models, components, lora, optimizer, lr_scheduler,
                loss_fn, StepLogs(concepts), identity, seed, global_step, token)  # fmt: skip

@@ -271,6 +271,7 @@ class SDXL(Family):
     denoiser, denoiser_label = "unet", "UNet"
     text_encoders, tokenizers = ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")
     text_encoder_label = "text encoders"
+    compile_text_encoders = True  # CLIP always reads 77 positions: one graph, whose many small kernels fuse
     defaults = {"resolution": 768, "train_batch_size": 4, "gradient_accumulation_steps": 1, "max_train_steps": 400}
     default_kappa = DEFAULT_KAPPA
     card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")

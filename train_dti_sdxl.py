@@ -494,6 +494,13 @@ def parse_arguments(family, input_args=None):
         "--num_validation_images", type=int, default=4, help="Images per validation; 0 turns validation off."
     )
     logs.add_argument(
+        "--validation_batch_size",
+        type=int,
+        default=None,
+        help="Validation images per pipeline call; each has its own seed, so the images do not depend on it. Default: "
+        "all at once (a call that runs out of GPU memory is retried at half the size).",
+    )
+    logs.add_argument(
         "--validation_steps",
         type=int,
         default=family.defaults.get("validation_steps", 50),
@@ -563,6 +570,10 @@ def validate_args(args, family):
         (args.output_dir.strip() != "", "--output_dir must not be empty; give a folder"),
         (args.num_validation_images >= 0, "--num_validation_images must be zero or positive"),
         (args.validation_steps >= 1, "--validation_steps must be at least 1"),
+        (
+            args.validation_batch_size is None or args.validation_batch_size >= 1,
+            "--validation_batch_size must be at least 1",
+        ),
         (args.save_steps >= 1, "--save_steps must be at least 1"),
         (args.checkpointing_steps >= 1, "--checkpointing_steps must be at least 1"),
         (args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1, "--checkpoints_total_limit >= 1"),
@@ -1430,7 +1441,8 @@ class Family:
 
     # Validation and outputs.
     def validation_images(self, components, models, args, prompt, generators):
-        """One PIL image per generator of `prompt`, with the family's pipeline built from components."""
+        """One PIL image per generator of `prompt`, in one call of the family's pipeline built from components (a list
+        of generators, one per image: image i is the one a call with generators[i] alone makes)."""
         raise NotImplementedError
 
     def metadata(self, args):
@@ -1831,26 +1843,23 @@ class SDXL(Family):
                              seed=seed, resolution=args.resolution)  # fmt: skip
 
     def validation_images(self, components, models, args, prompt, generators):
-        """DPM-Solver, 25 steps, at the training resolution; the latents decoded by the VAE in its own dtype."""
+        """DPM-Solver, 25 steps, at the training resolution, one image per generator in one call; the latents decoded
+        one at a time (the VAE's memory of one image) by the VAE in its own dtype."""
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
         scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
         pipeline = StableDiffusionXLPipeline(**components, scheduler=scheduler, add_watermarker=False)
         pipeline.set_progress_bar_config(disable=True)
-        return [
-            decode_latents(
-                pipeline,
-                pipeline(
-                    prompt,
-                    num_inference_steps=25,
-                    height=args.resolution,
-                    width=args.resolution,
-                    generator=generator,
-                    output_type="latent",
-                ).images,
-            )[0]
-            for generator in generators
-        ]
+        latents = pipeline(
+            prompt,
+            num_inference_steps=25,
+            height=args.resolution,
+            width=args.resolution,
+            num_images_per_prompt=len(generators),
+            generator=generators,
+            output_type="latent",
+        ).images
+        return [decode_latents(pipeline, latent[None])[0] for latent in latents]
 
     def metadata(self, args):
         return {"pooled_output": args.pooled_output}
@@ -2361,6 +2370,26 @@ class LatentCache:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def generate_validation_images(components, models, args, device, seed, prompt, family):
+    """--num_validation_images images of prompt, --validation_batch_size per pipeline call (default: all in one),
+    image i from its own generator seeded with seed + i, so batching never changes an image. A call that runs out of
+    device memory is retried at half the size, which then stays for the rest of the run."""
+    images, count = [], args.num_validation_images
+    while len(images) < count:
+        size = min(args.validation_batch_size or count, count - len(images))
+        generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(images), len(images) + size)]
+        try:
+            images += family.validation_images(components, models, args, prompt, generators)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            args.validation_batch_size = size // 2
+            logger.warning(f"Validation of {size} images in one call ran out of memory: {size // 2} per call from now "
+                           "on (--validation_batch_size sets it).")  # fmt: skip
+            torch.cuda.empty_cache()
+    return images
+
+
 def log_validation(components, models, args, accelerator, seed, step, prompt_token, family):
     """Generate --num_validation_images with the current token (the family's pipeline, image i seeded with seed + i);
     save a grid; log them. A pipeline that cannot expand a multi-vector token gets the expansion training used."""
@@ -2370,8 +2399,7 @@ def log_validation(components, models, args, accelerator, seed, step, prompt_tok
     if not family.pipeline_expands_tokens:
         prompt = prompt.replace(args.placeholder_token, prompt_token)
     logger.info(f"Validation at step {step}: {args.num_validation_images} images of {prompt!r}.")
-    generators = [torch.Generator(accelerator.device).manual_seed(seed + i) for i in range(args.num_validation_images)]
-    images = family.validation_images(components, models, args, prompt, generators)
+    images = generate_validation_images(components, models, args, accelerator.device, seed, prompt, family)
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     grid = make_image_grid(images, rows=1, cols=len(images))

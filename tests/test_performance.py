@@ -4,10 +4,13 @@ import json
 import subprocess
 import sys
 import traceback
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_dti_flux2_klein
@@ -186,6 +189,56 @@ def test_the_klein_encoder_cut_after_its_last_read_layer_keeps_the_loss_and_grad
     assert [len(run.models.text_encoders[0].model.layers) for run, _, _ in (cut, full)] == [28, 36]
     (loss, gradient), (full_loss, full_gradient) = (loss_and_gradient(*run) for run in (cut, full))
     assert relative(loss, full_loss) <= 1e-6 and relative(gradient, full_gradient) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_validation_images_made_in_one_call_are_the_images_made_one_by_one(family, tiny_sdxl, tiny_sana, tmp_path):
+    model = tiny_sdxl if family == "sdxl" else tiny_sana
+    grids = {}
+    for name, flags in {"one call": [], "one by one": ["--validation_batch_size", "1"]}.items():
+        reset_accelerate()
+        train_run(family, model, tmp_path / name, "--max_train_steps", "1", "--num_validation_images", "3", *flags)
+        grids[name] = np.asarray(Image.open(tmp_path / name / "validation" / "step-1.png"), dtype=int)
+    difference = np.abs(grids["one call"] - grids["one by one"])
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3  # fp32 rounding, seen through 8 bits
+
+
+class RecordingPipeline:
+    """A family whose pipeline records the seeds of each call and runs out of memory above max_batch images."""
+
+    def __init__(self, max_batch):
+        self.max_batch, self.calls = max_batch, []
+
+    def validation_images(self, components, models, args, prompt, generators):
+        self.calls.append([g.initial_seed() for g in generators])
+        if len(generators) > self.max_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return [f"image {g.initial_seed()}" for g in generators]
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "max_batch", "calls", "kept"),
+    [
+        (None, 5, [[10, 11, 12, 13, 14]], None),
+        (2, 5, [[10, 11], [12, 13], [14]], 2),
+        (None, 2, [[10, 11, 12, 13, 14], [10, 11], [12, 13], [14]], 2),  # halved after running out of memory
+    ],
+    ids=["all-at-once", "batches-of-2", "out-of-memory"],
+)
+def test_validation_calls_the_pipeline_per_batch_each_image_seeded_by_its_index(
+    batch_size, max_batch, calls, kept, caplog
+):
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # the scripts' logger needs it
+    family = RecordingPipeline(max_batch)
+    args = SimpleNamespace(num_validation_images=5, validation_batch_size=batch_size)
+    images = train_dti_sdxl.generate_validation_images({}, None, args, "cpu", 10, "a prompt", family)
+    assert family.calls == calls and images == [f"image {seed}" for seed in range(10, 15)]
+    assert args.validation_batch_size == kept
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == (["Validation of 5 images in one call ran out of memory: 2 per call from now on "
+                         "(--validation_batch_size sets it)."] if len(calls) == 4 else [])  # fmt: skip
 
 
 class CountDeviceReads(TorchDispatchMode):

@@ -107,7 +107,8 @@ class Family:
 
     # Validation and outputs.
     def validation_images(self, components, models, args, prompt, generators):
-        """One PIL image per generator of `prompt`, with the family's pipeline built from components."""
+        """One PIL image per generator of `prompt`, in one call of the family's pipeline built from components (a list
+        of generators, one per image: image i is the one a call with generators[i] alone makes)."""
         raise NotImplementedError
 
     def metadata(self, args):

@@ -293,24 +293,23 @@ class Sana(Family):
                              attended_only=self.encode_attended_only)  # fmt: skip
 
     def validation_images(self, components, models, args, prompt, generators):
-        """SanaPipeline with the checkpoint's own sampler, at the training resolution."""
+        """SanaPipeline with the checkpoint's own sampler, at the training resolution, one image per generator in one
+        call."""
         from diffusers import SanaPipeline
 
         pipeline = SanaPipeline(**components, scheduler=models.sampler)
         pipeline.set_progress_bar_config(disable=True)
-        return [
-            pipeline(
-                prompt,
-                num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                height=args.resolution,
-                width=args.resolution,
-                complex_human_instruction=complex_human_instruction(args),
-                max_sequence_length=args.max_sequence_length,
-                use_resolution_binning=False,  # generate at the training resolution
-                generator=generator,
-            ).images[0]
-            for generator in generators
-        ]
+        return pipeline(
+            prompt,
+            num_inference_steps=VALIDATION_INFERENCE_STEPS,
+            height=args.resolution,
+            width=args.resolution,
+            complex_human_instruction=complex_human_instruction(args),
+            max_sequence_length=args.max_sequence_length,
+            use_resolution_binning=False,  # generate at the training resolution
+            num_images_per_prompt=len(generators),
+            generator=generators,
+        ).images
 
     def metadata(self, args):
         return {

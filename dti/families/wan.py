@@ -221,26 +221,25 @@ class Wan(Family):
                              vae=models.vae, seed=seed, args=args, attended_only=self.encode_attended_only)  # fmt: skip
 
     def validation_images(self, components, models, args, prompt, generators):
-        """The first (only) frame of a 1-frame WanPipeline video at the training resolution, with the checkpoint's
-        own sampler (20 steps, guidance 5, as the authors validate)."""
+        """The first (only) frame of 1-frame WanPipeline videos at the training resolution, one per generator in one
+        call, with the checkpoint's own sampler (20 steps, guidance 5, as the authors validate)."""
         from diffusers import WanPipeline
 
         pipeline = WanPipeline(**components, scheduler=models.sampler)
         pipeline.set_progress_bar_config(disable=True)
-        return [
-            pipeline(
-                prompt,
-                height=args.resolution,
-                width=args.resolution,
-                num_frames=1,
-                num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                guidance_scale=VALIDATION_GUIDANCE_SCALE,
-                max_sequence_length=args.max_sequence_length,
-                generator=generator,
-                output_type="pil",
-            ).frames[0][0]
-            for generator in generators
-        ]
+        videos = pipeline(
+            prompt,
+            height=args.resolution,
+            width=args.resolution,
+            num_frames=1,
+            num_inference_steps=VALIDATION_INFERENCE_STEPS,
+            guidance_scale=VALIDATION_GUIDANCE_SCALE,
+            max_sequence_length=args.max_sequence_length,
+            num_videos_per_prompt=len(generators),
+            generator=generators,
+            output_type="pil",
+        ).frames
+        return [video[0] for video in videos]
 
     def metadata(self, args):
         return {"max_sequence_length": str(args.max_sequence_length), "training_shift": repr(args.training_shift)}

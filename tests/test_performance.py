@@ -84,7 +84,8 @@ def test_quantize_frozen_8bit_keeps_the_gradient_path_and_changes_the_loss_littl
     logged = {}
 
     def log(self, values, step=None, **kwargs):
-        logged.setdefault(run_name, []).append(values["loss"])
+        if "loss" in values:  # the step logs, not the run's phases at the end
+            logged.setdefault(run_name, []).append(values["loss"])
 
     monkeypatch.setattr(Accelerator, "log", log)
     run_name = "full"
@@ -239,6 +240,40 @@ def test_validation_calls_the_pipeline_per_batch_each_image_seeded_by_its_index(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == (["Validation of 5 images in one call ran out of memory: 2 per call from now on "
                          "(--validation_batch_size sets it)."] if len(calls) == 4 else [])  # fmt: skip
+
+
+def test_run_phases_give_each_second_to_one_phase(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(train_dti_sdxl.time, "monotonic", lambda: now[0])
+
+    def spend(seconds):
+        now[0] += seconds
+
+    phases = train_dti_sdxl.RunPhases()
+    spend(12)  # loading
+    phases.start_steps(torch.device("cpu"), compiles=True)
+    spend(30)
+    phases.step_done()  # the first step, compiling
+    for _ in range(4):
+        spend(0.5)
+        phases.step_done()
+    with phases("validation"):
+        spend(3)
+    with phases("saving"):
+        spend(1)
+    spend(0.5)
+    phases.step_done()
+    phases.end_steps()
+    with phases("saving"):
+        spend(1)
+    with phases("upload"):
+        spend(2)
+    assert phases.summary() == ("Load 12.0s, compile 30.0s (the first step), 5 steps 2.5s (0.5 s/step), 1 validation "
+                                "3.0s, saving 2.0s, upload 2.0s.")  # fmt: skip
+    assert phases.tracker_values() == {"time/load_s": 12, "time/compile_s": 30, "time/training_s": 2.5,
+                                       "time/validation_s": 3, "time/saving_s": 2, "time/upload_s": 2,
+                                       "time/total_s": 51.5, "time/s_per_step": 0.5}  # fmt: skip
+    assert [train_dti_sdxl.duration(s) for s in (59.94, 65, 3725)] == ["59.9s", "1m05s", "1h02m"]
 
 
 class CountDeviceReads(TorchDispatchMode):

@@ -355,9 +355,36 @@ def test_benchmark_runs_on_cpu_with_the_tiny_models_and_reports_every_field(tmp_
     assert [line.split()[0] for line in table[3:]] == list(rows)
 
 
+def test_the_run_benchmark_times_a_whole_tiny_run_and_reports_its_phases(tiny_sdxl, tmp_path):
+    output = tmp_path / "run.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_run.py"), "--family", "sdxl", "--config", "tiny",
+               "--model_dir", str(tiny_sdxl), "--device", "cpu", "--max_train_steps", "4", "--validation_steps", "2",
+               "--output", str(output), "--", "--num_validation_images", "1"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["family"] == "sdxl" and report["config"] == "tiny" and report["device_type"] == "cpu"
+    assert set(report["versions"]) >= {"torch", "diffusers", "transformers", "accelerate"}
+    (run,) = report["runs"]
+    assert run["setting"] == "default" and run["done_line"].startswith("Done in ")
+    assert run["flags"][-2:] == ["--num_validation_images", "1"]  # what follows -- goes to the script
+    assert run["steps"] == 4 and run["validations"] == 2 and run["compile_s"] is None and run["upload_s"] is None
+    assert run["s_per_step"] == pytest.approx(run["training_s"] / 4, rel=0.05, abs=0.05)  # the line's rounding
+    phases = [run[f"{phase}_s"] for phase in ("load", "training", "validation", "saving")]
+    assert all(seconds >= 0 for seconds in phases) and run["startup_s"] > 0
+    assert sum(phases) + run["startup_s"] == pytest.approx(run["wall_s"])
+    table = proc.stdout.splitlines()
+    assert table[0].startswith("sdxl tiny | ") and table[1].split()[:3] == ["setting", "wall", "s"]
+    assert table[3].split()[0] == "default" and tiny_sdxl.is_dir()  # a given --model_dir is kept
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
-    [(["--config", "nope"], "--config nope: no folder benchmarks/configs/nope"), (["--steps", "0"], "--steps")],
+    [
+        (["--config", "nope"], "--config nope: no folder benchmarks/configs/nope"),
+        (["--steps", "0"], "--steps"),
+        (["--variants", "dti+cache+full_text"], "sdxl's text encoder always runs over the whole length"),
+    ],
 )
 def test_benchmark_bad_input_is_one_line(argv, expected, capsys):
     sys.path.insert(0, str(REPO / "benchmarks"))

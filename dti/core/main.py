@@ -434,12 +434,12 @@ def finish(run, validate, stop):
             validate_one_concept(run, c)
         if stop.signal:
             stop_after_the_last_step(run, stop)
+        repo_id = hub_repo_id(c.args)
         if args.push_to_hub:
             with phases("upload"):
                 repo_id = create_hub_repo(c.args, run.hub_token)
         with phases("saving"):
-            save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes,
-                            repo_id if args.push_to_hub else hub_repo_id(c.args), run.family)  # fmt: skip
+            save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
         if args.push_to_hub:
             with phases("upload"):
                 push_to_hub(c.args, repo_id, run.hub_token)

@@ -266,11 +266,11 @@ def parse_arguments(family, input_args=None):
         help=f"Recompute activations of the {family.denoiser_label} and {family.text_encoder_label} in the backward "
         "pass to save memory.",
     )
-    compiled = (family.denoiser_label, family.text_encoder_label)[: 1 + family.compile_text_encoders]
+    compiled = family.denoiser_label + (f" and {family.text_encoder_label}" if family.compile_text_encoders else "")
     train.add_argument(
         "--compile",
         action="store_true",
-        help=f"torch.compile the {' and '.join(compiled)} for training (the first steps are slow while it compiles; "
+        help=f"torch.compile the {compiled} for training (the first steps are slow while it compiles; "
         "validation is not).",
     )
     train.add_argument(

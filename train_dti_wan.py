@@ -439,10 +439,11 @@ def parse_arguments(family, input_args=None):
         help=f"Recompute activations of the {family.denoiser_label} and {family.text_encoder_label} in the backward "
         "pass to save memory.",
     )
+    compiled = family.denoiser_label + (f" and {family.text_encoder_label}" if family.compile_text_encoders else "")
     train.add_argument(
         "--compile",
         action="store_true",
-        help=f"torch.compile the {family.denoiser_label} for training (the first steps are slow while it compiles; "
+        help=f"torch.compile the {compiled} for training (the first steps are slow while it compiles; "
         "validation is not).",
     )
     train.add_argument(
@@ -528,6 +529,13 @@ def parse_arguments(family, input_args=None):
         "--num_validation_images", type=int, default=4, help="Images per validation; 0 turns validation off."
     )
     logs.add_argument(
+        "--validation_batch_size",
+        type=int,
+        default=None,
+        help="Validation images per pipeline call; each has its own seed, so the images do not depend on it. Default: "
+        "all at once (a call that runs out of GPU memory is retried at half the size).",
+    )
+    logs.add_argument(
         "--validation_steps",
         type=int,
         default=family.defaults.get("validation_steps", 50),
@@ -600,6 +608,10 @@ def validate_args(args, family):
         (args.output_dir.strip() != "", "--output_dir must not be empty; give a folder"),
         (args.num_validation_images >= 0, "--num_validation_images must be zero or positive"),
         (args.validation_steps >= 1, "--validation_steps must be at least 1"),
+        (
+            args.validation_batch_size is None or args.validation_batch_size >= 1,
+            "--validation_batch_size must be at least 1",
+        ),
         (args.save_steps >= 1, "--save_steps must be at least 1"),
         (args.checkpointing_steps >= 1, "--checkpointing_steps must be at least 1"),
         (args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1, "--checkpoints_total_limit >= 1"),
@@ -1487,6 +1499,7 @@ class Family:
     tokenizers = ()  # their tokenizers' component names, in the same order
     text_encoder_label = ""  # how --help names the text encoder(s)
     fp32_modules = ()  # components kept in fp32 under mixed precision
+    compile_text_encoders = False  # whether --compile compiles the text encoders too (fixed-length text only)
     vae_label, vae_factor = "VAE", 8  # the autoencoder's name and its downsampling factor (for --help)
     defaults = {}  # resolution, train_batch_size, gradient_accumulation_steps, max_train_steps (and, optionally,
     # validation_prompt and validation_steps)
@@ -1560,7 +1573,8 @@ class Family:
 
     # Validation and outputs.
     def validation_images(self, components, models, args, prompt, generators):
-        """One PIL image per generator of `prompt`, with the family's pipeline built from components."""
+        """One PIL image per generator of `prompt`, in one call of the family's pipeline built from components (a list
+        of generators, one per image: image i is the one a call with generators[i] alone makes)."""
         raise NotImplementedError
 
     def metadata(self, args):
@@ -1705,6 +1719,21 @@ def flow_matching_loss(model_pred, latents, noise, sigmas, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Text encoding up to the batch's last attended position
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def encode_attended(encode, ids, mask):
+    """encode(ids, mask) -> [B, n, d] on positions 0 .. n - 1 only, n the batch's last attended position + 1, padded
+    with zeros to the full length L. ids, mask: [B, L], on the CPU as batches come (reading n syncs no device).
+    Exact when no attended position reads the ones after n: a causal encoder, or a bidirectional one whose masked keys
+    weigh exactly zero. The zeros stand where the denoiser masks the text out or the pipeline zeroes it."""
+    attended = mask.any(0).nonzero().flatten().tolist()
+    n = attended[-1] + 1 if attended else 1
+    return F.pad(encode(ids[:, :n], mask[:, :n]), (0, 0, 0, ids.shape[1] - n))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # New token rows by hand, for pipelines without load_textual_inversion
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1745,13 +1774,19 @@ def tokenize_prompt(tokenizer, max_sequence_length, prompt):
     return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
 
 
-def encode_prompt(text_encoder, text):
+def encode_prompt(text_encoder, text, attended_only=False):
     """Wan text conditioning: UMT5's last hidden state with every position after the prompt's end set to zero, as
-    WanPipeline's prompt embeddings are. text: {"input_ids": [B, L], "attention_mask": [B, L]}; returns [B, L, d]."""
+    WanPipeline's prompt embeddings are. text: {"input_ids": [B, L], "attention_mask": [B, L]}; returns [B, L, d].
+    attended_only: UMT5 runs up to the batch's longest prompt only. The same conditioning: the padding is masked in
+    every attention (its keys weigh exactly zero) and its states are zeroed anyway."""
     device = text_encoder.device
-    ids, mask = text["input_ids"].to(device), text["attention_mask"].to(device)
-    hidden_states = text_encoder(ids, attention_mask=mask).last_hidden_state
-    return torch.where(mask.bool().unsqueeze(-1), hidden_states, torch.zeros_like(hidden_states))
+
+    def encode(ids, mask):
+        return text_encoder(ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+
+    ids, mask = text["input_ids"], text["attention_mask"]
+    hidden_states = encode_attended(encode, ids, mask) if attended_only else encode(ids, mask)
+    return torch.where(mask.to(device).bool().unsqueeze(-1), hidden_states, torch.zeros_like(hidden_states))
 
 
 def encode_initializer(args, tokenizers, text_encoders, num_vectors):
@@ -1770,14 +1805,16 @@ def normalized_latents(vae, latents):
     return (latents - mean) / std
 
 
-def training_loss(batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler, vae, seed, args):
+def training_loss(batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler, vae, seed, args,
+                  attended_only=True):  # fmt: skip
     """Wan's rectified-flow loss of each sample of a batch, [B] (the mean over its elements), on images as 1-frame
-    videos. latent_mean: [B, 16, 1, H/8, W/8], the VAE posterior's mode (latent_std is zero)."""
+    videos, UMT5 run over the attended positions only unless attended_only is False (see encode_prompt).
+    latent_mean: [B, 16, 1, H/8, W/8], the VAE posterior's mode (latent_std is zero)."""
     device, dtype = latent_mean.device, transformer.dtype
     generators = keyed_generators(seed, batch["position"].tolist(), device)
     latents = normalized_latents(vae, latent_mean)
     noisy_latents, noise, timesteps, sigmas = flow_matching_inputs(latents, generators, noise_scheduler, args)
-    prompt_embeds = encode_prompt(text_encoders[0], batch["text"])
+    prompt_embeds = encode_prompt(text_encoders[0], batch["text"], attended_only)
     model_pred = transformer(
         hidden_states=noisy_latents.to(dtype),
         timestep=timesteps,
@@ -1837,6 +1874,7 @@ class Wan(Family):
     default_kappa = DEFAULT_KAPPA
     pipeline_expands_tokens = False  # WanPipeline cannot expand a multi-vector token
     card_tags = ("wan", "text-to-video")
+    encode_attended_only = True  # UMT5 over the batch's longest prompt, not all 512 positions (exact: encode_prompt)
 
     def add_arguments(self, parser, groups):
         wan = parser.add_argument_group("Wan")
@@ -1897,29 +1935,28 @@ class Wan(Family):
     def training_loss(self, batch, latent_mean, latent_std, models, seed, args):
         return training_loss(batch, latent_mean, latent_std, transformer=models.denoiser,
                              text_encoders=models.text_encoders, noise_scheduler=models.noise_scheduler,
-                             vae=models.vae, seed=seed, args=args)  # fmt: skip
+                             vae=models.vae, seed=seed, args=args, attended_only=self.encode_attended_only)  # fmt: skip
 
     def validation_images(self, components, models, args, prompt, generators):
-        """The first (only) frame of a 1-frame WanPipeline video at the training resolution, with the checkpoint's
-        own sampler (20 steps, guidance 5, as the authors validate)."""
+        """The first (only) frame of 1-frame WanPipeline videos at the training resolution, one per generator in one
+        call, with the checkpoint's own sampler (20 steps, guidance 5, as the authors validate)."""
         from diffusers import WanPipeline
 
         pipeline = WanPipeline(**components, scheduler=models.sampler)
         pipeline.set_progress_bar_config(disable=True)
-        return [
-            pipeline(
-                prompt,
-                height=args.resolution,
-                width=args.resolution,
-                num_frames=1,
-                num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                guidance_scale=VALIDATION_GUIDANCE_SCALE,
-                max_sequence_length=args.max_sequence_length,
-                generator=generator,
-                output_type="pil",
-            ).frames[0][0]
-            for generator in generators
-        ]
+        videos = pipeline(
+            prompt,
+            height=args.resolution,
+            width=args.resolution,
+            num_frames=1,
+            num_inference_steps=VALIDATION_INFERENCE_STEPS,
+            guidance_scale=VALIDATION_GUIDANCE_SCALE,
+            max_sequence_length=args.max_sequence_length,
+            num_videos_per_prompt=len(generators),
+            generator=generators,
+            output_type="pil",
+        ).frames
+        return [video[0] for video in videos]
 
     def metadata(self, args):
         return {"max_sequence_length": str(args.max_sequence_length), "training_shift": repr(args.training_shift)}
@@ -2456,6 +2493,26 @@ class LatentCache:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def generate_validation_images(components, models, args, device, seed, prompt, family):
+    """--num_validation_images images of prompt, --validation_batch_size per pipeline call (default: all in one),
+    image i from its own generator seeded with seed + i, so batching never changes an image. A call that runs out of
+    device memory is retried at half the size, which then stays for the rest of the run."""
+    images, count = [], args.num_validation_images
+    while len(images) < count:
+        size = min(args.validation_batch_size or count, count - len(images))
+        generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(images), len(images) + size)]
+        try:
+            images += family.validation_images(components, models, args, prompt, generators)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            args.validation_batch_size = size // 2
+            logger.warning(f"Validation of {size} images in one call ran out of memory: {size // 2} per call from now "
+                           "on (--validation_batch_size sets it).")  # fmt: skip
+            torch.cuda.empty_cache()
+    return images
+
+
 def log_validation(components, models, args, accelerator, seed, step, prompt_token, family):
     """Generate --num_validation_images with the current token (the family's pipeline, image i seeded with seed + i);
     save a grid; log them. A pipeline that cannot expand a multi-vector token gets the expansion training used."""
@@ -2465,8 +2522,7 @@ def log_validation(components, models, args, accelerator, seed, step, prompt_tok
     if not family.pipeline_expands_tokens:
         prompt = prompt.replace(args.placeholder_token, prompt_token)
     logger.info(f"Validation at step {step}: {args.num_validation_images} images of {prompt!r}.")
-    generators = [torch.Generator(accelerator.device).manual_seed(seed + i) for i in range(args.num_validation_images)]
-    images = family.validation_images(components, models, args, prompt, generators)
+    images = generate_validation_images(components, models, args, accelerator.device, seed, prompt, family)
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     grid = make_image_grid(images, rows=1, cols=len(images))
@@ -2667,6 +2723,95 @@ def describe_concepts(concepts, args):
     )
 
 
+class RunPhases:
+    """Where a run's wall time goes: load (all before the first step), compile (the first step, under --compile),
+    training (the steps), validation, saving and upload. The clock runs in one phase at a time: `switch` moves it
+    on, `with phases("saving"):` runs a block in another one and comes back. The device finishes its queued work at
+    both ends of a block (once per block, never inside a step), so the work counts for the phase that queued it."""
+
+    def __init__(self):
+        self.seconds, self.counts, self.steps = {}, {}, 0  # counts: blocks per phase
+        self.phase, self.device = "load", None
+        self.mark = self.started = time.monotonic()
+
+    def synchronize(self):
+        device_module = getattr(torch, self.device.type, None) if self.device is not None else None
+        if hasattr(device_module, "synchronize"):
+            device_module.synchronize()
+
+    def switch(self, phase):
+        now = time.monotonic()
+        self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + now - self.mark
+        self.phase, self.mark = phase, now
+
+    def start_steps(self, device, compiles):
+        """The first step is next: it compiles the models under --compile."""
+        self.device = device
+        self.synchronize()  # the models' copies to the device are part of loading
+        self.switch("compile" if compiles else "training")
+
+    def step_done(self):
+        if self.phase == "compile":
+            self.synchronize()
+            self.switch("training")
+        else:
+            self.steps += 1
+
+    def end_steps(self):
+        """The last step is done: what follows (the end-of-run saves, validation, upload) is timed by its blocks."""
+        self.synchronize()
+        self.switch("end")
+
+    @contextmanager
+    def __call__(self, phase):
+        outer = self.phase
+        self.synchronize()
+        self.switch(phase)
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.switch(outer)
+            self.counts[phase] = self.counts.get(phase, 0) + 1
+
+    def total(self):
+        return time.monotonic() - self.started
+
+    def summary(self):
+        """The phases in one sentence: 'Load 12.0s, compile 31.2s (the first step), 399 steps 52.0s (0.13 s/step),
+        8 validations 20.1s, saving 1.2s, upload 3.0s.' (a phase that did not happen is left out)."""
+        parts = [f"Load {duration(self.seconds.get('load', 0.0))}"]
+        if "compile" in self.seconds:
+            parts.append(f"compile {duration(self.seconds['compile'])} (the first step)")
+        if self.steps:
+            training = self.seconds.get("training", 0.0)
+            parts.append(f"{counted(self.steps, 'step')} {duration(training)} ({training / self.steps:.3g} s/step)")
+        if "validation" in self.counts:
+            parts.append(f"{counted(self.counts['validation'], 'validation')} {duration(self.seconds['validation'])}")
+        parts += [f"{phase} {duration(self.seconds[phase])}" for phase in ("saving", "upload") if phase in self.counts]
+        return ", ".join(parts) + "."
+
+    def tracker_values(self):
+        """The phases for the tracker, in seconds (time/<phase>_s) and time/s_per_step."""
+        values = {f"time/{phase}_s": seconds for phase, seconds in self.seconds.items() if phase != "end"}
+        values["time/total_s"] = self.total()
+        if self.steps:
+            values["time/s_per_step"] = self.seconds.get("training", 0.0) / self.steps
+        return values
+
+
+def counted(count, noun):
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def duration(seconds):
+    """12.3s, 1m05s or 2h03m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 @dataclass
 class Run:
     """Everything the loop works with, made by `setup`."""
@@ -2687,6 +2832,7 @@ class Run:
     seed: int
     step: int
     hub_token: str = None
+    phases: RunPhases = field(default_factory=RunPhases)
 
 
 def check_run(args, family):
@@ -2699,9 +2845,19 @@ def check_run(args, family):
     return concept_args
 
 
+def compiled(models, family, backend):
+    """--compile: the models as training calls them, the denoiser (and the text encoders, if the family's take text
+    of a fixed length) compiled; validation keeps the plain modules."""
+    text_encoders = models.text_encoders
+    if family.compile_text_encoders:
+        text_encoders = [torch.compile(model, backend=backend) for model in text_encoders]
+    return replace(models, denoiser=torch.compile(models.denoiser, backend=backend), text_encoders=text_encoders)
+
+
 def setup(args, family):
     """From the flags to the first step: checks, tokens and data (cheap errors first), the models, the learned
     tokens in fp32 (every other weight frozen in the mixed-precision dtype), the optimizer, the resumed state."""
+    phases = RunPhases()  # the run's clock starts: loading
     concept_args = check_run(args, family)
     token = hub_token(args)
     accelerator = make_accelerator(args)
@@ -2739,7 +2895,7 @@ def setup(args, family):
     for concept in concepts:
         concept.learned.to(accelerator.device)
     lora = DenoiserLoRA(models.denoiser, args, seed, prefix=family.denoiser) if args.lora_rank else None
-    denoiser = torch.compile(models.denoiser, backend=args.compile_backend) if args.compile else models.denoiser
+    trained = compiled(models, family, args.compile_backend) if args.compile else models
 
     optimizer = make_optimizer(args, [t for c in concepts for t in c.learned.values()], lora)
     from diffusers.optimization import get_scheduler  # here: diffusers takes 1.5 s to import, --help does not wait
@@ -2754,12 +2910,12 @@ def setup(args, family):
     accelerator.register_for_checkpointing(*(c.learned for c in concepts), lr_scheduler, *([lora] if lora else []))
     global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
     start_streams(concepts, args, tokenize, models.vae, accelerator, global_step, seed, family)
-    loss_fn = partial(family.training_loss, models=replace(models, denoiser=denoiser), seed=seed, args=args)
+    loss_fn = partial(family.training_loss, models=trained, seed=seed, args=args)
     loss_fn = DCOLoss(loss_fn, lora, args.dco_beta) if args.dco_beta else loss_fn  # its reference: the LoRA off
     logs = StepLogs(concepts, DCOLoss.keys if args.dco_beta else ())
     components = frozen | dict(zip(family.tokenizers, tokenizers, strict=True))
     return Run(args, family, accelerator, concepts, tokenizers, models, components, lora, optimizer, lr_scheduler,
-               loss_fn, logs, identity, seed, global_step, token)  # fmt: skip
+               loss_fn, logs, identity, seed, global_step, token, phases)  # fmt: skip
 
 
 def train_step(run):
@@ -2786,8 +2942,9 @@ def validate_one_concept(run, concept):
     on."""
     prompt_token = placeholder_prompt_token(concept.args.placeholder_token, concept.num_vectors)
     try:
-        log_validation(run.components, run.models, concept.args, run.accelerator, run.seed, run.step, prompt_token,
-                       run.family)  # fmt: skip
+        with run.phases("validation"):
+            log_validation(run.components, run.models, concept.args, run.accelerator, run.seed, run.step,
+                           prompt_token, run.family)  # fmt: skip
     except TrainingStopped:  # a full disk stops the run, validation or not
         raise
     except Exception as error:
@@ -2808,10 +2965,12 @@ def save_in_run(run, validate):
     --checkpointing_steps, validation images every --validation_steps."""
     args, step = run.args, run.step
     if step % args.save_steps == 0 and step < args.max_train_steps:
-        save_all_embeddings(run.concepts, step, run.family, f"-steps-{step}", run.lora)
+        with run.phases("saving"):
+            save_all_embeddings(run.concepts, step, run.family, f"-steps-{step}", run.lora)
     if step % args.checkpointing_steps == 0:
-        check_finite(run.concepts, step)
-        save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
+        with run.phases("saving"):
+            check_finite(run.concepts, step)
+            save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
     if validate and step % args.validation_steps == 0:
         validate_concepts(run)
 
@@ -2847,19 +3006,25 @@ def save_and_stop(run, stop):
 
 def finish(run, validate, stop):
     """The end of the run on the main process: the final embeddings, a last validation, the model card, the upload."""
-    args = run.args
+    args, phases = run.args, run.phases
     if not run.accelerator.is_main_process:
         return
-    save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
+    with phases("saving"):
+        save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
     for c in run.concepts:
         if validate and run.step % args.validation_steps != 0:
             validate_one_concept(run, c)
         if stop.signal:
             stop_after_the_last_step(run, stop)
-        repo_id = create_hub_repo(c.args, run.hub_token) if args.push_to_hub else hub_repo_id(c.args)
-        save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
+        repo_id = hub_repo_id(c.args)
         if args.push_to_hub:
-            push_to_hub(c.args, repo_id, run.hub_token)
+            with phases("upload"):
+                repo_id = create_hub_repo(c.args, run.hub_token)
+        with phases("saving"):
+            save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
+        if args.push_to_hub:
+            with phases("upload"):
+                push_to_hub(c.args, repo_id, run.hub_token)
 
 
 def stop_after_the_last_step(run, stop):
@@ -2876,20 +3041,20 @@ def stop_after_the_last_step(run, stop):
     )
 
 
-def run_summary(args, started):
-    """One line: what the run wrote where, and how long it took."""
+def run_summary(args, phases, with_phases=True):
+    """One line: what the run wrote where, how long it took, and (with_phases) where the time went."""
     output_dir = Path(args.output_dir)
     files = sorted(p.name for p in output_dir.glob("*.safetensors") if "-steps-" not in p.name)
     files += [name for name in ("README.md", "validation/", "checkpoint-*/") if list(output_dir.glob(name))]
-    minutes, seconds = divmod(round(time.monotonic() - started), 60)
-    return f"Done in {minutes}m{seconds:02d}s: wrote {', '.join(files)} in {output_dir}."
+    minutes, seconds = divmod(round(phases.total()), 60)
+    line = f"Done in {minutes}m{seconds:02d}s: wrote {', '.join(files)} in {output_dir}."
+    return f"{line} {phases.summary()}" if with_phases else line
 
 
 def train(args, family):
     """DTI on `family`: set up, then step until --max_train_steps, saving and validating on the way."""
-    started = time.monotonic()
     run = setup(args, family)
-    accelerator, concepts = run.accelerator, run.concepts
+    accelerator, concepts, phases = run.accelerator, run.concepts, run.phases
     start_trackers(accelerator, args, f"dti-{family.name}")
     norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in concepts[0].learned.items() if args.method == "dti")
     samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -2903,10 +3068,12 @@ def train(args, family):
         range(args.max_train_steps), initial=run.step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     first_step = run.step + 1  # the bar shows the loss from the run's first step on
+    phases.start_steps(accelerator.device, compiles=args.compile)
     with StopRequest() as stop:  # to the very end: a signal in the last validation or the upload is handled too
         with progress:  # closed before any way out prints its line
             while run.step < args.max_train_steps:
                 train_step(run)
+                phases.step_done()
                 progress.update(1)
                 at_logging_step = run.step % args.logging_steps == 0 or run.step in (first_step, args.max_train_steps)
                 if at_logging_step:  # the host reads the step logs (LoRA and AdamW modes also read the finite flags)
@@ -2917,11 +3084,13 @@ def train(args, family):
                 if stop.requested(accelerator, can_sync=at_logging_step):
                     report_steps(run.logs, concepts, accelerator, progress)
                     save_and_stop(run, stop)
+        phases.end_steps()
         accelerator.wait_for_everyone()
         finish(run, validate, stop)
+    accelerator.log(phases.tracker_values(), step=run.step)
     accelerator.end_training()
     for concept in concepts:
-        logger.info(run_summary(concept.args, started))
+        logger.info(run_summary(concept.args, phases, with_phases=concept is concepts[-1]))
     return SimpleNamespace(learned=concepts[0].learned, concepts=concepts, components=run.components,
                            placeholder_ids=concepts[0].placeholder_ids, seed=run.seed, lora=run.lora)  # fmt: skip
 

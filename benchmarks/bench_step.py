@@ -49,6 +49,7 @@ VARIANTS = {
     "floor": None,
     "dti": [],
     "dti+cache": ["--cache_latents"],
+    "dti+cache+full_text": ["--cache_latents"],  # the text encoder over the whole padded length (SANA, Wan)
     "ti+cache": ["--method", "ti", "--cache_latents"],
     "dti+cache+compile": ["--cache_latents", "--compile"],
     "dti+lora+cache": ["--lora_rank", "16", "--cache_latents"],  # DTI + LoRA: a rank-16 LoRA of the attention
@@ -56,6 +57,9 @@ VARIANTS = {
     "dti+gc+cache": ["--gradient_checkpointing", "--cache_latents"],
     "dti+gc+cache+8bit": ["--gradient_checkpointing", "--cache_latents", "--quantize_frozen", "8bit"],
 }
+# Variants whose text encoder runs over every padded position, as before the scripts encoded the attended ones only:
+# not run unless named.
+FULL_TEXT = {"dti+cache+full_text"}
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; longest matching name wins.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
                     "RTX A6000": 154.8, "L40S": 362.1}  # fmt: skip
@@ -85,8 +89,9 @@ def parse_args(input_args=None):
         "--variants",
         nargs="+",
         choices=list(VARIANTS),
-        default=list(VARIANTS),
-        help="Variants to time, in this order (checkpointing and 8-bit ones change the models: keep them last).",
+        default=[v for v in VARIANTS if v not in FULL_TEXT],
+        help="Variants to time, in this order (checkpointing and 8-bit ones change the models: keep them last). "
+        "dti+cache+full_text (SANA, Wan; only when named): the text encoder over the whole padded length.",
     )
     parser.add_argument(
         "--num_concepts",
@@ -100,6 +105,12 @@ def parse_args(input_args=None):
         type=int,
         default=None,
         help="The scripts' --concepts_per_step: concepts per forward and backward. Default: all K at once.",
+    )
+    parser.add_argument(
+        "--validation_images",
+        type=int,
+        default=0,
+        help="Also time one validation of this many images: in one pipeline call, and one call per image.",
     )
     parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps per variant.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation happens here).")
@@ -122,6 +133,10 @@ def parse_args(input_args=None):
         parser.error("--steps must be at least 1 and --warmup at least 0")
     if min(args.num_concepts) < 1 or (args.concepts_per_step is not None and args.concepts_per_step < 1):
         parser.error("--num_concepts and --concepts_per_step must be at least 1")
+    if FULL_TEXT & set(args.variants) and not hasattr(SCRIPTS[args.family].FAMILY, "encode_attended_only"):
+        parser.error(f"dti+cache+full_text: {args.family}'s text encoder always runs over the whole length")
+    if args.validation_images < 0:
+        parser.error("--validation_images must be zero or positive")
     if not tiny and not (CONFIGS / args.config).is_dir():
         parser.error(f"--config {args.config}: no folder benchmarks/configs/{args.config} (or use tiny)")
     return args
@@ -161,10 +176,13 @@ def build_models(family, config, device):
             "vae": pipe.vae.to(device),
             "denoiser": getattr(pipe, seam.denoiser).to(device),
             "noise_scheduler": training.from_config(pipe.scheduler.config),
+            "sampler": pipe.scheduler,
             "tokenizers": [getattr(pipe, t) for t in seam.tokenizers],
         }
     with torch.device(device):  # random init on the device: seconds, not minutes
-        return {"sdxl": real_sdxl, "sana": real_sana, "wan": real_wan, "flux2-klein": real_klein}[family](config)
+        models = {"sdxl": real_sdxl, "sana": real_sana, "wan": real_wan, "flux2-klein": real_klein}[family](config)
+    scheduler = json.loads((CONFIGS / config / "scheduler.json").read_text())
+    return models | {"sampler": getattr(diffusers, scheduler["_class_name"]).from_config(scheduler)}
 
 
 def real_sdxl(config):
@@ -406,11 +424,15 @@ def with_concepts(argv, num_concepts, folder):
     return [*argv, "--concepts_list", str(concepts)]
 
 
-def prebuilt(script, models):
+def prebuilt(script, models, full_text=False):
     """The script's family, with its models taken from `models` instead of the disk (a fresh copy of the
-    tokenizers each variant; the denoiser, VAE and text encoders are shared, their learned-row hooks removed)."""
+    tokenizers each variant; the denoiser, VAE and text encoders are shared, their learned-row hooks removed);
+    full_text: its text encoder runs over the whole padded length."""
 
     class Prebuilt(type(script.FAMILY)):
+        if full_text:
+            encode_attended_only = False
+
         def load_tokenizers(self, args):
             return [copy.deepcopy(t) for t in models["tokenizers"]], {}
 
@@ -422,12 +444,12 @@ def prebuilt(script, models):
             for model in (models["denoiser"], *models["text_encoders"]):
                 set_checkpointing(model, False)
             frozen = list(models["text_encoders"]), models["vae"], models["denoiser"], models["noise_scheduler"]
-            return script.Models(*frozen, sampler=None)
+            return script.Models(*frozen, sampler=models["sampler"])
 
     return Prebuilt()
 
 
-def dti_step(family, models, flags, opts, folder, num_concepts=1):
+def dti_step(family, models, flags, opts, folder, num_concepts=1, full_text=False):
     """A variant set up by the script's own `setup` (what its main runs before the loop); returns its step (the
     script's `train_step`), its step logs and the first concept's loss key."""
     script = SCRIPTS[family]
@@ -435,8 +457,29 @@ def dti_step(family, models, flags, opts, folder, num_concepts=1):
     argv = with_concepts(script_argv(opts, flags, folder / "out"), num_concepts, folder)
     if opts.concepts_per_step and num_concepts > 1:
         argv += ["--concepts_per_step", str(opts.concepts_per_step)]
-    run = script.setup(script.parse_args(argv), prebuilt(script, models))
+    run = script.setup(script.parse_args(argv), prebuilt(script, models, full_text))
     return partial(script.train_step, run), run.logs, f"{run.concepts[0].prefix}loss"
+
+
+def validation_seconds(family, models, opts, folder):
+    """Wall seconds of one validation of opts.validation_images images, as the script's log_validation makes them:
+    all in one pipeline call, and one call per image (after one untimed image)."""
+    script = SCRIPTS[family]
+    argv = script_argv(opts, ["--num_validation_images", str(opts.validation_images)], folder / "out")
+    run = script.setup(script.parse_args(argv), prebuilt(script, models))
+    args = run.concepts[0].args
+    prompt = script.validation_prompt(args)
+    generate = partial(script.generate_validation_images, run.components, run.models, args, run.accelerator.device,
+                       run.seed, prompt, run.family)  # fmt: skip
+    times = {}
+    for name, batch_size in (("warmup", 1), ("one_call", None), ("one_call_per_image", 1)):
+        args.num_validation_images = 1 if name == "warmup" else opts.validation_images
+        args.validation_batch_size = batch_size
+        started = time.perf_counter()
+        generate()
+        times[name] = time.perf_counter() - started
+    return {"images": opts.validation_images, "one_call_s": times["one_call"],
+            "one_call_per_image_s": times["one_call_per_image"]}  # fmt: skip
 
 
 def run(opts):
@@ -459,6 +502,9 @@ def run(opts):
         + [(f"text_encoder_{i}", m) for i, m in enumerate(models["text_encoders"])]
     }
 
+    validation = None
+    if opts.validation_images:  # first: the 8-bit variant changes the models for good
+        validation = validation_seconds(opts.family, models, opts, Path(tempfile.mkdtemp(prefix="bench-validation-")))
     results = []
     runs = [(variant, k) for variant in opts.variants for k in (opts.num_concepts if VARIANTS[variant] else [1])]
     for variant, num_concepts in runs:
@@ -473,7 +519,9 @@ def run(opts):
             step, logs = floor_step(opts.family, denoiser, opts, device, dtype, text_length), None
         else:
             folder = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
-            step, logs, loss_key = dti_step(opts.family, models, flags, opts, folder, num_concepts)
+            step, logs, loss_key = dti_step(
+                opts.family, models, flags, opts, folder, num_concepts, variant in FULL_TEXT
+            )
         counted = not {"--compile", "8bit"} & set(flags or [])  # FlopCounterMode sees neither compiled nor int8 ops
         measured = measure(step, opts, device, flops=counted)
         losses = [record[2][loss_key] for record in logs.read()] if logs else []  # the first concept's
@@ -485,10 +533,10 @@ def run(opts):
         if "--lora_rank" in (flags or []):  # the next variants train the token alone again
             models["denoiser"].delete_adapters("default")
     attention = [getattr(m.config, "_attn_implementation", None) for m in models["text_encoders"]]
-    return summarize(opts, results, device, build_s, parameters, attention)
+    return summarize(opts, results, device, build_s, parameters, attention, validation)
 
 
-def summarize(opts, results, device, build_s, parameters, attention):
+def summarize(opts, results, device, build_s, parameters, attention, validation=None):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = opts.peak_tflops
     if peak is None and device.type == "cuda":
@@ -547,6 +595,7 @@ def summarize(opts, results, device, build_s, parameters, attention):
         "build_seconds": build_s,
         "versions": {"torch": torch.__version__, **package_versions()},
         "results": rows,
+        "validation": validation,
     }
 
 
@@ -582,6 +631,10 @@ def table(report):
             f"{cell(r['tflop_per_step'], '7.3f')} {cell(fraction, '7.1f')} {cell(r['ratio_to_floor'], '8.2f')} "
             f"{cell(r['loss'], '9.5f')}"
         )
+    if report.get("validation"):
+        v = report["validation"]
+        lines.append(f"validation of {v['images']} images: {v['one_call_s']:.2f} s in one pipeline call, "
+                     f"{v['one_call_per_image_s']:.2f} s in one call per image")  # fmt: skip
     return "\n".join(lines)
 
 

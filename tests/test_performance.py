@@ -4,17 +4,22 @@ import json
 import subprocess
 import sys
 import traceback
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import train_dti_flux2_klein
 import train_dti_sana
 import train_dti_sdxl
+import train_dti_wan
 from tests.conftest import REPO, training_args
 
-SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana}
+SCRIPTS = {"sdxl": train_dti_sdxl, "sana": train_dti_sana, "wan": train_dti_wan, "flux2_klein": train_dti_flux2_klein}
 
 
 def train_run(family, model, output_dir, *extra):
@@ -54,6 +59,21 @@ def test_each_speed_option_leaves_the_learned_embeddings_unchanged(family, tiny_
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_compile_compiles_the_clip_encoders_with_the_unet_and_validation_keeps_the_plain_modules(
+    family, tiny_sdxl, tiny_sana, tmp_path
+):
+    model = tiny_sdxl if family == "sdxl" else tiny_sana
+    run, _, _ = setup_run(family, model, tmp_path / "out", "--compile", "--compile_backend", "aot_eager")
+    trained = run.loss_fn.keywords["models"]
+    compiled = [
+        isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in (trained.denoiser, *trained.text_encoders)
+    ]
+    assert compiled == [True, *[family == "sdxl"] * len(trained.text_encoders)]  # SANA's text length varies by batch
+    plain = [run.components[name] for name in (run.family.denoiser, *run.family.text_encoders)]
+    assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in plain)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
 def test_quantize_frozen_8bit_keeps_the_gradient_path_and_changes_the_loss_little(
     family, tiny_sdxl, tiny_sana, tmp_path, monkeypatch
 ):
@@ -64,7 +84,8 @@ def test_quantize_frozen_8bit_keeps_the_gradient_path_and_changes_the_loss_littl
     logged = {}
 
     def log(self, values, step=None, **kwargs):
-        logged.setdefault(run_name, []).append(values["loss"])
+        if "loss" in values:  # the step logs, not the run's phases at the end
+            logged.setdefault(run_name, []).append(values["loss"])
 
     monkeypatch.setattr(Accelerator, "log", log)
     run_name = "full"
@@ -87,6 +108,172 @@ def test_quantize_frozen_8bit_keeps_the_gradient_path_and_changes_the_loss_littl
         assert cosine > 0.9, (name, cosine)  # the gradient reaches the learned rows through the int8 layers
     first_loss_change = abs(logged["8bit"][0] - logged["full"][0]) / logged["full"][0]
     assert 0 < first_loss_change < 0.02, first_loss_change
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def setup_run(family, model, output_dir, *extra):
+    """The script's run as `train` sets it up (1 micro-batch per step), and its first concept's first batch and
+    latents."""
+    script = SCRIPTS[family]
+    flags = [
+        "--gradient_accumulation_steps",
+        "1",
+        *(["--max_sequence_length", "64"] if family == "flux2_klein" else []),
+    ]
+    run = script.setup(script.parse_args(training_args(model, output_dir, *flags, *extra)), script.FAMILY)
+    batch = next(run.concepts[0].batches)
+    return run, batch, run.concepts[0].latents(batch)
+
+
+def loss_and_gradient(run, batch, latents):
+    """The loss of each sample and the gradient of the first concept's learned tokens, flat."""
+    learned = run.concepts[0].learned
+    learned.zero_grad(set_to_none=True)
+    loss = run.loss_fn(batch, *latents)
+    loss.sum().backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in learned.parameters()])
+
+
+def text_conditioning(family, text_encoder, text, args, attended_only):
+    """What the denoiser reads of the text conditioning: SANA's attended positions (it masks the rest), all of Wan's."""
+    if family == "sana":
+        embeds, mask = train_dti_sana.encode_prompt(text_encoder, text, args.max_sequence_length, attended_only)
+        return embeds[mask.bool()]
+    return train_dti_wan.encode_prompt(text_encoder, text, attended_only)
+
+
+@pytest.mark.parametrize(
+    ("family", "flags"), [("sana", []), ("sana", ["--complex_human_instruction"]), ("wan", [])],
+    ids=["sana", "sana-instruction", "wan"],
+)  # fmt: skip
+def test_encoding_only_the_attended_positions_keeps_the_conditioning_loss_and_gradient(
+    family, flags, request, tmp_path, monkeypatch
+):
+    script = SCRIPTS[family]
+    run, batch, latents = setup_run(family, request.getfixturevalue(f"tiny_{family}"), tmp_path / "out", *flags)
+    lengths = batch["text"]["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == 2 and max(lengths) < batch["text"]["attention_mask"].shape[1]  # padded, unevenly
+    with torch.no_grad():
+        attended, full = (text_conditioning(family, run.models.text_encoders[0], batch["text"], run.args, attended)
+                          for attended in (True, False))  # fmt: skip
+    assert relative(attended, full) <= 1e-6
+    results = {}
+    for attended_only in (True, False):
+        monkeypatch.setattr(script.FAMILY, "encode_attended_only", attended_only)
+        results[attended_only] = loss_and_gradient(run, batch, latents)
+    (loss, gradient), (full_loss, full_gradient) = results[True], results[False]
+    assert relative(loss, full_loss) <= 1e-6 and relative(gradient, full_gradient) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["sana", "wan"])
+def test_a_run_encoding_the_attended_positions_ends_where_the_full_length_run_ends(
+    family, request, tmp_path, monkeypatch
+):
+    model = request.getfixturevalue(f"tiny_{family}")
+    attended = final_rows(train_run(family, model, tmp_path / "attended"))
+    reset_accelerate()
+    monkeypatch.setattr(SCRIPTS[family].FAMILY, "encode_attended_only", False)
+    full = final_rows(train_run(family, model, tmp_path / "full"))
+    assert {name: relative(rows, full[name]) <= 1e-6 for name, rows in attended.items()} == {"text_encoder": True}
+
+
+def test_the_klein_encoder_cut_after_its_last_read_layer_keeps_the_loss_and_gradient(
+    tiny_flux2_klein, tmp_path, monkeypatch
+):
+    cut = setup_run("flux2_klein", tiny_flux2_klein, tmp_path / "cut")
+    reset_accelerate()
+    monkeypatch.setattr(train_dti_flux2_klein.FAMILY, "prepare_text_encoders", lambda args, models, *_: models.extras)
+    full = setup_run("flux2_klein", tiny_flux2_klein, tmp_path / "full")
+    assert [len(run.models.text_encoders[0].model.layers) for run, _, _ in (cut, full)] == [28, 36]
+    (loss, gradient), (full_loss, full_gradient) = (loss_and_gradient(*run) for run in (cut, full))
+    assert relative(loss, full_loss) <= 1e-6 and relative(gradient, full_gradient) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sana"])
+def test_validation_images_made_in_one_call_are_the_images_made_one_by_one(family, tiny_sdxl, tiny_sana, tmp_path):
+    model = tiny_sdxl if family == "sdxl" else tiny_sana
+    grids = {}
+    for name, flags in {"one call": [], "one by one": ["--validation_batch_size", "1"]}.items():
+        reset_accelerate()
+        train_run(family, model, tmp_path / name, "--max_train_steps", "1", "--num_validation_images", "3", *flags)
+        grids[name] = np.asarray(Image.open(tmp_path / name / "validation" / "step-1.png"), dtype=int)
+    difference = np.abs(grids["one call"] - grids["one by one"])
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3  # fp32 rounding, seen through 8 bits
+
+
+class RecordingPipeline:
+    """A family whose pipeline records the seeds of each call and runs out of memory above max_batch images."""
+
+    def __init__(self, max_batch):
+        self.max_batch, self.calls = max_batch, []
+
+    def validation_images(self, components, models, args, prompt, generators):
+        self.calls.append([g.initial_seed() for g in generators])
+        if len(generators) > self.max_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return [f"image {g.initial_seed()}" for g in generators]
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "max_batch", "calls", "kept"),
+    [
+        (None, 5, [[10, 11, 12, 13, 14]], None),
+        (2, 5, [[10, 11], [12, 13], [14]], 2),
+        (None, 2, [[10, 11, 12, 13, 14], [10, 11], [12, 13], [14]], 2),  # halved after running out of memory
+    ],
+    ids=["all-at-once", "batches-of-2", "out-of-memory"],
+)
+def test_validation_calls_the_pipeline_per_batch_each_image_seeded_by_its_index(
+    batch_size, max_batch, calls, kept, caplog
+):
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # the scripts' logger needs it
+    family = RecordingPipeline(max_batch)
+    args = SimpleNamespace(num_validation_images=5, validation_batch_size=batch_size)
+    images = train_dti_sdxl.generate_validation_images({}, None, args, "cpu", 10, "a prompt", family)
+    assert family.calls == calls and images == [f"image {seed}" for seed in range(10, 15)]
+    assert args.validation_batch_size == kept
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == (["Validation of 5 images in one call ran out of memory: 2 per call from now on "
+                         "(--validation_batch_size sets it)."] if len(calls) == 4 else [])  # fmt: skip
+
+
+def test_run_phases_give_each_second_to_one_phase(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(train_dti_sdxl.time, "monotonic", lambda: now[0])
+
+    def spend(seconds):
+        now[0] += seconds
+
+    phases = train_dti_sdxl.RunPhases()
+    spend(12)  # loading
+    phases.start_steps(torch.device("cpu"), compiles=True)
+    spend(30)
+    phases.step_done()  # the first step, compiling
+    for _ in range(4):
+        spend(0.5)
+        phases.step_done()
+    with phases("validation"):
+        spend(3)
+    with phases("saving"):
+        spend(1)
+    spend(0.5)
+    phases.step_done()
+    phases.end_steps()
+    with phases("saving"):
+        spend(1)
+    with phases("upload"):
+        spend(2)
+    assert phases.summary() == ("Load 12.0s, compile 30.0s (the first step), 5 steps 2.5s (0.5 s/step), 1 validation "
+                                "3.0s, saving 2.0s, upload 2.0s.")  # fmt: skip
+    assert phases.tracker_values() == {"time/load_s": 12, "time/compile_s": 30, "time/training_s": 2.5,
+                                       "time/validation_s": 3, "time/saving_s": 2, "time/upload_s": 2,
+                                       "time/total_s": 51.5, "time/s_per_step": 0.5}  # fmt: skip
+    assert [train_dti_sdxl.duration(s) for s in (59.94, 65, 3725)] == ["59.9s", "1m05s", "1h02m"]
 
 
 class CountDeviceReads(TorchDispatchMode):
@@ -131,8 +318,7 @@ def test_the_training_loop_reads_the_device_only_at_logging_steps(family, tiny_s
     assert len(reads_at_step) == 7 and reads_at_step[-1] == reads_at_step[0]  # no .item() between steps 1 and 7
     if family == "sdxl" or int(transformers.__version__.split(".")[0]) >= 5:
         assert counter.library_reads == 0  # CLIP, and Gemma-2 from transformers 5 on, read nothing either
-    # the logs reach the host at the first step (the progress bar shows its loss), every 3 steps and at the end
-    assert log_reads == [[1], [2, 3], [4, 5, 6], [7]]
+    assert log_reads == [[1], [2, 3], [4, 5, 6], [7]]  # at the first step (the bar shows its loss), every 3, the end
 
 
 def test_benchmark_runs_on_cpu_with_the_tiny_models_and_reports_every_field(tmp_path):
@@ -169,9 +355,36 @@ def test_benchmark_runs_on_cpu_with_the_tiny_models_and_reports_every_field(tmp_
     assert [line.split()[0] for line in table[3:]] == list(rows)
 
 
+def test_the_run_benchmark_times_a_whole_tiny_run_and_reports_its_phases(tiny_sdxl, tmp_path):
+    output = tmp_path / "run.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_run.py"), "--family", "sdxl", "--config", "tiny",
+               "--model_dir", str(tiny_sdxl), "--device", "cpu", "--max_train_steps", "4", "--validation_steps", "2",
+               "--output", str(output), "--", "--num_validation_images", "1"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["family"] == "sdxl" and report["config"] == "tiny" and report["device_type"] == "cpu"
+    assert set(report["versions"]) >= {"torch", "diffusers", "transformers", "accelerate"}
+    (run,) = report["runs"]
+    assert run["setting"] == "default" and run["done_line"].startswith("Done in ")
+    assert run["flags"][-2:] == ["--num_validation_images", "1"]  # what follows -- goes to the script
+    assert run["steps"] == 4 and run["validations"] == 2 and run["compile_s"] is None and run["upload_s"] is None
+    assert run["s_per_step"] == pytest.approx(run["training_s"] / 4, rel=0.05, abs=0.05)  # the line's rounding
+    phases = [run[f"{phase}_s"] for phase in ("load", "training", "validation", "saving")]
+    assert all(seconds >= 0 for seconds in phases) and run["startup_s"] > 0
+    assert sum(phases) + run["startup_s"] == pytest.approx(run["wall_s"])
+    table = proc.stdout.splitlines()
+    assert table[0].startswith("sdxl tiny | ") and table[1].split()[:3] == ["setting", "wall", "s"]
+    assert table[3].split()[0] == "default" and tiny_sdxl.is_dir()  # a given --model_dir is kept
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
-    [(["--config", "nope"], "--config nope: no folder benchmarks/configs/nope"), (["--steps", "0"], "--steps")],
+    [
+        (["--config", "nope"], "--config nope: no folder benchmarks/configs/nope"),
+        (["--steps", "0"], "--steps"),
+        (["--variants", "dti+cache+full_text"], "sdxl's text encoder always runs over the whole length"),
+    ],
 )
 def test_benchmark_bad_input_is_one_line(argv, expected, capsys):
     sys.path.insert(0, str(REPO / "benchmarks"))

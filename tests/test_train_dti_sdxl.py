@@ -366,8 +366,14 @@ def test_trackers_get_loss_lr_norm_cosine_and_angle_every_step(train, monkeypatc
 
     logged = []
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append((step, values)))
-    train("--max_train_steps", "3")
-    assert [step for step, _ in logged] == [1, 2, 3]
+    train("--max_train_steps", "3", "--num_validation_images", "1", "--validation_steps", "2")
+    assert [step for step, _ in logged] == [1, 2, 3, 3]  # every step, then the run's phases
+    phases = logged.pop()[1]
+    assert set(phases) == {f"time/{p}_s" for p in ("load", "training", "validation", "saving", "total")} | {
+        "time/s_per_step"
+    }
+    assert phases["time/s_per_step"] == pytest.approx(phases["time/training_s"] / 3)
+    assert sum(v for k, v in phases.items() if k.endswith("_s") and k != "time/total_s") <= phases["time/total_s"]
     keys = {"loss", "lr"} | {
         f"{e}/{q}" for e in ("text_encoder", "text_encoder_2") for q in ("norm", "cos_prior", "angle_deg")
     }

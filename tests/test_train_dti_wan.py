@@ -157,7 +157,8 @@ def test_two_processes_end_identical_and_equal_a_single_process_run(train_wan, t
 
 
 def test_the_benchmark_times_the_wan_step_against_its_floor(tmp_path):
-    """bench_step.py --family wan: the floor and the DTI variants run; the DTI variants end at the same loss."""
+    """bench_step.py --family wan: the floor and the DTI variants run; the DTI variants end at the same loss, with the
+    text encoder over the attended positions (the script) or all of them; a validation times both ways."""
     import sys
 
     from tests.conftest import REPO
@@ -166,10 +167,16 @@ def test_the_benchmark_times_the_wan_step_against_its_floor(tmp_path):
     import bench_step
 
     argv = ["--family", "wan", "--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--variants",
-            "floor", "dti", "dti+cache", "--output", str(tmp_path / "bench.json")]  # fmt: skip
-    rows = {row["variant"]: row for row in bench_step.main(bench_step.parse_args(argv))["results"]}
-    assert list(rows) == ["floor", "dti", "dti+cache"] and rows["floor"]["loss"] is None
+            "floor", "dti", "dti+cache", "dti+cache+full_text", "--validation_images", "2",
+            "--output", str(tmp_path / "bench.json")]  # fmt: skip
+    report = bench_step.main(bench_step.parse_args(argv))
+    rows = {row["variant"]: row for row in report["results"]}
+    assert list(rows) == ["floor", "dti", "dti+cache", "dti+cache+full_text"] and rows["floor"]["loss"] is None
     assert rows["dti+cache"]["loss"] == pytest.approx(rows["dti"]["loss"], rel=1e-5)
+    assert rows["dti+cache+full_text"]["loss"] == pytest.approx(rows["dti+cache"]["loss"], rel=1e-6)
+    assert rows["dti+cache+full_text"]["tflop_per_step"] > rows["dti+cache"]["tflop_per_step"]  # 512 positions, not 7
+    validation = report["validation"]
+    assert validation["images"] == 2 and validation["one_call_s"] > 0 and validation["one_call_per_image_s"] > 0
 
 
 def test_model_card_parses_and_its_snippet_loads_the_token(train_wan, monkeypatch):

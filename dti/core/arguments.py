@@ -296,10 +296,11 @@ def parse_arguments(family, input_args=None):
         help=f"Recompute activations of the {family.denoiser_label} and {family.text_encoder_label} in the backward "
         "pass to save memory.",
     )
+    compiled = family.denoiser_label + (f" and {family.text_encoder_label}" if family.compile_text_encoders else "")
     train.add_argument(
         "--compile",
         action="store_true",
-        help=f"torch.compile the {family.denoiser_label} for training (the first steps are slow while it compiles; "
+        help=f"torch.compile the {compiled} for training (the first steps are slow while it compiles; "
         "validation is not).",
     )
     train.add_argument(
@@ -385,6 +386,13 @@ def parse_arguments(family, input_args=None):
         "--num_validation_images", type=int, default=4, help="Images per validation; 0 turns validation off."
     )
     logs.add_argument(
+        "--validation_batch_size",
+        type=int,
+        default=None,
+        help="Validation images per pipeline call; each has its own seed, so the images do not depend on it. Default: "
+        "all at once (a call that runs out of GPU memory is retried at half the size).",
+    )
+    logs.add_argument(
         "--validation_steps",
         type=int,
         default=family.defaults.get("validation_steps", 50),
@@ -457,6 +465,10 @@ def validate_args(args, family):
         (args.output_dir.strip() != "", "--output_dir must not be empty; give a folder"),
         (args.num_validation_images >= 0, "--num_validation_images must be zero or positive"),
         (args.validation_steps >= 1, "--validation_steps must be at least 1"),
+        (
+            args.validation_batch_size is None or args.validation_batch_size >= 1,
+            "--validation_batch_size must be at least 1",
+        ),
         (args.save_steps >= 1, "--save_steps must be at least 1"),
         (args.checkpointing_steps >= 1, "--checkpointing_steps must be at least 1"),
         (args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1, "--checkpoints_total_limit >= 1"),

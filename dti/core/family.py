@@ -33,6 +33,7 @@ class Family:
     tokenizers = ()  # their tokenizers' component names, in the same order
     text_encoder_label = ""  # how --help names the text encoder(s)
     fp32_modules = ()  # components kept in fp32 under mixed precision
+    compile_text_encoders = False  # whether --compile compiles the text encoders too (fixed-length text only)
     vae_label, vae_factor = "VAE", 8  # the autoencoder's name and its downsampling factor (for --help)
     defaults = {}  # resolution, train_batch_size, gradient_accumulation_steps, max_train_steps (and, optionally,
     # validation_prompt and validation_steps)
@@ -106,7 +107,8 @@ class Family:
 
     # Validation and outputs.
     def validation_images(self, components, models, args, prompt, generators):
-        """One PIL image per generator of `prompt`, with the family's pipeline built from components."""
+        """One PIL image per generator of `prompt`, in one call of the family's pipeline built from components (a list
+        of generators, one per image: image i is the one a call with generators[i] alone makes)."""
         raise NotImplementedError
 
     def metadata(self, args):

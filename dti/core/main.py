@@ -3,7 +3,8 @@ training step, and the loop."""
 
 import os
 import time
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -161,6 +162,95 @@ def describe_concepts(concepts, args):
     )
 
 
+class RunPhases:
+    """Where a run's wall time goes: load (all before the first step), compile (the first step, under --compile),
+    training (the steps), validation, saving and upload. The clock runs in one phase at a time: `switch` moves it
+    on, `with phases("saving"):` runs a block in another one and comes back. The device finishes its queued work at
+    both ends of a block (once per block, never inside a step), so the work counts for the phase that queued it."""
+
+    def __init__(self):
+        self.seconds, self.counts, self.steps = {}, {}, 0  # counts: blocks per phase
+        self.phase, self.device = "load", None
+        self.mark = self.started = time.monotonic()
+
+    def synchronize(self):
+        device_module = getattr(torch, self.device.type, None) if self.device is not None else None
+        if hasattr(device_module, "synchronize"):
+            device_module.synchronize()
+
+    def switch(self, phase):
+        now = time.monotonic()
+        self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + now - self.mark
+        self.phase, self.mark = phase, now
+
+    def start_steps(self, device, compiles):
+        """The first step is next: it compiles the models under --compile."""
+        self.device = device
+        self.synchronize()  # the models' copies to the device are part of loading
+        self.switch("compile" if compiles else "training")
+
+    def step_done(self):
+        if self.phase == "compile":
+            self.synchronize()
+            self.switch("training")
+        else:
+            self.steps += 1
+
+    def end_steps(self):
+        """The last step is done: what follows (the end-of-run saves, validation, upload) is timed by its blocks."""
+        self.synchronize()
+        self.switch("end")
+
+    @contextmanager
+    def __call__(self, phase):
+        outer = self.phase
+        self.synchronize()
+        self.switch(phase)
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.switch(outer)
+            self.counts[phase] = self.counts.get(phase, 0) + 1
+
+    def total(self):
+        return time.monotonic() - self.started
+
+    def summary(self):
+        """The phases in one sentence: 'Load 12.0s, compile 31.2s (the first step), 399 steps 52.0s (0.13 s/step),
+        8 validations 20.1s, saving 1.2s, upload 3.0s.' (a phase that did not happen is left out)."""
+        parts = [f"Load {duration(self.seconds.get('load', 0.0))}"]
+        if "compile" in self.seconds:
+            parts.append(f"compile {duration(self.seconds['compile'])} (the first step)")
+        if self.steps:
+            training = self.seconds.get("training", 0.0)
+            parts.append(f"{counted(self.steps, 'step')} {duration(training)} ({training / self.steps:.3g} s/step)")
+        if "validation" in self.counts:
+            parts.append(f"{counted(self.counts['validation'], 'validation')} {duration(self.seconds['validation'])}")
+        parts += [f"{phase} {duration(self.seconds[phase])}" for phase in ("saving", "upload") if phase in self.counts]
+        return ", ".join(parts) + "."
+
+    def tracker_values(self):
+        """The phases for the tracker, in seconds (time/<phase>_s) and time/s_per_step."""
+        values = {f"time/{phase}_s": seconds for phase, seconds in self.seconds.items() if phase != "end"}
+        values["time/total_s"] = self.total()
+        if self.steps:
+            values["time/s_per_step"] = self.seconds.get("training", 0.0) / self.steps
+        return values
+
+
+def counted(count, noun):
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def duration(seconds):
+    """12.3s, 1m05s or 2h03m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 @dataclass
 class Run:
     """Everything the loop works with, made by `setup`."""
@@ -181,6 +271,7 @@ class Run:
     seed: int
     step: int
     hub_token: str = None
+    phases: RunPhases = field(default_factory=RunPhases)
 
 
 def check_run(args, family):
@@ -193,9 +284,19 @@ def check_run(args, family):
     return concept_args
 
 
+def compiled(models, family, backend):
+    """--compile: the models as training calls them, the denoiser (and the text encoders, if the family's take text
+    of a fixed length) compiled; validation keeps the plain modules."""
+    text_encoders = models.text_encoders
+    if family.compile_text_encoders:
+        text_encoders = [torch.compile(model, backend=backend) for model in text_encoders]
+    return replace(models, denoiser=torch.compile(models.denoiser, backend=backend), text_encoders=text_encoders)
+
+
 def setup(args, family):
     """From the flags to the first step: checks, tokens and data (cheap errors first), the models, the learned
     tokens in fp32 (every other weight frozen in the mixed-precision dtype), the optimizer, the resumed state."""
+    phases = RunPhases()  # the run's clock starts: loading
     concept_args = check_run(args, family)
     token = hub_token(args)
     accelerator = make_accelerator(args)
@@ -233,7 +334,7 @@ def setup(args, family):
     for concept in concepts:
         concept.learned.to(accelerator.device)
     lora = DenoiserLoRA(models.denoiser, args, seed, prefix=family.denoiser) if args.lora_rank else None
-    denoiser = torch.compile(models.denoiser, backend=args.compile_backend) if args.compile else models.denoiser
+    trained = compiled(models, family, args.compile_backend) if args.compile else models
 
     optimizer = make_optimizer(args, [t for c in concepts for t in c.learned.values()], lora)
     from diffusers.optimization import get_scheduler  # here: diffusers takes 1.5 s to import, --help does not wait
@@ -248,12 +349,12 @@ def setup(args, family):
     accelerator.register_for_checkpointing(*(c.learned for c in concepts), lr_scheduler, *([lora] if lora else []))
     global_step, seed = resume(args, accelerator, checkpoint, identity, seed)
     start_streams(concepts, args, tokenize, models.vae, accelerator, global_step, seed, family)
-    loss_fn = partial(family.training_loss, models=replace(models, denoiser=denoiser), seed=seed, args=args)
+    loss_fn = partial(family.training_loss, models=trained, seed=seed, args=args)
     loss_fn = DCOLoss(loss_fn, lora, args.dco_beta) if args.dco_beta else loss_fn  # its reference: the LoRA off
     logs = StepLogs(concepts, DCOLoss.keys if args.dco_beta else ())
     components = frozen | dict(zip(family.tokenizers, tokenizers, strict=True))
     return Run(args, family, accelerator, concepts, tokenizers, models, components, lora, optimizer, lr_scheduler,
-               loss_fn, logs, identity, seed, global_step, token)  # fmt: skip
+               loss_fn, logs, identity, seed, global_step, token, phases)  # fmt: skip
 
 
 def train_step(run):
@@ -280,8 +381,9 @@ def validate_one_concept(run, concept):
     on."""
     prompt_token = placeholder_prompt_token(concept.args.placeholder_token, concept.num_vectors)
     try:
-        log_validation(run.components, run.models, concept.args, run.accelerator, run.seed, run.step, prompt_token,
-                       run.family)  # fmt: skip
+        with run.phases("validation"):
+            log_validation(run.components, run.models, concept.args, run.accelerator, run.seed, run.step,
+                           prompt_token, run.family)  # fmt: skip
     except TrainingStopped:  # a full disk stops the run, validation or not
         raise
     except Exception as error:
@@ -302,10 +404,12 @@ def save_in_run(run, validate):
     --checkpointing_steps, validation images every --validation_steps."""
     args, step = run.args, run.step
     if step % args.save_steps == 0 and step < args.max_train_steps:
-        save_all_embeddings(run.concepts, step, run.family, f"-steps-{step}", run.lora)
+        with run.phases("saving"):
+            save_all_embeddings(run.concepts, step, run.family, f"-steps-{step}", run.lora)
     if step % args.checkpointing_steps == 0:
-        check_finite(run.concepts, step)
-        save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
+        with run.phases("saving"):
+            check_finite(run.concepts, step)
+            save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
     if validate and step % args.validation_steps == 0:
         validate_concepts(run)
 
@@ -341,19 +445,25 @@ def save_and_stop(run, stop):
 
 def finish(run, validate, stop):
     """The end of the run on the main process: the final embeddings, a last validation, the model card, the upload."""
-    args = run.args
+    args, phases = run.args, run.phases
     if not run.accelerator.is_main_process:
         return
-    save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
+    with phases("saving"):
+        save_all_embeddings(run.concepts, run.step, run.family, lora=run.lora)
     for c in run.concepts:
         if validate and run.step % args.validation_steps != 0:
             validate_one_concept(run, c)
         if stop.signal:
             stop_after_the_last_step(run, stop)
-        repo_id = create_hub_repo(c.args, run.hub_token) if args.push_to_hub else hub_repo_id(c.args)
-        save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
+        repo_id = hub_repo_id(c.args)
         if args.push_to_hub:
-            push_to_hub(c.args, repo_id, run.hub_token)
+            with phases("upload"):
+                repo_id = create_hub_repo(c.args, run.hub_token)
+        with phases("saving"):
+            save_model_card(c.args, c.learned, run.step, run.accelerator.num_processes, repo_id, run.family)
+        if args.push_to_hub:
+            with phases("upload"):
+                push_to_hub(c.args, repo_id, run.hub_token)
 
 
 def stop_after_the_last_step(run, stop):
@@ -370,20 +480,20 @@ def stop_after_the_last_step(run, stop):
     )
 
 
-def run_summary(args, started):
-    """One line: what the run wrote where, and how long it took."""
+def run_summary(args, phases, with_phases=True):
+    """One line: what the run wrote where, how long it took, and (with_phases) where the time went."""
     output_dir = Path(args.output_dir)
     files = sorted(p.name for p in output_dir.glob("*.safetensors") if "-steps-" not in p.name)
     files += [name for name in ("README.md", "validation/", "checkpoint-*/") if list(output_dir.glob(name))]
-    minutes, seconds = divmod(round(time.monotonic() - started), 60)
-    return f"Done in {minutes}m{seconds:02d}s: wrote {', '.join(files)} in {output_dir}."
+    minutes, seconds = divmod(round(phases.total()), 60)
+    line = f"Done in {minutes}m{seconds:02d}s: wrote {', '.join(files)} in {output_dir}."
+    return f"{line} {phases.summary()}" if with_phases else line
 
 
 def train(args, family):
     """DTI on `family`: set up, then step until --max_train_steps, saving and validating on the way."""
-    started = time.monotonic()
     run = setup(args, family)
-    accelerator, concepts = run.accelerator, run.concepts
+    accelerator, concepts, phases = run.accelerator, run.concepts, run.phases
     start_trackers(accelerator, args, f"dti-{family.name}")
     norms = ", ".join(f"{n}={t.norm_scale:.4g}" for n, t in concepts[0].learned.items() if args.method == "dti")
     samples_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -397,10 +507,12 @@ def train(args, family):
         range(args.max_train_steps), initial=run.step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     first_step = run.step + 1  # the bar shows the loss from the run's first step on
+    phases.start_steps(accelerator.device, compiles=args.compile)
     with StopRequest() as stop:  # to the very end: a signal in the last validation or the upload is handled too
         with progress:  # closed before any way out prints its line
             while run.step < args.max_train_steps:
                 train_step(run)
+                phases.step_done()
                 progress.update(1)
                 at_logging_step = run.step % args.logging_steps == 0 or run.step in (first_step, args.max_train_steps)
                 if at_logging_step:  # the host reads the step logs (LoRA and AdamW modes also read the finite flags)
@@ -411,10 +523,12 @@ def train(args, family):
                 if stop.requested(accelerator, can_sync=at_logging_step):
                     report_steps(run.logs, concepts, accelerator, progress)
                     save_and_stop(run, stop)
+        phases.end_steps()
         accelerator.wait_for_everyone()
         finish(run, validate, stop)
+    accelerator.log(phases.tracker_values(), step=run.step)
     accelerator.end_training()
     for concept in concepts:
-        logger.info(run_summary(concept.args, started))
+        logger.info(run_summary(concept.args, phases, with_phases=concept is concepts[-1]))
     return SimpleNamespace(learned=concepts[0].learned, concepts=concepts, components=run.components,
                            placeholder_ids=concepts[0].placeholder_ids, seed=run.seed, lora=run.lora)  # fmt: skip

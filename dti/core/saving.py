@@ -13,6 +13,26 @@ from dti.core.plumbing import TrainingStopped, write_all_atomically, write_atomi
 from dti.core.step import lora_metadata
 
 
+def generate_validation_images(components, models, args, device, seed, prompt, family):
+    """--num_validation_images images of prompt, --validation_batch_size per pipeline call (default: all in one),
+    image i from its own generator seeded with seed + i, so batching never changes an image. A call that runs out of
+    device memory is retried at half the size, which then stays for the rest of the run."""
+    images, count = [], args.num_validation_images
+    while len(images) < count:
+        size = min(args.validation_batch_size or count, count - len(images))
+        generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(images), len(images) + size)]
+        try:
+            images += family.validation_images(components, models, args, prompt, generators)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            args.validation_batch_size = size // 2
+            logger.warning(f"Validation of {size} images in one call ran out of memory: {size // 2} per call from now "
+                           "on (--validation_batch_size sets it).")  # fmt: skip
+            torch.cuda.empty_cache()
+    return images
+
+
 def log_validation(components, models, args, accelerator, seed, step, prompt_token, family):
     """Generate --num_validation_images with the current token (the family's pipeline, image i seeded with seed + i);
     save a grid; log them. A pipeline that cannot expand a multi-vector token gets the expansion training used."""
@@ -22,8 +42,7 @@ def log_validation(components, models, args, accelerator, seed, step, prompt_tok
     if not family.pipeline_expands_tokens:
         prompt = prompt.replace(args.placeholder_token, prompt_token)
     logger.info(f"Validation at step {step}: {args.num_validation_images} images of {prompt!r}.")
-    generators = [torch.Generator(accelerator.device).manual_seed(seed + i) for i in range(args.num_validation_images)]
-    images = family.validation_images(components, models, args, prompt, generators)
+    images = generate_validation_images(components, models, args, accelerator.device, seed, prompt, family)
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     grid = make_image_grid(images, rows=1, cols=len(images))

@@ -236,23 +236,21 @@ class Flux2Klein(Family):
 
     def validation_images(self, components, models, args, prompt, generators):
         """Flux2KleinPipeline with the checkpoint's scheduler at the training resolution (28 steps on base, 4 on a
-        distilled checkpoint)."""
+        distilled checkpoint), one image per generator in one call."""
         from diffusers import Flux2KleinPipeline
 
         distilled = bool(models.extras.get("is_distilled"))
         pipeline = Flux2KleinPipeline(**components, scheduler=models.sampler, is_distilled=distilled)
         pipeline.set_progress_bar_config(disable=True)
-        return [
-            pipeline(
-                prompt=prompt,  # the first positional argument is a condition image
-                height=args.resolution,
-                width=args.resolution,
-                num_inference_steps=VALIDATION_INFERENCE_STEPS[distilled],
-                max_sequence_length=args.max_sequence_length,
-                generator=generator,
-            ).images[0]
-            for generator in generators
-        ]
+        return pipeline(
+            prompt=prompt,  # the first positional argument is a condition image
+            height=args.resolution,
+            width=args.resolution,
+            num_inference_steps=VALIDATION_INFERENCE_STEPS[distilled],
+            max_sequence_length=args.max_sequence_length,
+            num_images_per_prompt=len(generators),
+            generator=generators,
+        ).images
 
     def metadata(self, args):
         return {"max_sequence_length": str(args.max_sequence_length)}

@@ -39,6 +39,7 @@ from dti.shared.flow_matching import (
     flow_matching_inputs,
     flow_matching_loss,
 )
+from dti.shared.text_length import encode_attended
 from dti.shared.token_rows import add_token_rows
 
 DEFAULT_KAPPA = 5e-5
@@ -80,14 +81,21 @@ def tokenize_prompt(tokenizer, max_sequence_length, instruction, prompt):
     return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
 
 
-def encode_prompt(text_encoder, text, max_sequence_length):
+def encode_prompt(text_encoder, text, max_sequence_length, attended_only=False):
     """SANA text conditioning: Gemma-2's last hidden state, then the first token plus the last
-    max_sequence_length - 1 (SanaPipeline.encode_prompt). Returns embeds [B, L, d] and mask [B, L]."""
+    max_sequence_length - 1 (SanaPipeline.encode_prompt). Returns embeds [B, L, d] and mask [B, L]. attended_only:
+    Gemma runs up to the batch's longest prompt only and the padding's states are zeros. The same conditioning:
+    Gemma is causal and the prompts right-padded, so a prompt's states never see the padding, and the transformer's
+    cross-attention masks the padding's states (the pipeline's, or these zeros) out."""
     device = text_encoder.device
-    ids, mask = text["input_ids"].to(device), text["attention_mask"].to(device)
-    hidden_states = text_encoder(ids, attention_mask=mask, use_cache=False)[0]  # no key-value cache in training
+
+    def encode(ids, mask):
+        return text_encoder(ids.to(device), attention_mask=mask.to(device), use_cache=False)[0]  # no key-value cache
+
+    ids, mask = text["input_ids"], text["attention_mask"]
+    hidden_states = encode_attended(encode, ids, mask) if attended_only else encode(ids, mask)
     select = [0] + list(range(-max_sequence_length + 1, 0))
-    return hidden_states[:, select], mask[:, select]
+    return hidden_states[:, select], mask.to(device)[:, select]
 
 
 def add_zero_pad_row(text_encoder, pad_id):
@@ -130,12 +138,12 @@ def encode_initializer(args, tokenizers, text_encoders, num_vectors):
     return {"text_encoder": start}
 
 
-def training_loss(
-    batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler, vae_scale, seed, args, zero_pad_id=None
-):
+def training_loss(batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler, vae_scale, seed, args,
+                  zero_pad_id=None, attended_only=True):  # fmt: skip
     """SANA's rectified-flow loss of each sample of a batch, [B] (the mean over its elements), as diffusers' SANA
-    training examples compute it, the prompts zero-padded when zero_pad_id is given. latent_mean: [B, C, H/32, W/32]
-    DC-AE latents (latent_std is zero)."""
+    training examples compute it, the prompts zero-padded when zero_pad_id is given, Gemma run over the attended
+    positions only unless attended_only is False (see encode_prompt). latent_mean: [B, C, H/32, W/32] DC-AE latents
+    (latent_std is zero)."""
     device, dtype = latent_mean.device, transformer.dtype
     generators = keyed_generators(seed, batch["position"].tolist(), device)
     latents = latent_mean * vae_scale
@@ -144,7 +152,7 @@ def training_loss(
     text = batch["text"]
     if zero_pad_id is not None:
         text = zero_pad(text, zero_pad_counts(seed, batch["position"].tolist()), zero_pad_id)
-    prompt_embeds, prompt_mask = encode_prompt(text_encoders[0], text, args.max_sequence_length)
+    prompt_embeds, prompt_mask = encode_prompt(text_encoders[0], text, args.max_sequence_length, attended_only)
     model_pred = transformer(
         hidden_states=noisy_latents.to(dtype),
         encoder_hidden_states=prompt_embeds.to(dtype),
@@ -205,6 +213,7 @@ class Sana(Family):
     placeholder_rule = "Lowercase (SanaPipeline lowercases prompts), "
     pipeline_expands_tokens = False  # SanaPipeline cannot expand a multi-vector token
     card_tags = ("sana",)
+    encode_attended_only = True  # Gemma-2 over the batch's longest prompt, not all 300 positions (exact: encode_prompt)
 
     def add_arguments(self, parser, groups):
         sana = parser.add_argument_group("SANA")
@@ -281,27 +290,27 @@ class Sana(Family):
         return training_loss(batch, latent_mean, latent_std, transformer=models.denoiser,
                              text_encoders=models.text_encoders, noise_scheduler=models.noise_scheduler,
                              vae_scale=models.vae.config.scaling_factor, seed=seed, args=args,
-                             zero_pad_id=models.extras.get("zero_pad_id"))  # fmt: skip
+                             zero_pad_id=models.extras.get("zero_pad_id"),
+                             attended_only=self.encode_attended_only)  # fmt: skip
 
     def validation_images(self, components, models, args, prompt, generators):
-        """SanaPipeline with the checkpoint's own sampler, at the training resolution."""
+        """SanaPipeline with the checkpoint's own sampler, at the training resolution, one image per generator in one
+        call."""
         from diffusers import SanaPipeline
 
         pipeline = SanaPipeline(**components, scheduler=models.sampler)
         pipeline.set_progress_bar_config(disable=True)
-        return [
-            pipeline(
-                prompt,
-                num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                height=args.resolution,
-                width=args.resolution,
-                complex_human_instruction=complex_human_instruction(args),
-                max_sequence_length=args.max_sequence_length,
-                use_resolution_binning=False,  # generate at the training resolution
-                generator=generator,
-            ).images[0]
-            for generator in generators
-        ]
+        return pipeline(
+            prompt,
+            num_inference_steps=VALIDATION_INFERENCE_STEPS,
+            height=args.resolution,
+            width=args.resolution,
+            complex_human_instruction=complex_human_instruction(args),
+            max_sequence_length=args.max_sequence_length,
+            use_resolution_binning=False,  # generate at the training resolution
+            num_images_per_prompt=len(generators),
+            generator=generators,
+        ).images
 
     def metadata(self, args):
         return {

@@ -35,6 +35,7 @@ from dti.shared.flow_matching import (
     flow_matching_inputs,
     flow_matching_loss,
 )
+from dti.shared.text_length import encode_attended
 from dti.shared.token_rows import add_token_rows
 
 DEFAULT_KAPPA = 5e-5
@@ -56,13 +57,19 @@ def tokenize_prompt(tokenizer, max_sequence_length, prompt):
     return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
 
 
-def encode_prompt(text_encoder, text):
+def encode_prompt(text_encoder, text, attended_only=False):
     """Wan text conditioning: UMT5's last hidden state with every position after the prompt's end set to zero, as
-    WanPipeline's prompt embeddings are. text: {"input_ids": [B, L], "attention_mask": [B, L]}; returns [B, L, d]."""
+    WanPipeline's prompt embeddings are. text: {"input_ids": [B, L], "attention_mask": [B, L]}; returns [B, L, d].
+    attended_only: UMT5 runs up to the batch's longest prompt only. The same conditioning: the padding is masked in
+    every attention (its keys weigh exactly zero) and its states are zeroed anyway."""
     device = text_encoder.device
-    ids, mask = text["input_ids"].to(device), text["attention_mask"].to(device)
-    hidden_states = text_encoder(ids, attention_mask=mask).last_hidden_state
-    return torch.where(mask.bool().unsqueeze(-1), hidden_states, torch.zeros_like(hidden_states))
+
+    def encode(ids, mask):
+        return text_encoder(ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+
+    ids, mask = text["input_ids"], text["attention_mask"]
+    hidden_states = encode_attended(encode, ids, mask) if attended_only else encode(ids, mask)
+    return torch.where(mask.to(device).bool().unsqueeze(-1), hidden_states, torch.zeros_like(hidden_states))
 
 
 def encode_initializer(args, tokenizers, text_encoders, num_vectors):
@@ -81,14 +88,16 @@ def normalized_latents(vae, latents):
     return (latents - mean) / std
 
 
-def training_loss(batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler, vae, seed, args):
+def training_loss(batch, latent_mean, latent_std, transformer, text_encoders, noise_scheduler, vae, seed, args,
+                  attended_only=True):  # fmt: skip
     """Wan's rectified-flow loss of each sample of a batch, [B] (the mean over its elements), on images as 1-frame
-    videos. latent_mean: [B, 16, 1, H/8, W/8], the VAE posterior's mode (latent_std is zero)."""
+    videos, UMT5 run over the attended positions only unless attended_only is False (see encode_prompt).
+    latent_mean: [B, 16, 1, H/8, W/8], the VAE posterior's mode (latent_std is zero)."""
     device, dtype = latent_mean.device, transformer.dtype
     generators = keyed_generators(seed, batch["position"].tolist(), device)
     latents = normalized_latents(vae, latent_mean)
     noisy_latents, noise, timesteps, sigmas = flow_matching_inputs(latents, generators, noise_scheduler, args)
-    prompt_embeds = encode_prompt(text_encoders[0], batch["text"])
+    prompt_embeds = encode_prompt(text_encoders[0], batch["text"], attended_only)
     model_pred = transformer(
         hidden_states=noisy_latents.to(dtype),
         timestep=timesteps,
@@ -148,6 +157,7 @@ class Wan(Family):
     default_kappa = DEFAULT_KAPPA
     pipeline_expands_tokens = False  # WanPipeline cannot expand a multi-vector token
     card_tags = ("wan", "text-to-video")
+    encode_attended_only = True  # UMT5 over the batch's longest prompt, not all 512 positions (exact: encode_prompt)
 
     def add_arguments(self, parser, groups):
         wan = parser.add_argument_group("Wan")
@@ -208,29 +218,28 @@ class Wan(Family):
     def training_loss(self, batch, latent_mean, latent_std, models, seed, args):
         return training_loss(batch, latent_mean, latent_std, transformer=models.denoiser,
                              text_encoders=models.text_encoders, noise_scheduler=models.noise_scheduler,
-                             vae=models.vae, seed=seed, args=args)  # fmt: skip
+                             vae=models.vae, seed=seed, args=args, attended_only=self.encode_attended_only)  # fmt: skip
 
     def validation_images(self, components, models, args, prompt, generators):
-        """The first (only) frame of a 1-frame WanPipeline video at the training resolution, with the checkpoint's
-        own sampler (20 steps, guidance 5, as the authors validate)."""
+        """The first (only) frame of 1-frame WanPipeline videos at the training resolution, one per generator in one
+        call, with the checkpoint's own sampler (20 steps, guidance 5, as the authors validate)."""
         from diffusers import WanPipeline
 
         pipeline = WanPipeline(**components, scheduler=models.sampler)
         pipeline.set_progress_bar_config(disable=True)
-        return [
-            pipeline(
-                prompt,
-                height=args.resolution,
-                width=args.resolution,
-                num_frames=1,
-                num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                guidance_scale=VALIDATION_GUIDANCE_SCALE,
-                max_sequence_length=args.max_sequence_length,
-                generator=generator,
-                output_type="pil",
-            ).frames[0][0]
-            for generator in generators
-        ]
+        videos = pipeline(
+            prompt,
+            height=args.resolution,
+            width=args.resolution,
+            num_frames=1,
+            num_inference_steps=VALIDATION_INFERENCE_STEPS,
+            guidance_scale=VALIDATION_GUIDANCE_SCALE,
+            max_sequence_length=args.max_sequence_length,
+            num_videos_per_prompt=len(generators),
+            generator=generators,
+            output_type="pil",
+        ).frames
+        return [video[0] for video in videos]
 
     def metadata(self, args):
         return {"max_sequence_length": str(args.max_sequence_length), "training_shift": repr(args.training_shift)}

@@ -2989,17 +2989,23 @@ def stop_if_exhausted(run):
     )
 
 
-def save_and_stop(run, stop):
-    """A stop signal: save the embeddings and a checkpoint of this step, then stop (the run resumes from it)."""
+def save_and_stop(run, stop, at_the_end=False):
+    """A stop signal: save the embeddings and a checkpoint of this step, then stop (the run resumes from it). At the
+    end (a signal in the last validation or the upload, on the main process, the final embeddings saved): keep a
+    checkpoint of the last step, so a resume does only what is left (validation, model card, upload)."""
     args, step = run.args, run.step
     if run.accelerator.is_main_process:
-        save_all_embeddings(run.concepts, step, run.family, lora=run.lora)
+        if not at_the_end:
+            save_all_embeddings(run.concepts, step, run.family, lora=run.lora)
         if step % args.checkpointing_steps:
             save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
-    run.accelerator.wait_for_everyone()
+    if not at_the_end:
+        run.accelerator.wait_for_everyone()
+    saved = "the final embeddings" if at_the_end else "the embeddings"
+    then = "the validation, model card and upload left are done when you resume with" if at_the_end else "resume with"
     raise StoppedBySignal(
-        f"Stopped by {stop.signal or 'a stop signal'} at step {step}: saved checkpoint-{step} and the embeddings in "
-        f"{args.output_dir}; resume with --resume_from_checkpoint latest.",
+        f"Stopped by {stop.signal or 'a stop signal'} at step {step}: saved checkpoint-{step} and {saved} in "
+        f"{args.output_dir}; {then} --resume_from_checkpoint latest.",
         stop.signal,
     )
 
@@ -3015,7 +3021,7 @@ def finish(run, validate, stop):
         if validate and run.step % args.validation_steps != 0:
             validate_one_concept(run, c)
         if stop.signal:
-            stop_after_the_last_step(run, stop)
+            save_and_stop(run, stop, at_the_end=True)
         repo_id = hub_repo_id(c.args)
         if args.push_to_hub:
             with phases("upload"):
@@ -3025,20 +3031,6 @@ def finish(run, validate, stop):
         if args.push_to_hub:
             with phases("upload"):
                 push_to_hub(c.args, repo_id, run.hub_token)
-
-
-def stop_after_the_last_step(run, stop):
-    """A stop signal in the end-of-run validation or upload: keep a checkpoint of the last step, so a resume does
-    only what is left (validation, model card, upload)."""
-    args, step = run.args, run.step
-    if step % args.checkpointing_steps:
-        save_checkpoint(run.accelerator, args, step, run.seed, run.identity)
-    raise StoppedBySignal(
-        f"Stopped by {stop.signal} at step {step}: saved checkpoint-{step} and the final embeddings in "
-        f"{args.output_dir}; the validation, model card and upload left are done when you resume with "
-        "--resume_from_checkpoint latest.",
-        stop.signal,
-    )
 
 
 def run_summary(args, phases, with_phases=True):
